@@ -1,0 +1,1 @@
+"""chat-dualwrite: copies chat transcripts from `copilot_chats.messages` into a table."""

@@ -1,0 +1,1 @@
+"""The HTTP boundary: dependencies, routes and the ASGI middleware they need."""

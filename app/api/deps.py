@@ -1,0 +1,74 @@
+"""Request dependencies: settings, the current user, and the unit of work of a request.
+
+The unit of work is the request's only transaction: it commits after the handler returns and
+before the response is sent, then publishes the jobs the handler recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.auth import InvalidToken, User, verify_token
+from app.jobs import JobQueue, publish_after_commit
+from app.services.chats import Context
+from app.settings import Phase, Settings
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_current_user(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> User:
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing bearer token in the Authorization header",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        return verify_token(settings.signing_secret, credentials.credentials)
+    except InvalidToken as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"invalid bearer token: {exc}",
+            headers={"WWW-Authenticate": "Bearer"},
+        ) from None
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def get_admin(user: CurrentUser) -> User:
+    if not user.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin token required")
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin)]
+
+
+def unit_of_work(request: Request, settings: SettingsDep, user: CurrentUser) -> Iterator[Context]:
+    """One transaction per request; jobs are published only once it has committed."""
+    queue = JobQueue(enabled=settings.dualwrite_phase is not Phase.JSONB_ONLY)
+    with request.app.state.sessionmaker() as session:
+        with session.begin():
+            yield Context(session=session, jobs=queue, settings=settings, user_id=user.id)
+        publish_after_commit(queue, request.app.state.publish)
+
+
+# `scope="function"`: the commit runs when the handler returns, before the response is sent, so
+# a 2xx always means the JSONB change is durable.
+Ctx = Annotated[Context, Depends(unit_of_work, scope="function")]

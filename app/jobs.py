@@ -1,0 +1,68 @@
+"""Deferred work: tasks recorded during a unit of work and published only after its commit.
+
+A handler never talks to the broker inside a database transaction. It records its jobs on the
+unit of work; once the commit is durable the boundary publishes them, bounded in time, and a
+failure is logged and counted, never raised: the sweep finds the chat through its sync state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import metrics
+
+log = logging.getLogger(__name__)
+
+
+# Task names, shared by the producers (handlers, sweep) and the task definitions in `tasks/`.
+SYNC_MESSAGES = "chats.sync_messages"
+SYNC_CHAT = "chats.sync_chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    task: str
+    args: tuple[Any, ...]
+
+
+# Sends one job to the broker. May block up to the broker's timeouts and may raise: unsafe to call
+# inside a transaction or without catching; `publish_after_commit` is the only caller.
+UnsafePublish = Callable[[Job], None]
+
+
+@dataclass(slots=True)
+class JobQueue:
+    """The jobs of one unit of work; dropped on rollback, published after commit."""
+
+    enabled: bool = True
+    jobs: list[Job] = field(default_factory=list)
+
+    def enqueue(self, task: str, *args: Any) -> None:
+        if self.enabled:
+            self.jobs.append(Job(task, args))
+
+    def clear(self) -> None:
+        self.jobs.clear()
+
+
+def publish_after_commit(queue: JobQueue, publish_unsafe: UnsafePublish) -> int:
+    """Publish every recorded job; returns how many failed. Never raises."""
+    failures = 0
+    started = time.perf_counter()
+    for job in queue.jobs:
+        try:
+            publish_unsafe(job)
+        except Exception as exc:  # any broker failure: the sweep repairs the chat
+            failures += 1
+            metrics.ENQUEUE_FAILURES.labels(job.task).inc()
+            log.warning("enqueue of %s%r failed: %s", job.task, job.args, exc)
+        else:
+            metrics.ENQUEUED.labels(job.task).inc()
+    if queue.jobs:
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+    queue.clear()
+    return failures

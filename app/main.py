@@ -1,0 +1,176 @@
+"""The ASGI application (`uvicorn app.main:app`): routes, error shapes, limits, health, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from app import metrics
+from app.api.routes import router
+from app.db import make_engine, make_sessionmaker
+from app.errors import ServiceError
+from app.jobs import Job, UnsafePublish
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Answers 413 to a request body above `limit` bytes, before any handler or database work.
+
+    A declared `Content-Length` is checked up front; a chunked body is counted as it arrives.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {
+                "detail": [
+                    {
+                        "loc": ["body"],
+                        "msg": f"request body is larger than {self.limit} bytes",
+                        "type": "too_large",
+                    }
+                ]
+            },
+            status_code=413,
+        )
+        await response(scope, receive, send)
+
+
+def celery_publisher(settings: Settings) -> UnsafePublish:
+    """Publishes through the Celery app with the bounded publish policy of the settings."""
+    from tasks import celery
+
+    policy = {
+        "max_retries": settings.publish_max_retries,
+        "interval_start": 0,
+        "interval_step": settings.publish_retry_interval_seconds,
+        "interval_max": settings.publish_retry_interval_seconds,
+    }
+
+    def publish_unsafe(job: Job) -> None:
+        celery.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
+
+    return publish_unsafe
+
+
+def create_app(settings: Settings | None = None, publish: UnsafePublish | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.signing_secret  # noqa: B018 - refuse to start without a real secret
+    engine = make_engine(settings)
+    api = FastAPI(title="chat-dualwrite", version="0.1.0")
+    api.state.settings = settings
+    api.state.engine = engine
+    api.state.sessionmaker = make_sessionmaker(engine)
+    api.state.publish = publish or celery_publisher(settings)
+    api.include_router(router)
+
+    @api.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": [{"loc": list(exc.field), "msg": exc.message, "type": type(exc).__name__}]},
+            status_code=exc.status_code,
+        )
+
+    @api.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Any]]
+    ) -> Any:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    @api.get("/healthz")
+    def healthz() -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"down: {type(exc).__name__}"
+        try:
+            client = redis.Redis.from_url(
+                settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+            client.ping()
+            client.close()
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = f"down: {type(exc).__name__}"
+        healthy = checks["database"] == "ok"
+        return JSONResponse(
+            {"status": "ok" if healthy else "unavailable", **checks},
+            status_code=200 if healthy else 503,
+        )
+
+    @api.get("/metrics")
+    def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    api.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # outermost: runs first
+    return api
+
+
+def __getattr__(name: str) -> Any:
+    # `app.main:app` is built on first access, so importing this module needs no environment.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,305 @@
+"""SQL on `copilot_chats`, the canonical transcript.
+
+Every statement that changes `messages` bumps `messages_version` and records it as the chat's
+`wanted_version` in `copilot_chat_sync_state`, in the same statement: a committed mutation is
+therefore always visible to the sweep, even if its task is never published.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+# Appended to every mutation: marks the chat as wanting its new version copied.
+_MARK_WANTED = """
+mark AS (
+    INSERT INTO copilot_chat_sync_state AS s (chat_id, wanted_version, applied_version, dirty_since)
+    -- Version 0 is the empty transcript a new chat starts with: nothing to copy.
+    SELECT id, messages_version, CASE WHEN messages_version = 0 THEN 0 ELSE -1 END, now()
+    FROM changed_chat
+    ON CONFLICT (chat_id) DO UPDATE SET
+        wanted_version = greatest(s.wanted_version, EXCLUDED.wanted_version),
+        dirty_since = CASE WHEN s.applied_version >= s.wanted_version
+                           THEN now() ELSE s.dirty_since END
+)
+"""
+
+_CHAT_COLUMNS = (
+    "id, user_id, workflow_id, title, model, messages_version, active_stream_id, "
+    "created_at, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    id: uuid.UUID
+    user_id: str
+    workflow_id: str | None
+    title: str | None
+    model: str
+    messages_version: int
+    active_stream_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TurnState:
+    """What turn completion needs to know, read under the chat's row lock."""
+
+    active_stream_id: str | None
+    last_message_id: str | None
+
+
+def _jsonb(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def create(
+    session: Session,
+    *,
+    user_id: str,
+    title: str | None,
+    model: str,
+    workflow_id: str | None,
+    messages: list[dict[str, Any]],
+) -> Chat:
+    """Insert a chat; one with a transcript starts at version 1 and is marked for copying."""
+    row = session.execute(
+        text(
+            f"""
+            WITH changed_chat AS (
+                INSERT INTO copilot_chats
+                    (user_id, title, model, workflow_id, messages, messages_version)
+                VALUES (:user_id, :title, :model, :workflow_id, CAST(:messages AS jsonb),
+                        CASE WHEN jsonb_array_length(CAST(:messages AS jsonb)) > 0
+                             THEN 1 ELSE 0 END)
+                RETURNING {_CHAT_COLUMNS}
+            ),
+            {_MARK_WANTED}
+            SELECT {_CHAT_COLUMNS} FROM changed_chat
+            """
+        ),
+        {
+            "user_id": user_id,
+            "title": title,
+            "model": model,
+            "workflow_id": workflow_id,
+            "messages": _jsonb(messages),
+        },
+    ).one()
+    return Chat(*row)
+
+
+def get(session: Session, chat_id: uuid.UUID, user_id: str) -> Chat | None:
+    row = session.execute(
+        text(f"SELECT {_CHAT_COLUMNS} FROM copilot_chats WHERE id = :id AND user_id = :user_id"),
+        {"id": chat_id, "user_id": user_id},
+    ).one_or_none()
+    return Chat(*row) if row else None
+
+
+def get_messages(session: Session, chat_id: uuid.UUID) -> Any:
+    """The whole JSONB array, as stored."""
+    return session.execute(
+        text("SELECT messages FROM copilot_chats WHERE id = :id"), {"id": chat_id}
+    ).scalar_one()
+
+
+def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[str, Any] | None:
+    """The first element with this id, without sending the array over the wire."""
+    found: dict[str, Any] | None = session.execute(
+        text(
+            """
+            SELECT jsonb_path_query_first(messages, '$[*] ? (@.id == $id)',
+                                          jsonb_build_object('id', CAST(:message_id AS text)))
+            FROM copilot_chats WHERE id = :id
+            """
+        ),
+        {"id": chat_id, "message_id": message_id},
+    ).scalar_one_or_none()
+    return found
+
+
+def lock_turn(session: Session, chat_id: uuid.UUID, user_id: str) -> TurnState | None:
+    """`SELECT ... FOR UPDATE` on the chat: serializes turn completion with every other writer."""
+    row = session.execute(
+        text(
+            """
+            SELECT active_stream_id,
+                   CASE WHEN jsonb_typeof(messages) = 'array' THEN messages -> -1 ->> 'id' END
+            FROM copilot_chats WHERE id = :id AND user_id = :user_id
+            FOR UPDATE
+            """
+        ),
+        {"id": chat_id, "user_id": user_id},
+    ).one_or_none()
+    return TurnState(*row) if row else None
+
+
+def append(
+    session: Session,
+    chat_id: uuid.UUID,
+    user_id: str,
+    elements: list[dict[str, Any]],
+    *,
+    set_active_stream: str | None = None,
+    clear_active_stream: bool = False,
+) -> int | None:
+    """Append elements unless one of their ids is already in the array; the new version or None.
+
+    The id check is in the `UPDATE`'s own `WHERE`, so two concurrent retries of the same append
+    serialize on the row lock and the second sees the first's element.
+    """
+    stream_sql = "active_stream_id"
+    if set_active_stream is not None:
+        stream_sql = "CAST(:stream AS text)"
+    elif clear_active_stream:
+        stream_sql = "NULL"
+    probes = " OR ".join(f"messages @> CAST(:probe{i} AS jsonb)" for i in range(len(elements)))
+    params: dict[str, Any] = {
+        "id": chat_id,
+        "user_id": user_id,
+        "elements": _jsonb(elements),
+        "stream": set_active_stream,
+    }
+    for i, element in enumerate(elements):
+        params[f"probe{i}"] = _jsonb([{"id": element["id"]}])
+    version: int | None = session.execute(
+        text(
+            f"""
+            WITH changed_chat AS (
+                UPDATE copilot_chats SET
+                    messages = CASE WHEN jsonb_typeof(messages) = 'array' THEN messages
+                                    ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
+                    messages_version = messages_version + 1,
+                    active_stream_id = {stream_sql},
+                    updated_at = now()
+                WHERE id = :id AND user_id = :user_id AND NOT ({probes})
+                RETURNING id, messages_version
+            ),
+            {_MARK_WANTED}
+            SELECT messages_version FROM changed_chat
+            """
+        ),
+        params,
+    ).scalar_one_or_none()
+    return version
+
+
+def replace_messages(
+    session: Session, chat_id: uuid.UUID, user_id: str, messages: list[dict[str, Any]]
+) -> int | None:
+    """Replace the whole array; the new version, or None when the chat is absent or unchanged."""
+    version: int | None = session.execute(
+        text(
+            f"""
+            WITH changed_chat AS (
+                UPDATE copilot_chats SET
+                    messages = CAST(:messages AS jsonb),
+                    messages_version = messages_version + 1,
+                    updated_at = now()
+                WHERE id = :id AND user_id = :user_id
+                  AND messages IS DISTINCT FROM CAST(:messages AS jsonb)
+                RETURNING id, messages_version
+            ),
+            {_MARK_WANTED}
+            SELECT messages_version FROM changed_chat
+            """
+        ),
+        {"id": chat_id, "user_id": user_id, "messages": _jsonb(messages)},
+    ).scalar_one_or_none()
+    return version
+
+
+def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: str) -> Chat | None:
+    """A new chat holding the transcript up to and including the first element with that id."""
+    row = session.execute(
+        text(
+            f"""
+            WITH source AS (
+                SELECT c.*, (
+                    SELECT min(e.ord) FROM jsonb_array_elements(c.messages)
+                        WITH ORDINALITY AS e(elem, ord)
+                    WHERE e.elem ->> 'id' = :message_id
+                ) AS cut
+                FROM copilot_chats c
+                WHERE c.id = :id AND c.user_id = :user_id AND jsonb_typeof(c.messages) = 'array'
+            ),
+            changed_chat AS (
+                INSERT INTO copilot_chats
+                    (user_id, workflow_id, title, model, messages, messages_version)
+                SELECT s.user_id, s.workflow_id, s.title, s.model,
+                       (SELECT jsonb_agg(e.elem ORDER BY e.ord)
+                        FROM jsonb_array_elements(s.messages) WITH ORDINALITY AS e(elem, ord)
+                        WHERE e.ord <= s.cut),
+                       1
+                FROM source s WHERE s.cut IS NOT NULL
+                RETURNING {_CHAT_COLUMNS}
+            ),
+            {_MARK_WANTED}
+            SELECT {_CHAT_COLUMNS} FROM changed_chat
+            """
+        ),
+        {"id": chat_id, "user_id": user_id, "message_id": up_to_message_id},
+    ).one_or_none()
+    return Chat(*row) if row else None
+
+
+def delete(session: Session, chat_id: uuid.UUID, user_id: str) -> bool:
+    """Delete a chat; its rows and sync state go with it through `ON DELETE CASCADE`."""
+    deleted = session.execute(
+        text("DELETE FROM copilot_chats WHERE id = :id AND user_id = :user_id RETURNING id"),
+        {"id": chat_id, "user_id": user_id},
+    ).scalar_one_or_none()
+    return deleted is not None
+
+
+def page(
+    session: Session, chat_id: uuid.UUID, *, limit: int, before_seq: int | None
+) -> list[tuple[int, Any]]:
+    """The `limit` elements before position `before_seq`, oldest first, as (seq, element).
+
+    A jsonpath slice: only the page leaves the server, not the whole array.
+    """
+    rows = session.execute(
+        text(
+            """
+            WITH bounds AS (
+                SELECT messages,
+                       least(jsonb_array_length(messages),
+                             coalesce(CAST(:before_seq AS int), 2147483647)) AS stop
+                FROM copilot_chats
+                WHERE id = :id AND jsonb_typeof(messages) = 'array'
+            )
+            SELECT greatest(b.stop - :limit, 0) + p.ord - 1 AS seq, p.elem
+            FROM bounds b
+            CROSS JOIN LATERAL jsonb_path_query(
+                b.messages, '$[$first to $last]',
+                jsonb_build_object('first', greatest(b.stop - :limit, 0), 'last', b.stop - 1)
+            ) WITH ORDINALITY AS p(elem, ord)
+            WHERE b.stop > 0
+            ORDER BY p.ord
+            """
+        ),
+        {"id": chat_id, "limit": limit, "before_seq": before_seq},
+    ).all()
+    return [(row.seq, row.elem) for row in rows]
+
+
+def ids_after(session: Session, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+    """The next `limit` chat ids after `after`, in id order (keyset pagination)."""
+    rows = session.execute(
+        text(
+            "SELECT id FROM copilot_chats WHERE CAST(:after AS uuid) IS NULL OR id > :after "
+            "ORDER BY id LIMIT :limit"
+        ),
+        {"after": after, "limit": limit},
+    ).scalars()
+    return list(rows)

@@ -1,0 +1,227 @@
+"""SQL on `copilot_chat_messages`: converge rows to the JSONB, measure drift, read pages.
+
+Convergence is set-based and per batch of chats: one statement maps every element of each chat's
+array to a row (the same rules as the backfill in revision 0002), writes only the rows that differ,
+and soft-deletes the rows whose message left the array. Writes are guarded by `source_version`,
+so a copy taken from an older version of a chat can never overwrite a newer one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.orm import Session
+
+# The element-to-row mapping. Must match the backfill rules of migration 0002.
+_MAPPING = """
+target AS (
+    SELECT id, messages, messages_version, created_at, updated_at
+    FROM copilot_chats
+    WHERE id = ANY(:chat_ids)
+),
+elems AS (
+    SELECT
+        t.id AS chat_id,
+        e.elem,
+        e.ord,
+        jsonb_typeof(e.elem) = 'object'
+            AND jsonb_typeof(e.elem -> 'id') = 'string'
+            AND e.elem ->> 'id' <> ''
+            AND octet_length(e.elem ->> 'id') <= 1024 AS valid
+    FROM target t
+    CROSS JOIN LATERAL jsonb_array_elements(
+        CASE WHEN jsonb_typeof(t.messages) = 'array' THEN t.messages ELSE '[]'::jsonb END
+    ) WITH ORDINALITY AS e(elem, ord)
+),
+src AS (
+    SELECT DISTINCT ON (x.chat_id, x.elem ->> 'id')
+        x.chat_id,
+        x.elem ->> 'id' AS message_id,
+        coalesce(x.elem ->> 'role', 'unknown') AS role,
+        (x.ord - 1)::int AS seq,
+        x.elem AS content,
+        CASE WHEN jsonb_typeof(x.elem -> 'streamId') = 'string'
+             THEN x.elem ->> 'streamId' END AS stream_id,
+        CASE WHEN jsonb_typeof(x.elem -> 'model') = 'string'
+             THEN x.elem ->> 'model' END AS model,
+        coalesce(copilot_message_timestamp(x.elem -> 'timestamp'), t.created_at) AS created_at,
+        t.messages_version AS source_version
+    FROM elems x
+    JOIN target t ON t.id = x.chat_id
+    WHERE x.valid
+    ORDER BY x.chat_id, x.elem ->> 'id', x.ord
+),
+changed AS (
+    SELECT s.*, m.id IS NULL AS missing, m.deleted_at IS NOT NULL AS was_deleted
+    FROM src s
+    LEFT JOIN copilot_chat_messages m
+        ON m.chat_id = s.chat_id AND m.message_id = s.message_id
+    WHERE m.id IS NULL
+        OR m.deleted_at IS NOT NULL
+        OR m.seq <> s.seq
+        OR m.role <> s.role
+        OR m.created_at <> s.created_at
+        OR m.stream_id IS DISTINCT FROM s.stream_id
+        OR m.model IS DISTINCT FROM s.model
+        OR m.content <> s.content
+),
+extra AS (
+    SELECT m.id, m.chat_id
+    FROM copilot_chat_messages m
+    JOIN target t ON t.id = m.chat_id
+    WHERE m.deleted_at IS NULL
+        AND NOT EXISTS (
+            SELECT 1 FROM src s WHERE s.chat_id = m.chat_id AND s.message_id = m.message_id
+        )
+)
+"""
+
+_CONVERGE = text(
+    "WITH"
+    + _MAPPING
+    + """,
+upserted AS (
+    INSERT INTO copilot_chat_messages AS m
+        (chat_id, message_id, role, seq, content, stream_id, model, created_at, updated_at,
+         deleted_at, source_version)
+    SELECT chat_id, message_id, role, seq, content, stream_id, model, created_at, now(), NULL,
+           source_version
+    FROM changed
+    ORDER BY chat_id, message_id
+    ON CONFLICT (chat_id, message_id) DO UPDATE SET
+        role = EXCLUDED.role,
+        seq = EXCLUDED.seq,
+        content = EXCLUDED.content,
+        stream_id = EXCLUDED.stream_id,
+        model = EXCLUDED.model,
+        created_at = EXCLUDED.created_at,
+        updated_at = now(),
+        deleted_at = NULL,
+        source_version = EXCLUDED.source_version
+    WHERE m.source_version <= EXCLUDED.source_version
+    RETURNING m.chat_id, (xmax = 0) AS inserted
+),
+removed AS (
+    UPDATE copilot_chat_messages m
+    SET deleted_at = now(), updated_at = now(), source_version = t.messages_version
+    FROM extra x
+    JOIN target t ON t.id = x.chat_id
+    WHERE m.id = x.id AND m.source_version <= t.messages_version
+    RETURNING m.chat_id
+)
+SELECT
+    t.id,
+    t.messages_version,
+    t.updated_at,
+    coalesce(e.total, 0),
+    coalesce(e.bad, 0),
+    coalesce(u.inserted, 0),
+    coalesce(u.updated, 0),
+    coalesce(r.removed, 0)
+FROM target t
+LEFT JOIN (
+    SELECT chat_id, count(*) AS total, count(*) FILTER (WHERE NOT valid) AS bad
+    FROM elems GROUP BY chat_id
+) e ON e.chat_id = t.id
+LEFT JOIN (
+    SELECT chat_id, count(*) FILTER (WHERE inserted) AS inserted,
+           count(*) FILTER (WHERE NOT inserted) AS updated
+    FROM upserted GROUP BY chat_id
+) u ON u.chat_id = t.id
+LEFT JOIN (SELECT chat_id, count(*) AS removed FROM removed GROUP BY chat_id) r
+    ON r.chat_id = t.id
+ORDER BY t.id
+"""
+).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
+
+_DIFF = text(
+    "WITH"
+    + _MAPPING
+    + """
+SELECT
+    t.id,
+    t.messages_version,
+    t.updated_at,
+    coalesce(e.total, 0),
+    coalesce(e.bad, 0),
+    coalesce(c.missing, 0),
+    coalesce(c.stale, 0),
+    coalesce(x.extra, 0)
+FROM target t
+LEFT JOIN (
+    SELECT chat_id, count(*) AS total, count(*) FILTER (WHERE NOT valid) AS bad
+    FROM elems GROUP BY chat_id
+) e ON e.chat_id = t.id
+LEFT JOIN (
+    SELECT chat_id, count(*) FILTER (WHERE missing) AS missing,
+           count(*) FILTER (WHERE NOT missing) AS stale
+    FROM changed GROUP BY chat_id
+) c ON c.chat_id = t.id
+LEFT JOIN (SELECT chat_id, count(*) AS extra FROM extra GROUP BY chat_id) x
+    ON x.chat_id = t.id
+ORDER BY t.id
+"""
+).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCounts:
+    """Per chat: what the JSONB holds and how the rows differ from it (or were changed)."""
+
+    chat_id: uuid.UUID
+    version: int
+    updated_at: datetime
+    elements: int
+    bad_elements: int
+    inserted: int  # missing rows (in a diff: rows that would be inserted)
+    updated: int  # stale or soft-deleted rows brought back in line
+    removed: int  # live rows whose message left the array
+
+    @property
+    def drift(self) -> int:
+        return self.inserted + self.updated + self.removed
+
+
+def _counts(rows: Sequence[Any]) -> list[ChatCounts]:
+    return [ChatCounts(*row) for row in rows]
+
+
+def converge(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
+    """Make the rows of these chats equal to their JSONB; one row of counts per existing chat."""
+    if not chat_ids:
+        return []
+    return _counts(session.execute(_CONVERGE, {"chat_ids": sorted(chat_ids)}).all())
+
+
+def diff(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
+    """What `converge` would change for these chats, without changing anything."""
+    if not chat_ids:
+        return []
+    return _counts(session.execute(_DIFF, {"chat_ids": sorted(chat_ids)}).all())
+
+
+def page(
+    session: Session, chat_id: uuid.UUID, *, limit: int, before_seq: int | None
+) -> list[tuple[int, dict[str, Any]]]:
+    """The newest `limit` live rows before `before_seq`, oldest first, as (seq, element)."""
+    rows = session.execute(
+        text(
+            """
+            SELECT seq, content FROM (
+                SELECT seq, content FROM copilot_chat_messages
+                WHERE chat_id = :chat_id AND deleted_at IS NULL
+                  AND (CAST(:before_seq AS int) IS NULL OR seq < :before_seq)
+                ORDER BY seq DESC
+                LIMIT :limit
+            ) newest ORDER BY seq
+            """
+        ),
+        {"chat_id": chat_id, "before_seq": before_seq, "limit": limit},
+    ).all()
+    return [(row.seq, row.content) for row in rows]

@@ -1,0 +1,104 @@
+"""SQL on `copilot_chat_sync_state`: which version of each chat the table reflects."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, UUID
+from sqlalchemy.orm import Session
+
+# Advisory lock class for per-chat syncs (the key is a hash of the chat id).
+SYNC_LOCK_CLASS = 7301
+
+
+@dataclass(frozen=True, slots=True)
+class Behind:
+    chat_id: uuid.UUID
+    wanted_version: int
+
+
+def lock_chats(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
+    """Serialize syncs of the same chat until commit, taking locks in id order (no deadlock).
+
+    Two syncs of one chat must not interleave: each reads the JSONB after the other's rows are
+    committed, so a message removed in between is soft-deleted rather than resurrected.
+    """
+    session.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(:cls, hashtext(id::text)) "
+            "FROM unnest(CAST(:ids AS uuid[])) AS id ORDER BY hashtext(id::text)"
+        ),
+        {"cls": SYNC_LOCK_CLASS, "ids": [str(c) for c in sorted(chat_ids)]},
+    )
+
+
+def applied_versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+    rows = session.execute(
+        text(
+            "SELECT chat_id, applied_version FROM copilot_chat_sync_state WHERE chat_id = ANY(:ids)"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": list(chat_ids)},
+    ).all()
+    return {row.chat_id: row.applied_version for row in rows}
+
+
+def mark_applied(session: Session, versions: dict[uuid.UUID, int]) -> None:
+    """Record the versions just copied; never moves a chat's applied version backwards."""
+    if not versions:
+        return
+    ids = sorted(versions)
+    session.execute(
+        text(
+            """
+            INSERT INTO copilot_chat_sync_state AS s
+                (chat_id, wanted_version, applied_version, synced_at)
+            SELECT v.chat_id, v.version, v.version, now()
+            FROM unnest(:ids, :versions) AS v(chat_id, version)
+            JOIN copilot_chats c ON c.id = v.chat_id
+            ORDER BY v.chat_id
+            ON CONFLICT (chat_id) DO UPDATE SET
+                applied_version = greatest(s.applied_version, EXCLUDED.applied_version),
+                wanted_version = greatest(s.wanted_version, EXCLUDED.applied_version),
+                synced_at = now()
+            """
+        ).bindparams(
+            bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
+            bindparam("versions", type_=ARRAY(BIGINT)),
+        ),
+        {"ids": ids, "versions": [versions[i] for i in ids]},
+    )
+
+
+def behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
+    """Chats whose newest version is not copied yet, dirty for longer than `grace`.
+
+    Reads only the partial index over `applied_version < wanted_version`: when everything is in
+    sync the index is empty and this costs next to nothing.
+    """
+    rows = session.execute(
+        text(
+            """
+            SELECT chat_id, wanted_version FROM copilot_chat_sync_state
+            WHERE applied_version < wanted_version AND dirty_since < now() - :grace
+            ORDER BY dirty_since
+            LIMIT :limit
+            """
+        ),
+        {"grace": grace, "limit": limit},
+    ).all()
+    return [Behind(row.chat_id, row.wanted_version) for row in rows]
+
+
+def count_behind(session: Session) -> int:
+    return int(
+        session.execute(
+            text(
+                "SELECT count(*) FROM copilot_chat_sync_state "
+                "WHERE applied_version < wanted_version"
+            )
+        ).scalar_one()
+    )

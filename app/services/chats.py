@@ -1,0 +1,249 @@
+"""The chat operations behind each HTTP route: mutate the JSONB, then record the copy to make.
+
+Each function runs inside the caller's unit of work and only records jobs: the boundary commits,
+then publishes. The JSONB stays the source of truth; the jobs name the chat and the version.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from app import jobs, schemas
+from app.errors import Conflict, Invalid, NotFound, TooLarge
+from app.repositories import chats as chats_repo
+from app.repositories import messages as messages_repo
+from app.repositories import sync_state
+from app.settings import Phase, Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every operation needs besides its arguments."""
+
+    session: Session
+    jobs: jobs.JobQueue
+    settings: Settings
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    chat_id: uuid.UUID
+    message_ids: list[str]
+    version: int
+    created: bool  # False: the same messages were already there (an idempotent retry)
+
+
+def _check_size(settings: Settings, element: dict[str, Any], field: tuple[str | int, ...]) -> None:
+    size = len(json.dumps(element, ensure_ascii=False).encode())
+    if size > settings.max_message_bytes:
+        raise TooLarge(
+            f"message is {size} bytes, above the limit of {settings.max_message_bytes}",
+            field=field,
+        )
+
+
+def _same(stored: dict[str, Any] | None, element: dict[str, Any]) -> bool:
+    """Whether a stored element is the retry of this one (the server-filled timestamp aside)."""
+    if stored is None:
+        return False
+    ignore = {"timestamp"} if "timestamp" not in element else set()
+    return {k: v for k, v in stored.items() if k not in ignore} == {
+        k: v for k, v in element.items() if k not in ignore
+    }
+
+
+def create_chat(ctx: Context, body: schemas.CreateChat) -> chats_repo.Chat:
+    return chats_repo.create(
+        ctx.session,
+        user_id=ctx.user_id,
+        title=body.title,
+        model=body.model or ctx.settings.default_model,
+        workflow_id=body.workflow_id,
+        messages=[],
+    )
+
+
+def get_chat(ctx: Context, chat_id: uuid.UUID) -> tuple[chats_repo.Chat, Any]:
+    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    if chat is None:
+        raise NotFound("chat not found", field=("path", "chat_id"))
+    return chat, chats_repo.get_messages(ctx.session, chat_id)
+
+
+def delete_chat(ctx: Context, chat_id: uuid.UUID) -> None:
+    """Delete a chat. Its rows go in the same transaction through the foreign key's cascade,
+    so there is nothing left for a task to copy."""
+    if not chats_repo.delete(ctx.session, chat_id, ctx.user_id):
+        raise NotFound("chat not found", field=("path", "chat_id"))
+
+
+def _append(
+    ctx: Context,
+    chat_id: uuid.UUID,
+    elements: list[tuple[tuple[str | int, ...], dict[str, Any]]],
+    **stream: Any,
+) -> Appended:
+    """Append elements atomically, idempotent on their ids; enqueue their copy."""
+    for field, element in elements:
+        _check_size(ctx.settings, element, field)
+    ids = [element["id"] for _, element in elements]
+    version = chats_repo.append(
+        ctx.session, chat_id, ctx.user_id, [e for _, e in elements], **stream
+    )
+    if version is not None:
+        ctx.jobs.enqueue(jobs.SYNC_MESSAGES, str(chat_id), ids, version)
+        return Appended(chat_id, ids, version, created=True)
+    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    if chat is None:
+        raise NotFound("chat not found", field=("path", "chat_id"))
+    for field, element in elements:
+        stored = chats_repo.find_message(ctx.session, chat_id, element["id"])
+        if not _same(stored, element):
+            raise Conflict(
+                f"message id {element['id']!r} is already in this chat with other content"
+                if stored is not None
+                else "some of these messages are already in this chat, not all",
+                field=(*field, "id"),
+            )
+    return Appended(chat_id, ids, chat.messages_version, created=False)
+
+
+def append_user_message(ctx: Context, chat_id: uuid.UUID, body: schemas.AppendMessage) -> Appended:
+    """Append a user message and make its id the chat's active stream (the turn it opens)."""
+    message = body.message
+    element = message.element(streamId=message.id)
+    return _append(ctx, chat_id, [(("body", "message"), element)], set_active_stream=message.id)
+
+
+def complete_turn(
+    ctx: Context, chat_id: uuid.UUID, user_message_id: str, body: schemas.CompleteTurn
+) -> Appended:
+    """Append the assistant reply of a turn, under the chat's row lock.
+
+    Only the active turn, whose user message is still the last element, can be completed; a retry
+    of a completion that already landed answers like the first.
+    """
+    element = body.message.element(streamId=user_message_id)
+    turn = chats_repo.lock_turn(ctx.session, chat_id, ctx.user_id)
+    if turn is None:
+        raise NotFound("chat not found", field=("path", "chat_id"))
+    stored = chats_repo.find_message(ctx.session, chat_id, element["id"])
+    if stored is not None:
+        if _same(stored, element):
+            chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+            assert chat is not None  # locked above
+            return Appended(chat_id, [element["id"]], chat.messages_version, created=False)
+        raise Conflict(
+            f"message id {element['id']!r} is already in this chat with other content",
+            field=("body", "message", "id"),
+        )
+    if turn.active_stream_id != user_message_id:
+        raise Conflict(
+            f"turn {user_message_id!r} is not the chat's active turn",
+            field=("path", "user_message_id"),
+        )
+    if turn.last_message_id != user_message_id:
+        raise Conflict(
+            f"message {user_message_id!r} is no longer the last message of the chat",
+            field=("path", "user_message_id"),
+        )
+    return _append(ctx, chat_id, [(("body", "message"), element)], clear_active_stream=True)
+
+
+def append_inbox_pair(ctx: Context, chat_id: uuid.UUID, body: schemas.InboxPair) -> Appended:
+    """Append a user message and its reply at once (messages from the inbox)."""
+    return _append(
+        ctx,
+        chat_id,
+        [
+            (("body", "user"), body.user.element()),
+            (("body", "assistant"), body.assistant.element()),
+        ],
+    )
+
+
+def fork_chat(ctx: Context, chat_id: uuid.UUID, body: schemas.Fork) -> chats_repo.Chat:
+    """A new chat with the transcript up to and including `up_to_message_id`."""
+    forked = chats_repo.fork(ctx.session, chat_id, ctx.user_id, body.up_to_message_id)
+    if forked is None:
+        if chats_repo.get(ctx.session, chat_id, ctx.user_id) is None:
+            raise NotFound("chat not found", field=("path", "chat_id"))
+        raise Invalid(
+            f"message {body.up_to_message_id!r} is not in this chat",
+            field=("body", "up_to_message_id"),
+        )
+    ctx.jobs.enqueue(jobs.SYNC_CHAT, str(forked.id), forked.messages_version)
+    return forked
+
+
+def replace_messages(ctx: Context, chat_id: uuid.UUID, body: schemas.ReplaceMessages) -> int:
+    """Replace the whole transcript with a snapshot; returns the chat's version."""
+    elements = []
+    for index, message in enumerate(body.messages):
+        element = message.element()
+        _check_size(ctx.settings, element, ("body", "messages", index))
+        elements.append(element)
+    version = chats_repo.replace_messages(ctx.session, chat_id, ctx.user_id, elements)
+    if version is not None:
+        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat_id), version)
+        return version
+    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    if chat is None:
+        raise NotFound("chat not found", field=("path", "chat_id"))
+    return chat.messages_version  # the snapshot equals what is stored
+
+
+def import_chat(ctx: Context, body: schemas.ImportChat) -> chats_repo.Chat:
+    """Create a chat for any user with a whole transcript (admin only; checked by the route)."""
+    elements = []
+    for index, message in enumerate(body.messages):
+        element = message.element()
+        _check_size(ctx.settings, element, ("body", "messages", index))
+        elements.append(element)
+    chat = chats_repo.create(
+        ctx.session,
+        user_id=body.user_id,
+        title=body.title,
+        model=body.model or ctx.settings.default_model,
+        workflow_id=body.workflow_id,
+        messages=elements,
+    )
+    if chat.messages_version > 0:
+        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat.id), chat.messages_version)
+    return chat
+
+
+def read_page(
+    ctx: Context, chat_id: uuid.UUID, *, limit: int, before_seq: int | None
+) -> schemas.MessagePage:
+    """A page of the transcript, newest last, served from where the rollout phase says.
+
+    In `read_table` a chat whose copy is behind its JSONB is served from the JSONB.
+    """
+    if limit < 1 or limit > ctx.settings.max_page_size:
+        raise Invalid(
+            f"limit must be between 1 and {ctx.settings.max_page_size}", field=("query", "limit")
+        )
+    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    if chat is None:
+        raise NotFound("chat not found", field=("path", "chat_id"))
+    applied = sync_state.applied_versions(ctx.session, [chat_id]).get(chat_id, -1)
+    if ctx.settings.dualwrite_phase is Phase.READ_TABLE and applied >= chat.messages_version:
+        rows = messages_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
+        source: Literal["jsonb", "table"] = "table"
+    else:
+        rows = chats_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
+        source = "jsonb"
+    seqs = [seq for seq, _ in rows]
+    return schemas.MessagePage(
+        messages=[element for _, element in rows],
+        seqs=seqs,
+        next_before_seq=seqs[0] if len(rows) == limit and seqs[0] > 0 else None,
+        source=source,
+    )

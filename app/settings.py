@@ -1,0 +1,107 @@
+"""Every setting of the service, read from the environment once and validated at start-up."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret"}
+
+
+class Phase(StrEnum):
+    """Rollout phase of the migration, read by handlers on every request."""
+
+    JSONB_ONLY = "jsonb_only"
+    DUAL_WRITE = "dual_write"
+    VERIFY_READS = "verify_reads"
+    READ_TABLE = "read_table"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/chat_dualwrite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Optional here so that migrations and workers start without it; the API and the token
+    # command refuse to start without a real one (`Settings.signing_secret`).
+    auth_secret: SecretStr | None = None
+    dualwrite_phase: Phase = Phase.DUAL_WRITE
+
+    default_model: str = "default"
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_page_size: int = Field(default=500, gt=0)
+
+    # The enqueue after a commit must never hold a request up for long: connect, socket and
+    # retry budget are all bounded, and their sum stays well under a second.
+    publish_connect_timeout_seconds: float = Field(default=0.2, gt=0)
+    publish_socket_timeout_seconds: float = Field(default=0.2, gt=0)
+    publish_max_retries: int = Field(default=1, ge=0)
+    publish_retry_interval_seconds: float = Field(default=0.05, ge=0)
+
+    # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
+    worker_statement_timeout_ms: int = Field(default=60_000, gt=0)
+    worker_lock_timeout_ms: int = Field(default=10_000, gt=0)
+    worker_idle_in_transaction_timeout_ms: int = Field(default=60_000, gt=0)
+
+    # Task limits and the broker's visibility timeout; checked against each other at start-up.
+    task_soft_time_limit_seconds: int = Field(default=120, gt=0)
+    task_time_limit_seconds: int = Field(default=150, gt=0)
+    broker_visibility_timeout_seconds: int = Field(default=3600, gt=0)
+
+    # Retries of a sync that failed on a transient error (see `app.retry`).
+    retry_max_retries: int = Field(default=6, ge=0)
+    retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    retry_jitter: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_dsn(cls, value: str) -> str:
+        """Accept the usual `postgresql://` URL and pin SQLAlchemy to psycopg 3."""
+        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+    @field_validator("auth_secret")
+    @classmethod
+    def _reject_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < 16:
+            raise ValueError("AUTH_SECRET must be a real secret of at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> Settings:
+        if self.task_soft_time_limit_seconds >= self.task_time_limit_seconds:
+            raise ValueError("TASK_SOFT_TIME_LIMIT_SECONDS must be below TASK_TIME_LIMIT_SECONDS")
+        if self.task_time_limit_seconds >= self.broker_visibility_timeout_seconds:
+            raise ValueError(
+                "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed TASK_TIME_LIMIT_SECONDS, "
+                "or a running task is redelivered to a second worker"
+            )
+        longest_wait = self.retry_backoff_max_seconds + self.task_time_limit_seconds
+        if longest_wait >= self.broker_visibility_timeout_seconds:
+            raise ValueError(
+                "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed RETRY_BACKOFF_MAX_SECONDS plus "
+                "TASK_TIME_LIMIT_SECONDS, or a retry waiting for its countdown is delivered twice"
+            )
+        return self
+
+    @property
+    def signing_secret(self) -> str:
+        if self.auth_secret is None:
+            raise RuntimeError("AUTH_SECRET is not set: the API cannot verify tokens without it")
+        return self.auth_secret.get_secret_value()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; built (and validated) on first use."""
+    return Settings()

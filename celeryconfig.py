@@ -1,0 +1,55 @@
+"""Celery configuration (`celery -A tasks ...` loads it). Values come from `app.settings`."""
+
+from __future__ import annotations
+
+from kombu.entity import Queue as KombuQueue
+
+from app.jobs import SYNC_CHAT, SYNC_MESSAGES
+from app.settings import get_settings
+from tasks.queues import Queue
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+# Publishing is bounded: the API must never wait long on a broker that does not answer.
+broker_connection_timeout = _settings.publish_connect_timeout_seconds
+broker_transport_options = {
+    # A message not acked within this time is delivered again; it must exceed every time limit
+    # plus retry countdown (checked by the settings at start-up).
+    "visibility_timeout": _settings.broker_visibility_timeout_seconds,
+    "socket_connect_timeout": _settings.publish_connect_timeout_seconds,
+    "socket_timeout": _settings.publish_socket_timeout_seconds,
+    "socket_keepalive": True,
+    "retry_on_timeout": False,
+}
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+
+# At-least-once: a task is acked after it ran, and re-queued if its worker died under it.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+task_soft_time_limit = _settings.task_soft_time_limit_seconds
+task_time_limit = _settings.task_time_limit_seconds
+
+# Flower shows tasks only with events.
+worker_send_task_events = True
+task_send_sent_event = True
+
+task_default_queue = Queue.SYNC.value
+task_queues = [KombuQueue(q.value, routing_key=q.value) for q in Queue]  # type: ignore[no-untyped-call]
+task_routes = {
+    SYNC_MESSAGES: {"queue": Queue.SYNC.value},
+    SYNC_CHAT: {"queue": Queue.SYNC.value},
+    "chats.*": {"queue": Queue.MAINTENANCE.value},
+}
+
+timezone = "UTC"
+enable_utc = True
+worker_hijack_root_logger = False

@@ -1,0 +1,13 @@
+"""The Celery application (`celery -A tasks worker|beat|flower`) and its tasks."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+celery = Celery("chat-dualwrite")
+celery.config_from_object("celeryconfig")
+
+# Registers the tasks on the app; imported last because the modules use `celery`.
+from tasks import sync  # noqa: E402, F401
+
+__all__ = ["celery"]
