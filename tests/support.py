@@ -1,0 +1,232 @@
+"""Test helpers: an independent model of the element-to-row mapping, waits, a worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The mapping, written again in plain Python from DESIGN section 2, to check the SQL against.
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    role: str
+    content: Any
+    stream_id: str | None
+    model: str | None
+    created_at: datetime
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def expected_rows(messages: Any, chat_created_at: datetime) -> dict[str, Row]:
+    """What the live rows of a chat must be, by message id."""
+    rows: dict[str, Row] = {}
+    if not isinstance(messages, list):
+        return rows
+    for position, element in enumerate(messages):
+        if not isinstance(element, dict):
+            continue
+        message_id = element.get("id")
+        if not isinstance(message_id, str) or not message_id:
+            continue
+        if len(message_id.encode()) > 1024 or message_id in rows:
+            continue
+        role = element.get("role")
+        stream = element.get("streamId")
+        model = element.get("model")
+        rows[message_id] = Row(
+            seq=position,
+            role=role if isinstance(role, str) else "unknown",
+            content=element,
+            stream_id=stream if isinstance(stream, str) else None,
+            model=model if isinstance(model, str) else None,
+            created_at=parse_timestamp(element.get("timestamp")) or chat_created_at,
+        )
+    return rows
+
+
+def table_rows(engine: Engine, chat_id: uuid.UUID | str) -> tuple[dict[str, Row], set[str]]:
+    """The live rows of a chat by message id, and the ids of its soft-deleted rows."""
+    with engine.connect() as connection:
+        result = connection.execute(
+            text(
+                "SELECT message_id, seq, role, content, stream_id, model, created_at, deleted_at "
+                "FROM copilot_chat_messages WHERE chat_id = :id"
+            ),
+            {"id": str(chat_id)},
+        ).all()
+    live = {
+        r.message_id: Row(r.seq, r.role, r.content, r.stream_id, r.model, r.created_at)
+        for r in result
+        if r.deleted_at is None
+    }
+    deleted = {r.message_id for r in result if r.deleted_at is not None}
+    return live, deleted
+
+
+def chat_jsonb(engine: Engine, chat_id: uuid.UUID | str) -> tuple[Any, datetime] | None:
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT messages, created_at FROM copilot_chats WHERE id = :id"),
+            {"id": str(chat_id)},
+        ).one_or_none()
+    return (row.messages, row.created_at) if row else None
+
+
+def mismatch(engine: Engine, chat_id: uuid.UUID | str) -> str | None:
+    """Why the rows of a chat differ from its JSONB, or None when they are equal."""
+    chat = chat_jsonb(engine, chat_id)
+    live, _ = table_rows(engine, chat_id)
+    if chat is None:
+        return f"chat is gone but {len(live)} rows remain" if live else None
+    expected = expected_rows(*chat)
+    if set(live) != set(expected):
+        return f"ids differ: missing {set(expected) - set(live)}, extra {set(live) - set(expected)}"
+    for message_id, row in expected.items():
+        if live[message_id] != row:
+            return f"row {message_id!r} differs: {live[message_id]} != {row}"
+    return None
+
+
+def assert_converged(engine: Engine, chat_ids: Iterable[uuid.UUID | str]) -> None:
+    for chat_id in chat_ids:
+        problem = mismatch(engine, chat_id)
+        assert problem is None, f"chat {chat_id}: {problem}"
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll `check` until it returns something truthy; fail with its last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s (last: {value!r})")
+        time.sleep(interval)
+
+
+def wait_converged(engine: Engine, chat_ids: Iterable[uuid.UUID | str], timeout: float = 30.0) -> None:
+    """Wait until every chat's rows equal its JSONB and its sync state is up to date."""
+    ids = [str(c) for c in chat_ids]
+
+    def done() -> bool:
+        with engine.connect() as connection:
+            behind = connection.execute(
+                text(
+                    "SELECT count(*) FROM copilot_chat_sync_state "
+                    "WHERE chat_id = ANY(CAST(:ids AS uuid[])) AND applied_version < wanted_version"
+                ),
+                {"ids": ids},
+            ).scalar_one()
+        return behind == 0 and all(mismatch(engine, c) is None for c in ids)
+
+    try:
+        wait_until(done, timeout=timeout, interval=0.1)
+    except AssertionError:
+        assert_converged(engine, ids)  # names the chat and the row that differ
+        raise
+
+
+def snapshot(engine: Engine, chat_id: uuid.UUID | str) -> dict[str, Any]:
+    """The whole chat row, byte for byte (JSONB as text), for "nothing changed" assertions."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT *, messages::text AS raw FROM copilot_chats WHERE id = :id"),
+            {"id": str(chat_id)},
+        ).mappings().one()
+    return dict(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Celery worker in its own process group.
+
+
+class WorkerProcess:
+    """`celery -A tasks worker` in a subprocess, started in its own session so it can be killed
+    as a group with `os.killpg` (never `kill -TERM -PID` through a shell)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str, *args: str) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.name = name
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "tasks", "worker",
+                "--loglevel=INFO", "-n", f"{self.name}@%h",
+                "-Q", "dualwrite.sync,dualwrite.maintenance",
+                "--without-gossip", "--without-mingle",
+                *self.args,
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_until(self._ready, timeout=timeout, interval=0.1)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_bytes()[self._offset :].decode(errors="replace")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+        return " ready." in self.log()
+
+    def child_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        ).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
