@@ -25,7 +25,7 @@ REDIS_DB = 1 + (os.getpid() % 15)
 os.environ.update(
     DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{DB_NAME}",
     REDIS_URL=f"{REDIS_HOST}/{REDIS_DB}",
-    AUTH_SECRET="test-secret-" + secrets.token_hex(16),
+    AUTH_SECRET="test-secret-" + secrets.token_hex(32),
     DUALWRITE_PHASE="dual_write",
 )
 

@@ -31,7 +31,7 @@ elems AS (
         e.elem,
         e.ord,
         jsonb_typeof(e.elem) = 'object'
-            AND jsonb_typeof(e.elem -> 'id') = 'string'
+            AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
             AND e.elem ->> 'id' <> ''
             AND octet_length(e.elem ->> 'id') <= 1024 AS valid
     FROM target t

@@ -57,7 +57,7 @@ ELEMENTS = """
 
 VALID = """
     jsonb_typeof(e.elem) = 'object'
-    AND jsonb_typeof(e.elem -> 'id') = 'string'
+    AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
     AND e.elem ->> 'id' <> ''
     AND octet_length(e.elem ->> 'id') <= 1024
 """

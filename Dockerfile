@@ -1,0 +1,27 @@
+# One image for every process of the service: API, migrations, Celery worker, beat and Flower.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /srv/chat-dualwrite
+
+# The README is optional: pyproject.toml names it, but the build only warns when it is missing.
+COPY pyproject.toml README.md* ./
+COPY celeryconfig.py ./
+COPY app/ app/
+COPY tasks/ tasks/
+RUN pip install . && rm -rf build *.egg-info
+
+# Migrations are not part of the package; `alembic upgrade head` runs from this directory.
+COPY alembic.ini ./
+COPY migrations/ migrations/
+
+# The code stays owned by root, so the service cannot rewrite it.
+RUN useradd --create-home --uid 10001 chat
+USER chat
+
+EXPOSE 8000
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
