@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole service on this machine: migrations, API, worker, beat and Flower,
+# against the local PostgreSQL and Redis. Ctrl-C stops everything. Logs go to .run/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/services.sh
+
+mkdir -p .run
+export DATABASE_URL=${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/chat_dualwrite}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
+if [ -z "${AUTH_SECRET:-}" ]; then
+    [ -f .run/auth_secret ] || .venv/bin/python -c 'import secrets; print(secrets.token_hex(32))' > .run/auth_secret
+    AUTH_SECRET=$(cat .run/auth_secret)
+    export AUTH_SECRET
+fi
+API_PORT=${API_PORT:-8000}
+FLOWER_PORT=${FLOWER_PORT:-5555}
+FLOWER_USER=${FLOWER_USER:-admin}
+if [ -z "${FLOWER_PASSWORD:-}" ]; then
+    [ -f .run/flower_password ] || .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(12))' > .run/flower_password
+    FLOWER_PASSWORD=$(cat .run/flower_password)
+fi
+
+# Create the database when it does not exist yet, then migrate (the backfill runs here).
+.venv/bin/python - <<'PY'
+import psycopg
+from sqlalchemy.engine import make_url
+from app.settings import get_settings
+
+url = make_url(get_settings().database_url)
+admin = url.set(drivername="postgresql", database="postgres")
+with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+    if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)).fetchone():
+        conn.execute(f'CREATE DATABASE "{url.database}"')
+PY
+.venv/bin/alembic upgrade head
+
+pids=()
+stop() {
+    trap - INT TERM EXIT
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+.venv/bin/celery -A tasks worker --loglevel=INFO -n "worker@%h" \
+    -Q dualwrite.sync,dualwrite.maintenance > .run/worker.log 2>&1 &
+pids+=($!)
+.venv/bin/celery -A tasks beat --loglevel=INFO -s .run/celerybeat-schedule > .run/beat.log 2>&1 &
+pids+=($!)
+.venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$API_PORT" > .run/api.log 2>&1 &
+pids+=($!)
+# Flower starts once the worker answers, so that it lists the worker from the start.
+for _ in $(seq 1 60); do
+    grep -q " ready." .run/worker.log 2>/dev/null && break
+    sleep 0.5
+done
+.venv/bin/celery -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" \
+    --basic-auth="$FLOWER_USER:$FLOWER_PASSWORD" > .run/flower.log 2>&1 &
+pids+=($!)
+
+for _ in $(seq 1 60); do
+    .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$API_PORT/healthz', timeout=1)" 2>/dev/null && break
+    sleep 0.5
+done
+cat <<INFO
+chat-dualwrite is running (logs in .run/; Ctrl-C stops it)
+  API     http://127.0.0.1:$API_PORT   (docs at /docs, health at /healthz, metrics at /metrics)
+  Flower  http://127.0.0.1:$FLOWER_PORT   (user $FLOWER_USER, password $FLOWER_PASSWORD)
+  token   $(.venv/bin/python -m app token demo-user)
+  try     curl -s -X POST -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{}' http://127.0.0.1:$API_PORT/chats
+INFO
+wait -n "${pids[@]}"
+echo "a process stopped; see .run/*.log"
