@@ -8,8 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /srv/chat-dualwrite
 
-# The README is optional: pyproject.toml names it, but the build only warns when it is missing.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md ./
 COPY celeryconfig.py ./
 COPY app/ app/
 COPY tasks/ tasks/

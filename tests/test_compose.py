@@ -1,0 +1,337 @@
+"""docker-compose.yml and the Dockerfile agree with the code they start.
+
+Nothing here runs a container, a database or a broker: each check imports what a service names or
+reads the file a command relies on, so renaming a queue, a setting or an entry point fails here
+instead of in a deployment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from celery import Celery
+from celery.app.utils import find_app
+from flower.options import options as flower_options
+
+import tasks
+from app.main import create_app
+from app.settings import Settings
+from tasks.queues import Queue
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+# Services that run the project's image; postgres and redis run stock images.
+APP_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
+
+# Variables in app services that are read by a tool, not by `app.settings.Settings`.
+NOT_SETTINGS_PREFIXES = ("FLOWER_", "POSTGRES_")
+# DESIGN.md section 7: the environment every process of the service is configured through.
+REQUIRED_SETTINGS = {"DATABASE_URL", "REDIS_URL", "AUTH_SECRET", "DUALWRITE_PHASE"}
+
+EXPECTED_DEPENDS_ON = {
+    "migrate": {"postgres": "service_healthy"},
+    "api": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
+    "worker": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
+    "beat": {"redis": "service_healthy"},
+    "flower": {"redis": "service_healthy"},
+}
+
+
+def command(name: str) -> list[str]:
+    value = SERVICES[name].get("command", [])
+    return shlex.split(value) if isinstance(value, str) else [str(arg) for arg in value]
+
+
+def option(args: list[str], *names: str) -> str:
+    """The value of the first of `names` in `args`, given as `--name value` or `--name=value`."""
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name:
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1 :]
+    raise AssertionError(f"none of {names} in {args}")
+
+
+def environment(name: str) -> dict[str, str]:
+    value = SERVICES[name].get("environment", {})
+    if isinstance(value, list):
+        value = dict(item.split("=", 1) for item in value)
+    return {key: str(item) for key, item in value.items()}
+
+
+def unset_value(value: str) -> str | None:
+    """What compose passes when the variable in `value` is unset: the literal itself, the default
+    of `${NAME:-default}`, or None when it must come from the operator (`${NAME:?message}`)."""
+    match = re.fullmatch(r"\$\{\w+:?-(.*)\}", value)
+    if match:
+        return match.group(1)
+    return None if "${" in value else value
+
+
+def depends_on(name: str) -> dict[str, str]:
+    value = SERVICES[name].get("depends_on", {})
+    if isinstance(value, list):
+        return dict.fromkeys(value, "service_started")
+    return {target: spec.get("condition", "service_started") for target, spec in value.items()}
+
+
+def healthcheck(name: str) -> str:
+    test = SERVICES[name]["healthcheck"]["test"]
+    if isinstance(test, str):
+        return test
+    return " ".join(arg for arg in test if arg not in ("CMD", "CMD-SHELL"))
+
+
+def published_ports(name: str) -> list[tuple[str, str]]:
+    """(host address, container port) of each published port, in the short `ip:host:container`
+    syntax; a port without an address has host address ''."""
+    ports = []
+    for mapping in SERVICES[name].get("ports", []):
+        parts = str(mapping).split(":")
+        ports.append((parts[0] if len(parts) == 3 else "", parts[-1]))
+    return ports
+
+
+def seconds(duration: str) -> int:
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+)([hms])", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def celery_services() -> list[str]:
+    return [name for name in SERVICES if command(name)[:1] == ["celery"]]
+
+
+def celery_program(args: list[str]) -> str:
+    """`worker`, `beat` or `flower`: the first argument that is neither an option nor the app."""
+    app = option(args, "-A", "--app")
+    return next(arg for arg in args[1:] if not arg.startswith("-") and arg != app)
+
+
+def worker_queues() -> set[str]:
+    (worker,) = [name for name in celery_services() if celery_program(command(name)) == "worker"]
+    return set(option(command(worker), "-Q", "--queues").split(","))
+
+
+def uvicorn_target() -> tuple[str, str]:
+    """The module and attribute of the API's `uvicorn module:attribute`."""
+    args = command("api")
+    assert args[0] == "uvicorn"
+    module, attribute = next(arg for arg in args[1:] if not arg.startswith("-")).split(":")
+    return module, attribute
+
+
+def source_path(module: str) -> str:
+    """The top-level path in the repository that holds `module`: a package or a `.py` file."""
+    top = module.split(".")[0]
+    return top if (ROOT / top).is_dir() else top + ".py"
+
+
+def setting_names() -> set[str]:
+    prefix = Settings.model_config.get("env_prefix", "")
+    return {(prefix + field).upper() for field in Settings.model_fields}
+
+
+@pytest.mark.parametrize("name", celery_services())
+def test_celery_services_name_the_celery_app(name: str) -> None:
+    app = find_app(option(command(name), "-A", "--app"))
+    assert isinstance(app, Celery)
+    assert app is tasks.celery
+
+
+def test_each_celery_program_runs_in_exactly_one_service() -> None:
+    # A second beat would publish every periodic job twice.
+    programs = sorted(celery_program(command(name)) for name in celery_services())
+    assert programs == ["beat", "flower", "worker"]
+
+
+def test_worker_consumes_every_queue() -> None:
+    assert worker_queues() == {queue.value for queue in Queue}
+
+
+def test_tasks_are_routed_only_to_consumed_queues() -> None:
+    # A task published to a queue no worker reads waits in Redis forever.
+    conf = tasks.celery.conf
+    used = {conf.task_default_queue}
+    used |= {queue.name for queue in conf.task_queues}
+    used |= {route["queue"] for route in conf.task_routes.values()}
+    used |= {
+        task.queue
+        for task_name, task in tasks.celery.tasks.items()
+        if not task_name.startswith("celery.") and task.queue
+    }
+    assert used <= worker_queues()
+
+
+def test_api_serves_the_asgi_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    module_name, attribute = uvicorn_target()
+    module = importlib.import_module(module_name)
+    assert callable(module.create_app)
+    if attribute in vars(module):
+        return
+    # The app is built on first access and that needs AUTH_SECRET: check that the lazy lookup
+    # answers to this name by having it build a stand-in.
+    built = object()
+    monkeypatch.setattr(module, "create_app", lambda: built)
+    try:
+        assert getattr(module, attribute) is built
+    finally:
+        vars(module).pop(attribute, None)
+
+
+def test_api_port_and_healthcheck_reach_the_health_route() -> None:
+    port = option(command("api"), "--port")
+    assert published_ports("api") == [("127.0.0.1", port)]
+    match = re.search(r"http://[^'\"\s]+", healthcheck("api"))
+    assert match, healthcheck("api")
+    url = urlsplit(match.group())
+    assert url.hostname in ("127.0.0.1", "localhost")
+    assert str(url.port) == port
+    # Building the app creates an engine but opens no connection.
+    api = create_app(Settings(auth_secret="a-real-secret-for-tests"), publish=lambda job: None)
+    try:
+        assert url.path in {getattr(route, "path", None) for route in api.routes}
+    finally:
+        api.state.engine.dispose()
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_set_only_settings(name: str) -> None:
+    names = {key for key in environment(name) if not key.startswith(NOT_SETTINGS_PREFIXES)}
+    assert names <= setting_names()
+    assert names >= REQUIRED_SETTINGS
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_service_defaults_are_valid_settings(name: str) -> None:
+    values = {
+        key.lower(): unset_value(value)
+        for key, value in environment(name).items()
+        if not key.startswith(NOT_SETTINGS_PREFIXES)
+    }
+    Settings(**{key: value for key, value in values.items() if value is not None})
+
+
+def test_flower_variables_are_flower_options() -> None:
+    # Flower exits on a FLOWER_* variable that names none of its options.
+    for name in APP_SERVICES:
+        for key in environment(name):
+            if key.startswith("FLOWER_"):
+                assert key.removeprefix("FLOWER_").lower() in flower_options, key
+
+
+def test_urls_point_at_the_compose_services() -> None:
+    postgres = environment("postgres")
+    for name in APP_SERVICES:
+        env = environment(name)
+        database = urlsplit(env["DATABASE_URL"])
+        assert database.scheme == "postgresql"
+        assert database.hostname == "postgres"
+        assert database.port == 5432
+        assert database.username == postgres["POSTGRES_USER"]
+        assert database.password == postgres["POSTGRES_PASSWORD"]
+        assert database.path == "/" + postgres["POSTGRES_DB"]
+        broker = urlsplit(env["REDIS_URL"])
+        assert broker.scheme == "redis"
+        assert broker.hostname == "redis"
+
+
+def test_migrate_upgrades_a_single_head_from_the_root_alembic_ini() -> None:
+    assert command("migrate") == ["alembic", "upgrade", "head"]
+    config = Config(str(ROOT / "alembic.ini"))
+    location = config.get_main_option("script_location")
+    assert location
+    assert (ROOT / location / "env.py").is_file()
+    config.set_main_option("script_location", str(ROOT / location))
+    assert len(ScriptDirectory.from_config(config).get_heads()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_services_wait_for_what_they_need(name: str) -> None:
+    assert depends_on(name) == EXPECTED_DEPENDS_ON.get(name, {})
+    for target, condition in depends_on(name).items():
+        assert target in SERVICES
+        if condition == "service_healthy":
+            assert "healthcheck" in SERVICES[target]
+        if condition == "service_completed_successfully":
+            # A one-shot that compose restarts never completes.
+            assert SERVICES[target].get("restart", "no") == "no"
+
+
+@pytest.mark.parametrize(
+    ("name", "probe"),
+    [("postgres", "pg_isready"), ("redis", "redis-cli ping"), ("api", "urllib.request")],
+)
+def test_healthchecks(name: str, probe: str) -> None:
+    assert probe in healthcheck(name)
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_published_ports_stay_on_localhost(name: str) -> None:
+    for address, _ in published_ports(name):
+        assert address == "127.0.0.1"
+
+
+def test_flower_listens_on_its_published_port() -> None:
+    port = option(command("flower"), "--port")
+    assert published_ports("flower") == [("127.0.0.1", port)]
+
+
+def test_redis_keeps_queued_tasks() -> None:
+    args = " ".join(command("redis"))
+    assert "--maxmemory-policy noeviction" in args
+    assert "--appendonly yes" in args
+
+
+def test_worker_stop_grace_outlasts_the_task_time_limit() -> None:
+    (worker,) = [name for name in celery_services() if celery_program(command(name)) == "worker"]
+    limit = Settings.model_fields["task_time_limit_seconds"].default
+    assert seconds(SERVICES[worker]["stop_grace_period"]) > limit
+
+
+def dockerfile() -> list[list[str]]:
+    """The Dockerfile's instructions as argument lists, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = (line.strip() for line in text.splitlines())
+    return [shlex.split(line) for line in lines if line and not line.startswith("#")]
+
+
+def test_image_copies_what_the_services_need() -> None:
+    copied = {
+        source.rstrip("/")
+        for instruction in dockerfile()
+        if instruction[0].upper() == "COPY"
+        for source in [arg for arg in instruction[1:] if not arg.startswith("--")][:-1]
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packaging = project["tool"]["setuptools"]
+    needed = {"pyproject.toml", project["project"]["readme"], "alembic.ini"}
+    needed |= {package.split(".")[0] for package in packaging["packages"]}
+    needed |= {module + ".py" for module in packaging["py-modules"]}
+    needed.add(Config(str(ROOT / "alembic.ini")).get_main_option("script_location") or "")
+    modules = {option(command(name), "-A", "--app") for name in celery_services()}
+    modules.add(uvicorn_target()[0])
+    needed |= {source_path(module) for module in modules}
+    for path in needed:
+        assert (ROOT / path).exists(), path
+    assert needed <= copied
+    assert ["RUN", "pip", "install", "."] in [i[:4] for i in dockerfile()]
+
+
+def test_image_runs_as_a_non_root_user() -> None:
+    users = [instruction[1] for instruction in dockerfile() if instruction[0].upper() == "USER"]
+    assert users
+    assert users[-1].split(":")[0] not in ("root", "0")
