@@ -51,7 +51,10 @@ def alembic(url: str, *args: str) -> str:
     env = {**os.environ, "DATABASE_URL": url}
     result = subprocess.run(
         [str(Path(os.sys.executable).parent / "alembic"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     return result.stderr + result.stdout
@@ -128,7 +131,9 @@ def auth(settings):  # type: ignore[no-untyped-def]
     from app.auth import issue_token
 
     def headers(user: str = "alice", admin: bool = False) -> dict[str, str]:
-        return {"Authorization": f"Bearer {issue_token(settings.signing_secret, user, admin=admin)}"}
+        return {
+            "Authorization": f"Bearer {issue_token(settings.signing_secret, user, admin=admin)}"
+        }
 
     return headers
 

@@ -132,7 +132,9 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float 
         time.sleep(interval)
 
 
-def wait_converged(engine: Engine, chat_ids: Iterable[uuid.UUID | str], timeout: float = 30.0) -> None:
+def wait_converged(
+    engine: Engine, chat_ids: Iterable[uuid.UUID | str], timeout: float = 30.0
+) -> None:
     """Wait until every chat's rows equal its JSONB and its sync state is up to date."""
     ids = [str(c) for c in chat_ids]
 
@@ -157,10 +159,14 @@ def wait_converged(engine: Engine, chat_ids: Iterable[uuid.UUID | str], timeout:
 def snapshot(engine: Engine, chat_id: uuid.UUID | str) -> dict[str, Any]:
     """The whole chat row, byte for byte (JSONB as text), for "nothing changed" assertions."""
     with engine.connect() as connection:
-        row = connection.execute(
-            text("SELECT *, messages::text AS raw FROM copilot_chats WHERE id = :id"),
-            {"id": str(chat_id)},
-        ).mappings().one()
+        row = (
+            connection.execute(
+                text("SELECT *, messages::text AS raw FROM copilot_chats WHERE id = :id"),
+                {"id": str(chat_id)},
+            )
+            .mappings()
+            .one()
+        )
     return dict(row)
 
 
@@ -185,10 +191,19 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "tasks", "worker",
-                "--loglevel=INFO", "-n", f"{self.name}@%h",
-                "-Q", "dualwrite.sync,dualwrite.maintenance",
-                "--without-gossip", "--without-mingle",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--loglevel=INFO",
+                "-n",
+                f"{self.name}@%h",
+                "-Q",
+                "dualwrite.sync,dualwrite.maintenance",
+                "--without-gossip",
+                "--without-mingle",
                 *self.args,
             ],
             cwd=ROOT,

@@ -24,8 +24,10 @@ def test_token_without_expiry_or_with_other_algorithm_is_401(api, settings) -> N
     no_exp = jwt.encode({"sub": "alice"}, secret, "HS256")
     other_alg = jwt.encode({"sub": "alice", "exp": 4102444800}, secret, "HS512")
     for token in (no_exp, other_alg, "garbage"):
-        response = api.get("/chats/00000000-0000-0000-0000-000000000000",
-                           headers={"Authorization": f"Bearer {token}"})
+        response = api.get(
+            "/chats/00000000-0000-0000-0000-000000000000",
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert response.status_code == 401, token
 
 
@@ -70,16 +72,22 @@ BAD_MESSAGES = [
     ({"id": "a", "role": "robot", "content": "x"}, ["body", "message", "role"]),
     ({"id": "a", "role": "assistant", "content": "x"}, ["body", "message", "role"]),
     ({"id": "a", "role": "user", "content": 12}, ["body", "message", "content"]),
-    ({"id": "a", "role": "user", "content": "x", "timestamp": "soon"},
-     ["body", "message", "timestamp"]),
-    ({"id": "a", "role": "user", "content": "x", "timestamp": 1700000000},
-     ["body", "message", "timestamp"]),
+    (
+        {"id": "a", "role": "user", "content": "x", "timestamp": "soon"},
+        ["body", "message", "timestamp"],
+    ),
+    (
+        {"id": "a", "role": "user", "content": "x", "timestamp": 1700000000},
+        ["body", "message", "timestamp"],
+    ),
     ("just a string", ["body", "message"]),
 ]
 
 
 @pytest.mark.parametrize(("bad", "field"), BAD_MESSAGES)
-def test_invalid_message_is_422_naming_the_field_and_changes_nothing(api, auth, engine, bad, field) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_message_is_422_naming_the_field_and_changes_nothing(
+    api, auth, engine, bad, field
+) -> None:  # type: ignore[no-untyped-def]
     chat_id = new_chat(api, auth)
     api.post(f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth())
     before = snapshot(engine, chat_id)

@@ -138,7 +138,7 @@ def test_backfill_copies_messy_legacy_data_by_the_rules(legacy_db) -> None:  # t
 
 
 def test_backfill_is_idempotent_and_survives_downgrade_and_upgrade(legacy_db) -> None:  # type: ignore[no-untyped-def]
-    url, ids = legacy_db
+    url, _ = legacy_db
     alembic(url, "upgrade", "head")
     first = snapshot_rows(url)
     assert len(first) == 3 + 1 + 7 + 2000
@@ -163,5 +163,8 @@ def test_expected_rows_model_agrees_on_a_plain_chat() -> None:
     # Guards the test oracle itself: a plain chat maps one element to one row, in order.
     chat = [msg("x", timestamp="2025-01-01T00:00:00Z"), msg("y", "assistant")]
     rows = expected_rows(chat, CHAT_CREATED)
-    assert [(k, v.seq, v.role) for k, v in rows.items()] == [("x", 0, "user"), ("y", 1, "assistant")]
+    assert [(k, v.seq, v.role) for k, v in rows.items()] == [
+        ("x", 0, "user"),
+        ("y", 1, "assistant"),
+    ]
     assert rows["y"].created_at == CHAT_CREATED

@@ -137,7 +137,9 @@ def test_fork_copies_the_transcript_up_to_a_message(api, auth, engine, converged
     assert unknown.json()["detail"][0]["loc"] == ["body", "up_to_message_id"]
 
 
-def test_snapshot_replace_soft_deletes_removed_and_restores_returning(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_replace_soft_deletes_removed_and_restores_returning(
+    api, auth, engine, converged
+) -> None:  # type: ignore[no-untyped-def]
     chat_id = new_chat(api, auth)
     a, b, c = message("user"), message("assistant"), message("user")
     api.put(f"/chats/{chat_id}/messages", json={"messages": [a, b, c]}, headers=auth())

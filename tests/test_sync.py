@@ -63,7 +63,7 @@ def test_any_order_and_any_repetition_end_in_the_same_rows(engine, sessionmaker,
         chat_id, tasks = build_history(sessionmaker)
         for index in order:
             send(*tasks[index])
-        wait_until(lambda: rows(engine, chat_id) and _applied(engine, chat_id) == 3, timeout=30)
+        wait_until(lambda c=chat_id: rows(engine, c) and _applied(engine, c) == 3, timeout=30)
         assert_converged(engine, [chat_id])
         finals.append([(r[0], r[1], r[2]["content"], r[3]) for r in rows(engine, chat_id)])
     assert finals[0] == finals[1] == finals[2]
