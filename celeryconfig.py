@@ -47,7 +47,17 @@ task_queues = [KombuQueue(q.value, routing_key=q.value) for q in Queue]  # type:
 task_routes = {
     SYNC_MESSAGES: {"queue": Queue.SYNC.value},
     SYNC_CHAT: {"queue": Queue.SYNC.value},
-    "chats.*": {"queue": Queue.MAINTENANCE.value},
+    "chats.sweep": {"queue": Queue.MAINTENANCE.value},
+    "chats.reconcile": {"queue": Queue.MAINTENANCE.value},
+}
+
+beat_schedule = {
+    # Re-enqueue chats whose copy is behind; a run that could not start in time is dropped.
+    "sweep": {
+        "task": "chats.sweep",
+        "schedule": _settings.sweep_interval_seconds,
+        "options": {"expires": _settings.sweep_interval_seconds},
+    },
 }
 
 timezone = "UTC"

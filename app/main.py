@@ -9,14 +9,15 @@ from typing import Any
 import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 from app import metrics
 from app.api.routes import router
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
-from app.jobs import Job, UnsafePublish
+from app.jobs import UnsafePublish
+from app.services import status
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -89,23 +90,6 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def celery_publisher(settings: Settings) -> UnsafePublish:
-    """Publishes through the Celery app with the bounded publish policy of the settings."""
-    from tasks import celery
-
-    policy = {
-        "max_retries": settings.publish_max_retries,
-        "interval_start": 0,
-        "interval_step": settings.publish_retry_interval_seconds,
-        "interval_max": settings.publish_retry_interval_seconds,
-    }
-
-    def publish_unsafe(job: Job) -> None:
-        celery.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
-
-    return publish_unsafe
-
-
 def create_app(settings: Settings | None = None, publish: UnsafePublish | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.signing_secret  # noqa: B018 - refuse to start without a real secret
@@ -114,7 +98,11 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
     api.state.settings = settings
     api.state.engine = engine
     api.state.sessionmaker = make_sessionmaker(engine)
-    api.state.publish = publish or celery_publisher(settings)
+    if publish is None:
+        from tasks.publish import bounded_publisher
+
+        publish = bounded_publisher(settings)
+    api.state.publish = publish
     api.include_router(router)
 
     @api.exception_handler(ServiceError)
@@ -158,9 +146,22 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
             status_code=200 if healthy else 503,
         )
 
+    def read_gauges() -> dict[str, Any]:
+        with api.state.sessionmaker() as session:
+            return status.database_gauges(session)
+
+    shared = CollectorRegistry()
+    shared.register(
+        metrics.WorkerMetricsCollector(
+            redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        )
+    )
+    shared.register(metrics.DatabaseCollector(read_gauges))
+
     @api.get("/metrics")
     def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(REGISTRY) + generate_latest(shared)
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     api.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # outermost: runs first
     return api

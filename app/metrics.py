@@ -1,8 +1,23 @@
-"""Prometheus metrics of the API and the worker (prefix `dualwrite_`)."""
+"""Prometheus metrics (prefix `dualwrite_`).
+
+The API's own metrics live in its process. Worker metrics are measured in the worker processes
+and kept in one Redis hash beside the broker's queues, so that the API's `/metrics` can show them
+whatever process or container the workers run in. Database gauges are read at scrape time.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import redis
 from prometheus_client import Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 ENQUEUE_FAILURES = Counter(
     "dualwrite_enqueue_failures_total",
@@ -15,13 +30,114 @@ PUBLISH_SECONDS = Histogram(
     "Time spent publishing the tasks of one request after its commit.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-SYNC_LAG = Histogram(
-    "dualwrite_sync_lag_seconds",
-    "Seconds from a chat's JSONB commit to its rows being applied, measured in the worker.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
-)
-TASKS = Counter("dualwrite_tasks_total", "Sync tasks by outcome.", ["task", "outcome"])
-ROWS = Counter("dualwrite_rows_total", "Rows written by syncs, by kind.", ["kind"])
 REQUESTS = Counter(
     "dualwrite_requests_total", "HTTP requests by route and status.", ["method", "route", "status"]
 )
+
+WORKER_KEY = "dualwrite:metrics"
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class WorkerMetrics:
+    """Writes worker measurements into the Redis hash; a failure to write is logged, not raised."""
+
+    def __init__(self, client: Callable[[], redis.Redis]) -> None:
+        self._client = client
+
+    def task(
+        self,
+        task: str,
+        outcome: str,
+        *,
+        lags: Sequence[float] = (),
+        rows: Mapping[str, int] | None = None,
+    ) -> None:
+        fields: dict[str, float] = {f"tasks|{task}|{outcome}": 1}
+        for kind, count in (rows or {}).items():
+            if count:
+                fields[f"rows|{kind}"] = count
+        for lag in lags:
+            bucket = next((b for b in LAG_BUCKETS if lag <= b), "+Inf")
+            fields[f"lag_bucket|{bucket}"] = fields.get(f"lag_bucket|{bucket}", 0) + 1
+            fields["lag_sum"] = fields.get("lag_sum", 0) + lag
+            fields["lag_count"] = fields.get("lag_count", 0) + 1
+        try:
+            pipe = self._client().pipeline(transaction=False)
+            for field, amount in fields.items():
+                pipe.hincrbyfloat(WORKER_KEY, field, amount)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not record worker metrics: %s", exc)
+
+
+class WorkerMetricsCollector(Collector):
+    """Exposes the worker measurements from Redis on the API's `/metrics`."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            raw = self._client.hgetall(WORKER_KEY)
+        except redis.RedisError:
+            return
+        values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        tasks = CounterMetricFamily(
+            "dualwrite_tasks",
+            "Sync tasks by outcome, counted by the workers.",
+            labels=["task", "outcome"],
+        )
+        rows = CounterMetricFamily(
+            "dualwrite_rows_written", "Rows written by syncs, by kind.", labels=["kind"]
+        )
+        for field, value in sorted(values.items()):
+            parts = field.split("|")
+            if parts[0] == "tasks":
+                tasks.add_metric(parts[1:], value)
+            elif parts[0] == "rows":
+                rows.add_metric(parts[1:], value)
+        cumulative, buckets = 0.0, []
+        for bound in (*LAG_BUCKETS, "+Inf"):
+            cumulative += values.get(f"lag_bucket|{bound}", 0)
+            buckets.append((str(float(bound)) if bound != "+Inf" else "+Inf", cumulative))
+        lag = HistogramMetricFamily(
+            "dualwrite_sync_lag_seconds",
+            "Seconds from a chat's JSONB commit to its rows being applied, measured in the worker.",
+            buckets=buckets,
+            sum_value=values.get("lag_sum", 0.0),
+        )
+        yield from (tasks, rows, lag)
+
+
+class DatabaseCollector(Collector):
+    """Gauges read from PostgreSQL at scrape time: backlog, dead letters, last reconcile."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            state = self._read()
+        except Exception as exc:  # a scrape must not fail because the database is down
+            log.warning("could not read database gauges: %s", exc)
+            return
+        behind = GaugeMetricFamily(
+            "dualwrite_chats_behind", "Chats whose table copy is behind their JSONB."
+        )
+        behind.add_metric([], state["chats_behind"])
+        dead = GaugeMetricFamily(
+            "dualwrite_dead_letters_open", "Open dead letters, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(state["dead_letters_open"].items()):
+            dead.add_metric([reason], count)
+        drift = GaugeMetricFamily(
+            "dualwrite_last_reconcile_drift", "Rows of drift the last finished reconcile found."
+        )
+        age = GaugeMetricFamily(
+            "dualwrite_last_reconcile_age_seconds", "Seconds since the last reconcile finished."
+        )
+        last = state.get("last_reconcile")
+        if last is not None:
+            drift.add_metric([], last["drift"])
+            age.add_metric([], time.time() - last["finished_at"].timestamp())
+        yield from (behind, dead, drift, age)

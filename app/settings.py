@@ -53,10 +53,17 @@ class Settings(BaseSettings):
     broker_visibility_timeout_seconds: int = Field(default=3600, gt=0)
 
     # Retries of a sync that failed on a transient error (see `app.retry`).
-    retry_max_retries: int = Field(default=6, ge=0)
-    retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_retries: int = Field(default=8, ge=0)
+    retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
     retry_jitter: bool = True
+    # A task whose worker died under it (SIGKILL, OOM) is delivered again at most this often.
+    max_redeliveries: int = Field(default=3, ge=0)
+
+    # The sweep: re-enqueue chats whose copy is behind (a lost publish, a lost task).
+    sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    sweep_grace_seconds: float = Field(default=30.0, ge=0)
+    sweep_batch_size: int = Field(default=5000, gt=0)
 
     @field_validator("database_url")
     @classmethod

@@ -8,6 +8,6 @@ celery = Celery("chat-dualwrite")
 celery.config_from_object("celeryconfig")
 
 # Registers the tasks on the app; imported last because the modules use `celery`.
-from tasks import sync  # noqa: E402, F401
+from tasks import maintenance, sync  # noqa: E402, F401
 
 __all__ = ["celery"]

@@ -1,4 +1,4 @@
-"""Per-process resources of a worker: the database engine, created after the fork."""
+"""Per-process resources of a worker, created after the fork: database engine, Redis client."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,6 +14,7 @@ from app.db import make_engine, make_sessionmaker, transaction
 from app.settings import get_settings
 
 _engines: dict[int, tuple[Engine, sessionmaker[Session]]] = {}
+_redis: dict[int, redis.Redis] = {}
 
 
 def _factory() -> sessionmaker[Session]:
@@ -29,3 +31,13 @@ def worker_transaction() -> Iterator[Session]:
     """The task wrapper's unit of work: commit on success, roll back on error."""
     with transaction(_factory()) as session:
         yield session
+
+
+def broker_redis() -> redis.Redis:
+    """A client of the broker's Redis, for delivery counts and metrics."""
+    pid = os.getpid()
+    if pid not in _redis:
+        _redis[pid] = redis.Redis.from_url(
+            get_settings().redis_url, socket_timeout=1, socket_connect_timeout=1
+        )
+    return _redis[pid]

@@ -2,6 +2,12 @@
 
 Arguments are keys only (chat id, message ids, version): the worker reads the JSONB when it runs,
 so no message content sits in the broker and no delivery order can write old data.
+
+Failure policy (`app.retry.RetryPolicy`): a transient error is retried with capped exponential
+backoff and jitter up to `max_retries`; a permanent error, or a transient one past the limit, is
+recorded as a dead letter at once. A delivery whose worker died under it (SIGKILL, OOM: the broker
+hands the message out again) is counted in Redis per task id and attempt, and past
+`max_redeliveries` it is dead-lettered instead of run. Nothing loops.
 """
 
 from __future__ import annotations
@@ -10,43 +16,112 @@ import logging
 import uuid
 from typing import Any
 
+import redis
 from celery import Task
 
 from app import metrics
 from app.jobs import SYNC_CHAT, SYNC_MESSAGES
+from app.repositories import dead_letters
 from app.retry import RetryPolicy
 from app.services import sync
 from app.settings import get_settings
 from tasks import celery
 from tasks.queues import Queue
-from tasks.runtime import worker_transaction
+from tasks.runtime import broker_redis, worker_transaction
 
 log = logging.getLogger(__name__)
 
-POLICY = RetryPolicy.from_settings(get_settings())
+SETTINGS = get_settings()
+POLICY = RetryPolicy.from_settings(SETTINGS)
+METRICS = metrics.WorkerMetrics(broker_redis)
+DELIVERY_KEY = "dualwrite:deliveries:{task_id}:{attempt}"
 
 
-def _run(task: Task[Any, Any], chat_id: str, version: int) -> None:
+def _count_delivery(task_id: str, attempt: int) -> int:
+    """How many times this attempt of this task has started, this one included."""
+    key = DELIVERY_KEY.format(task_id=task_id, attempt=attempt)
+    try:
+        pipe = broker_redis().pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, SETTINGS.broker_visibility_timeout_seconds * 2)
+        count, _ = pipe.execute()
+        return int(count)
+    except redis.RedisError as exc:  # the count is a guard, not a reason to drop the task
+        log.warning("could not count delivery of %s: %s", task_id, exc)
+        return 1
+
+
+def _dead_letter(
+    task: Task[Any, Any],
+    chat_id: uuid.UUID,
+    args: list[Any],
+    reason: dead_letters.Reason,
+    error: str,
+    attempts: int,
+) -> None:
     try:
         with worker_transaction() as session:
-            report = sync.sync_chat(session, uuid.UUID(chat_id), version)
+            dead_letters.record(
+                session,
+                task=task.name,
+                chat_id=chat_id,
+                args=args,
+                reason=reason,
+                error=error,
+                attempts=attempts,
+            )
+    except Exception as exc:  # the chat stays behind in its sync state; the sweep sees it
+        log.error("could not record dead letter for %s%r: %s", task.name, args, exc)
+    METRICS.task(task.name, f"dead_letter_{reason.value}")
+
+
+def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> None:
+    request = task.request
+    try:
+        chat = uuid.UUID(chat_id)
+        version = int(version)
+    except (TypeError, ValueError):
+        log.error("dropping %s%r: arguments are not (chat id, version)", task.name, args)
+        METRICS.task(task.name, "malformed")
+        return
+    deliveries = _count_delivery(request.id or "", request.retries)
+    if deliveries > SETTINGS.max_redeliveries + 1:
+        error = f"delivered {deliveries} times, its worker lost each time before it finished"
+        log.error("%s%r: %s", task.name, args, error)
+        _dead_letter(task, chat, args, dead_letters.Reason.WORKER_LOST, error, deliveries - 1)
+        return
+    try:
+        with worker_transaction() as session:
+            report = sync.sync_chats(session, {chat: version}, task=task.name)
     except Exception as error:
-        retries = task.request.retries
+        retries = request.retries
         if POLICY.should_retry(error, retries):
-            metrics.TASKS.labels(task.name, "retry").inc()
+            METRICS.task(task.name, "retry")
             log.warning(
-                "%s(%s, v%d) failed, retry %d: %s", task.name, chat_id, version, retries + 1, error
+                "%s%r failed, retry %d of %d: %s",
+                task.name,
+                args,
+                retries + 1,
+                POLICY.max_retries,
+                error,
             )
             raise task.retry(exc=error, countdown=POLICY.countdown(retries)) from error
-        metrics.TASKS.labels(task.name, "failed").inc()
+        _dead_letter(
+            task,
+            chat,
+            args,
+            dead_letters.Reason.FAILED,
+            f"{type(error).__name__}: {error}",
+            retries + 1,
+        )
         raise
-    for lag in report.lag_seconds:
-        metrics.SYNC_LAG.observe(lag)
-    metrics.ROWS.labels("inserted").inc(report.inserted)
-    metrics.ROWS.labels("updated").inc(report.updated)
-    metrics.ROWS.labels("removed").inc(report.removed)
     outcome = "missing" if report.missing else "skipped" if report.skipped else "applied"
-    metrics.TASKS.labels(task.name, outcome).inc()
+    METRICS.task(
+        task.name,
+        outcome,
+        lags=report.lag_seconds,
+        rows={"inserted": report.inserted, "updated": report.updated, "removed": report.removed},
+    )
 
 
 @celery.task(
@@ -57,9 +132,9 @@ def _run(task: Task[Any, Any], chat_id: str, version: int) -> None:
     max_retries=POLICY.max_retries,
 )
 def sync_messages(self: Task[Any, Any], chat_id: str, message_ids: list[str], version: int) -> None:
-    """Copy a chat after messages were appended. `message_ids` name them for operators; the
-    whole chat is converged, so deliveries in any order end in the same rows."""
-    _run(self, chat_id, version)
+    """Copy a chat after messages were appended. `message_ids` name them for operators (and in
+    Flower); the whole chat is converged, so deliveries in any order end in the same rows."""
+    _run(self, [chat_id, message_ids, version], chat_id, version)
 
 
 @celery.task(
@@ -70,5 +145,5 @@ def sync_messages(self: Task[Any, Any], chat_id: str, message_ids: list[str], ve
     max_retries=POLICY.max_retries,
 )
 def sync_chat(self: Task[Any, Any], chat_id: str, version: int) -> None:
-    """Copy a whole chat (snapshot replace, fork, import, sweep)."""
-    _run(self, chat_id, version)
+    """Copy a whole chat (snapshot replace, fork, import, sweep, replay)."""
+    _run(self, [chat_id, version], chat_id, version)

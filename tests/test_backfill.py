@@ -148,7 +148,7 @@ def test_backfill_is_idempotent_and_survives_downgrade_and_upgrade(legacy_db) ->
         connection.execute("SET timezone = 'UTC'")
         assert connection.execute(load_migration("0002").BACKFILL).rowcount == 0
 
-    alembic(url, "downgrade", "-1")
+    alembic(url, "downgrade", "0001")
     with psycopg.connect(url) as connection:
         tables = connection.execute(
             "SELECT count(*) FROM information_schema.tables "

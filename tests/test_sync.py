@@ -102,10 +102,10 @@ def test_a_task_for_a_deleted_chat_succeeds_quietly(engine, sessionmaker, worker
 def test_service_skips_versions_already_applied(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
     chat_id, _ = build_history(sessionmaker)
     with transaction(sessionmaker) as session:
-        first = sync.sync_chat(session, chat_id, 3)
+        first = sync.sync_chats(session, {chat_id: 3})
     with transaction(sessionmaker) as session:
-        again = sync.sync_chat(session, chat_id, 3)
-        older = sync.sync_chat(session, chat_id, 1)
+        again = sync.sync_chats(session, {chat_id: 3})
+        older = sync.sync_chats(session, {chat_id: 1})
     assert (first.inserted, first.skipped) == (3, 0)
     assert (again.skipped, older.skipped, again.inserted + again.updated) == (1, 1, 0)
     assert_converged(engine, [chat_id])
@@ -117,6 +117,6 @@ def test_service_converges_whatever_the_order(sessionmaker, engine, order) -> No
     for index in order:
         version = int(tasks[index][1][-1])  # type: ignore[call-overload]
         with transaction(sessionmaker) as session:
-            sync.sync_chat(session, chat_id, version)
+            sync.sync_chats(session, {chat_id: version})
     assert_converged(engine, [chat_id])
     assert _applied(engine, chat_id) == 3

@@ -11,6 +11,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, UUID
 from sqlalchemy.orm import Session
 
+from app.repositories.dead_letters import BLOCKING
+
 # Advisory lock class for per-chat syncs (the key is a hash of the chat id).
 SYNC_LOCK_CLASS = 7301
 
@@ -73,24 +75,48 @@ def mark_applied(session: Session, versions: dict[uuid.UUID, int]) -> None:
     )
 
 
-def behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
-    """Chats whose newest version is not copied yet, dirty for longer than `grace`.
+def claim_behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
+    """Chats whose newest version is not copied yet and has waited longer than `grace`.
 
-    Reads only the partial index over `applied_version < wanted_version`: when everything is in
-    sync the index is empty and this costs next to nothing.
+    Resets their `dirty_since`, so a chat is claimed again only after another grace period (a
+    sync still queued is not sent twice a minute). Skips chats a handler holds right now, and
+    chats with an open failed or worker-lost dead letter: those wait for an operator's replay.
+    Reads only the partial index over `applied_version < wanted_version`, which is empty when
+    everything is in sync.
     """
     rows = session.execute(
         text(
             """
-            SELECT chat_id, wanted_version FROM copilot_chat_sync_state
-            WHERE applied_version < wanted_version AND dirty_since < now() - :grace
-            ORDER BY dirty_since
-            LIMIT :limit
+            UPDATE copilot_chat_sync_state s SET dirty_since = now()
+            WHERE s.chat_id IN (
+                SELECT b.chat_id FROM copilot_chat_sync_state b
+                WHERE b.applied_version < b.wanted_version
+                  AND b.dirty_since < now() - :grace
+                  AND NOT EXISTS (
+                      SELECT 1 FROM dualwrite_dead_letters d
+                      WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
+                        AND d.reason = ANY(:blocking)
+                  )
+                ORDER BY b.dirty_since
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING s.chat_id, s.wanted_version
             """
         ),
-        {"grace": grace, "limit": limit},
+        {"grace": grace, "limit": limit, "blocking": list(BLOCKING)},
     ).all()
-    return [Behind(row.chat_id, row.wanted_version) for row in rows]
+    return [Behind(row.chat_id, row.wanted_version) for row in sorted(rows)]
+
+
+def wanted_versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+    rows = session.execute(
+        text(
+            "SELECT chat_id, wanted_version FROM copilot_chat_sync_state WHERE chat_id = ANY(:ids)"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": list(chat_ids)},
+    ).all()
+    return {row.chat_id: row.wanted_version for row in rows}
 
 
 def count_behind(session: Session) -> int:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from app.repositories import messages, sync_state
+from app.jobs import SYNC_CHAT
+from app.repositories import dead_letters, messages, sync_state
 
 
 @dataclass(slots=True)
@@ -41,11 +42,14 @@ class SyncReport:
         self.removed += counts.removed
 
 
-def sync_chats(session: Session, wanted: dict[uuid.UUID, int]) -> SyncReport:
+def sync_chats(
+    session: Session, wanted: dict[uuid.UUID, int], *, task: str = SYNC_CHAT
+) -> SyncReport:
     """Converge the chats in `wanted` (chat id -> version the caller saw) to their JSONB.
 
     Chats whose applied version already covers the wanted one are skipped; a chat that no longer
-    exists is counted as missing and otherwise ignored (its rows went with it).
+    exists is counted as missing and otherwise ignored (its rows went with it). Elements that
+    cannot be copied are skipped, and each chat that has some gets a dead letter saying so.
     """
     report = SyncReport()
     if not wanted:
@@ -61,15 +65,11 @@ def sync_chats(session: Session, wanted: dict[uuid.UUID, int]) -> SyncReport:
         if counts.version >= wanted[counts.chat_id]:
             report.lag_seconds.append(max(0.0, (now - counts.updated_at).total_seconds()))
     report.missing = len(todo) - len(results)
-    sync_state.mark_applied(session, {c.chat_id: c.version for c in results})
+    _settle(session, results, task=task, synced=list(wanted))
     return report
 
 
-def sync_chat(session: Session, chat_id: uuid.UUID, version: int) -> SyncReport:
-    return sync_chats(session, {chat_id: version})
-
-
-def resync_all(session: Session, chat_ids: Sequence[uuid.UUID]) -> SyncReport:
+def resync(session: Session, chat_ids: Sequence[uuid.UUID]) -> SyncReport:
     """Converge these chats whatever their recorded state (reconcile and repair)."""
     report = SyncReport()
     if not chat_ids:
@@ -79,5 +79,41 @@ def resync_all(session: Session, chat_ids: Sequence[uuid.UUID]) -> SyncReport:
     for counts in results:
         report.add(counts)
     report.missing = len(chat_ids) - len(results)
-    sync_state.mark_applied(session, {c.chat_id: c.version for c in results})
+    _settle(session, results, task=SYNC_CHAT, synced=[c.chat_id for c in results])
     return report
+
+
+def _settle(
+    session: Session,
+    results: list[messages.ChatCounts],
+    *,
+    task: str,
+    synced: Sequence[uuid.UUID],
+) -> None:
+    """Record what was applied, report skipped elements, close dead letters now resolved."""
+    sync_state.mark_applied(session, {c.chat_id: c.version for c in results})
+    for counts in results:
+        if counts.bad_elements:
+            dead_letters.record(
+                session,
+                task=task,
+                chat_id=counts.chat_id,
+                args=[str(counts.chat_id), counts.version],
+                reason=dead_letters.Reason.BAD_ELEMENTS,
+                error=(
+                    f"{counts.bad_elements} of {counts.elements} elements skipped: not an "
+                    "object, or no id that is a non-empty string of at most 1024 bytes"
+                ),
+                attempts=1,
+            )
+    clean = [c.chat_id for c in results if not c.bad_elements]
+    dead_letters.resolve(session, synced, clean)
+
+
+def sweep(session: Session, *, grace: timedelta, limit: int) -> list[sync_state.Behind]:
+    """Chats whose copy is behind for longer than `grace`: the caller enqueues a sync for each.
+
+    This is what makes a lost publish harmless: the handler's commit recorded the wanted
+    version in the same transaction, whatever happened to its task.
+    """
+    return sync_state.claim_behind(session, grace=grace, limit=limit)

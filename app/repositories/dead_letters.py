@@ -1,0 +1,155 @@
+"""SQL on `dualwrite_dead_letters`: syncs that gave up, kept for operators to list and replay."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.orm import Session
+
+
+class Reason(StrEnum):
+    FAILED = "failed"  # a permanent error, or a transient one past the retry limit
+    WORKER_LOST = "worker_lost"  # its worker died under it more often than allowed
+    BAD_ELEMENTS = "bad_elements"  # the chat was copied, but some elements were skipped
+
+
+# Reasons that stop the sweep from re-enqueueing a chat until an operator replays it.
+BLOCKING = (Reason.FAILED.value, Reason.WORKER_LOST.value)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    task: str
+    chat_id: uuid.UUID
+    args: Any
+    reason: str
+    error: str
+    attempts: int
+    first_seen: datetime
+    last_seen: datetime
+    replayed_at: datetime | None
+    resolved_at: datetime | None
+
+
+_COLUMNS = (
+    "id, task, chat_id, args, reason, error, attempts, first_seen, last_seen, replayed_at, "
+    "resolved_at"
+)
+
+
+def record(
+    session: Session,
+    *,
+    task: str,
+    chat_id: uuid.UUID,
+    args: Sequence[Any],
+    reason: Reason,
+    error: str,
+    attempts: int,
+) -> int:
+    """Open a dead letter, or add to the open one of the same chat and reason."""
+    return int(
+        session.execute(
+            text(
+                """
+                INSERT INTO dualwrite_dead_letters AS d
+                    (task, chat_id, args, reason, error, attempts)
+                VALUES (:task, :chat_id, CAST(:args AS jsonb), :reason, :error, :attempts)
+                ON CONFLICT (chat_id, reason) WHERE resolved_at IS NULL DO UPDATE SET
+                    task = EXCLUDED.task,
+                    args = EXCLUDED.args,
+                    error = EXCLUDED.error,
+                    attempts = d.attempts + EXCLUDED.attempts,
+                    last_seen = now()
+                RETURNING id
+                """
+            ),
+            {
+                "task": task,
+                "chat_id": chat_id,
+                "args": json.dumps(list(args)),
+                "reason": reason.value,
+                "error": error[:4000],
+                "attempts": attempts,
+            },
+        ).scalar_one()
+    )
+
+
+def resolve(
+    session: Session, synced: Sequence[uuid.UUID], without_bad_elements: Sequence[uuid.UUID]
+) -> int:
+    """Close the open dead letters of chats that have just synced cleanly."""
+    if not synced:
+        return 0
+    result = session.execute(
+        text(
+            """
+            UPDATE dualwrite_dead_letters SET resolved_at = now()
+            WHERE resolved_at IS NULL
+              AND ((chat_id = ANY(:synced) AND reason = ANY(:blocking))
+                   OR (chat_id = ANY(:clean) AND reason = :bad))
+            """
+        ).bindparams(
+            bindparam("synced", type_=ARRAY(UUID(as_uuid=True))),
+            bindparam("clean", type_=ARRAY(UUID(as_uuid=True))),
+        ),
+        {
+            "synced": list(synced),
+            "clean": list(without_bad_elements),
+            "blocking": list(BLOCKING),
+            "bad": Reason.BAD_ELEMENTS.value,
+        },
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def list_(
+    session: Session, *, include_resolved: bool = False, limit: int = 100
+) -> list[DeadLetter]:
+    rows = session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM dualwrite_dead_letters "
+            "WHERE :all OR resolved_at IS NULL ORDER BY id LIMIT :limit"
+        ),
+        {"all": include_resolved, "limit": limit},
+    ).all()
+    return [DeadLetter(*row) for row in rows]
+
+
+def get_open(session: Session, ids: Sequence[int] | None) -> list[DeadLetter]:
+    """Open dead letters with these ids (all open ones for None)."""
+    rows = session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM dualwrite_dead_letters WHERE resolved_at IS NULL "
+            "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) ORDER BY id"
+        ),
+        {"ids": list(ids) if ids is not None else None},
+    ).all()
+    return [DeadLetter(*row) for row in rows]
+
+
+def mark_replayed(session: Session, ids: Sequence[int]) -> None:
+    session.execute(
+        text("UPDATE dualwrite_dead_letters SET replayed_at = now() WHERE id = ANY(:ids)"),
+        {"ids": list(ids)},
+    )
+
+
+def count_open(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        text(
+            "SELECT reason, count(*) FROM dualwrite_dead_letters "
+            "WHERE resolved_at IS NULL GROUP BY reason"
+        )
+    ).all()
+    return {row[0]: int(row[1]) for row in rows}
