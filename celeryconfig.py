@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from celery.schedules import crontab
 from kombu.entity import Queue as KombuQueue
 
 from app.jobs import SYNC_CHAT, SYNC_MESSAGES
@@ -51,12 +52,30 @@ task_routes = {
     "chats.reconcile": {"queue": Queue.MAINTENANCE.value},
 }
 
+# Standard crontab field order; celery's `crontab()` takes them in another positional order.
+_CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+
 beat_schedule = {
     # Re-enqueue chats whose copy is behind; a run that could not start in time is dropped.
     "sweep": {
         "task": "chats.sweep",
         "schedule": _settings.sweep_interval_seconds,
         "options": {"expires": _settings.sweep_interval_seconds},
+    },
+    # Every chat, nightly.
+    "reconcile-nightly": {
+        "task": "chats.reconcile",
+        "schedule": crontab(
+            **dict(zip(_CRON_FIELDS, _settings.reconcile_crontab.split(), strict=True))
+        ),
+        "options": {"expires": 3600},
+    },
+    # Chats changed recently, often: drift is found while it is fresh.
+    "reconcile-recent": {
+        "task": "chats.reconcile",
+        "schedule": _settings.reconcile_recent_interval_seconds,
+        "kwargs": {"since_seconds": _settings.reconcile_recent_window_seconds},
+        "options": {"expires": _settings.reconcile_recent_interval_seconds},
     },
 }
 

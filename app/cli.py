@@ -1,31 +1,60 @@
-"""Operator commands: `python -m app <command>`."""
+"""Operator commands: `python -m app <command>` (token, check, reconcile, dead-letters, status)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import issue_token
 from app.db import make_engine, make_sessionmaker, transaction
+from app.jobs import JobQueue, publish_after_commit
+from app.repositories import dead_letters, reconcile_runs
+from app.services import replay, status
 from app.services.drift import find_drift
+from app.services.reconcile import ReconcileReport, parse_interval, reconcile
 from app.settings import get_settings
 
 
+@contextmanager
+def _sessions() -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(get_settings(), worker=True, pool_size=2)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
-    print(
-        issue_token(
-            get_settings().signing_secret, args.user, admin=args.admin, ttl_seconds=args.ttl
-        )
-    )
+    secret = get_settings().signing_secret
+    print(issue_token(secret, args.user, admin=args.admin, ttl_seconds=args.ttl))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    engine = make_engine(get_settings(), worker=True, pool_size=1)
-    with transaction(make_sessionmaker(engine)) as session:
+    with _sessions() as factory, transaction(factory) as session:
         drifted = find_drift(session, batch_size=args.batch_size)
-    engine.dispose()
     total = 0
     for chat in drifted:
         print(
@@ -35,6 +64,188 @@ def cmd_check(args: argparse.Namespace) -> int:
         total += chat.drift
     print(f"drift: {total} rows in {len(drifted)} chats")
     return 1 if total else 0
+
+
+def _progress(report: ReconcileReport) -> None:
+    total = report.total_chats or 0
+    done = min(report.chats, total) if total else report.chats
+    width = 30
+    filled = int(width * done / total) if total else width
+    rate = report.chats / report.seconds if report.seconds else 0.0
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} chats, "
+        f"{report.messages} messages, {rate:.0f} chats/s"
+    )
+    sys.stderr.flush()
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    try:
+        since = parse_interval(args.since) if args.since is not None else None
+    except ValueError as exc:
+        print(f"error: --since: {exc}", file=sys.stderr)
+        return 2
+    tty = sys.stderr.isatty()
+    with _sessions() as factory:
+        report = reconcile(
+            factory,
+            since=since,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+            trigger="cli",
+            count_first=tty,
+            progress=_progress if tty else None,
+        )
+    if tty:
+        sys.stderr.write("\n")
+    if report is None:
+        print("another reconcile is running: lock is held; nothing done")
+        return 0
+    kind = "dry run (nothing changed)" if report.dry_run else "repair"
+    window = f"changed in the last {since}" if since else "all chats"
+    print(f"reconcile #{report.run_id}: {kind}, {window}")
+    verbs = (
+        ("missing", "stale", "extra") if report.dry_run else ("inserted", "updated", "soft-deleted")
+    )
+    print(
+        _table(
+            ["chats", "messages", "bad elements", *verbs, "drift", "seconds"],
+            [
+                [
+                    report.chats,
+                    report.messages,
+                    report.bad_elements,
+                    report.inserted,
+                    report.updated,
+                    report.soft_deleted,
+                    report.drift,
+                    report.seconds,
+                ]
+            ],
+        )
+    )
+    return 1 if report.dry_run and report.drift else 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    with _sessions() as factory:
+        if args.action == "list":
+            with transaction(factory) as session:
+                letters = dead_letters.list_(session, include_resolved=args.all, limit=args.limit)
+            rows = [
+                [
+                    d.id,
+                    d.reason,
+                    d.task,
+                    d.chat_id,
+                    d.attempts,
+                    d.first_seen,
+                    d.last_seen,
+                    "resolved" if d.resolved_at else "replayed" if d.replayed_at else "open",
+                    d.error[:60],
+                ]
+                for d in letters
+            ]
+            print(
+                _table(
+                    [
+                        "id",
+                        "reason",
+                        "task",
+                        "chat",
+                        "attempts",
+                        "first seen",
+                        "last seen",
+                        "state",
+                        "error",
+                    ],
+                    rows,
+                )
+            )
+            print(f"{len(letters)} dead letters")
+            return 0
+        if not args.ids and not args.all:
+            print("error: replay needs dead letter ids or --all", file=sys.stderr)
+            return 2
+        jobs = JobQueue()
+        with transaction(factory) as session:
+            done = replay.replay(session, jobs, None if args.all else args.ids)
+        from tasks.publish import bounded_publisher
+
+        failed = publish_after_commit(jobs, bounded_publisher(get_settings()))
+    for item in done:
+        print(f"{item.letter.id}  chat {item.letter.chat_id}: {item.action}")
+    print(f"{len(done)} replayed" + (f", {failed} could not be enqueued" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.inspect import queue_lengths, workers_seen
+
+    with _sessions() as factory, transaction(factory) as session:
+        gauges = status.database_gauges(session)
+        runs = reconcile_runs.recent(session, limit=5)
+    waiting, unacked = queue_lengths()
+    print(
+        "queues: "
+        + ", ".join(f"{name} {count} waiting" for name, count in waiting.items())
+        + f"; {unacked} delivered, not acked"
+    )
+    workers = workers_seen(timeout=1.0)
+    print(f"workers seen: {len(workers)}" + (f" ({', '.join(workers)})" if workers else ""))
+    print(f"chats behind: {gauges['chats_behind']}")
+    open_letters = gauges["dead_letters_open"]
+    print(
+        f"dead letters open: {sum(open_letters.values())}"
+        + (
+            f" ({', '.join(f'{k} {v}' for k, v in sorted(open_letters.items()))})"
+            if open_letters
+            else ""
+        )
+    )
+    if runs:
+        now = datetime.now(UTC)
+        print("recent reconciles:")
+        print(
+            _table(
+                [
+                    "id",
+                    "started",
+                    "age",
+                    "window",
+                    "dry run",
+                    "outcome",
+                    "chats",
+                    "drift",
+                    "seconds",
+                ],
+                [
+                    [
+                        r.id,
+                        r.started_at,
+                        _age(now - r.started_at),
+                        r.since or "all",
+                        r.dry_run,
+                        r.outcome,
+                        r.chats_scanned,
+                        r.drift,
+                        r.duration_seconds,
+                    ]
+                    for r in runs
+                ],
+            )
+        )
+    else:
+        print("recent reconciles: none yet")
+    return 0
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="print drift between JSONB and table; exit 1 if any")
     check.add_argument("--batch-size", type=int, default=500)
     check.set_defaults(func=cmd_check)
+
+    rec = commands.add_parser("reconcile", help="repair drift (exit 1 on drift with --dry-run)")
+    rec.add_argument("--since", help="only chats changed within this interval, e.g. '7 days'")
+    rec.add_argument("--dry-run", action="store_true", help="report drift, change nothing")
+    rec.add_argument("--batch-size", type=int, default=500, help="chats per transaction")
+    rec.set_defaults(func=cmd_reconcile)
+
+    dead = commands.add_parser("dead-letters", help="list or replay syncs that gave up")
+    actions = dead.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="open dead letters (--all: resolved ones too)")
+    listing.add_argument("--all", action="store_true")
+    listing.add_argument("--limit", type=int, default=100)
+    again = actions.add_parser("replay", help="re-enqueue the sync of these dead letters")
+    again.add_argument("ids", nargs="*", type=int)
+    again.add_argument("--all", action="store_true", help="every open dead letter")
+    dead.set_defaults(func=cmd_dead_letters)
+
+    stat = commands.add_parser("status", help="queues, workers, backlog, dead letters, reconciles")
+    stat.set_defaults(func=cmd_status)
     return parser
 
 

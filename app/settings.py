@@ -65,6 +65,19 @@ class Settings(BaseSettings):
     sweep_grace_seconds: float = Field(default=30.0, ge=0)
     sweep_batch_size: int = Field(default=5000, gt=0)
 
+    # The reconcile: nightly over every chat (crontab, UTC), and often over recent changes.
+    reconcile_crontab: str = "0 3 * * *"
+    reconcile_batch_size: int = Field(default=500, gt=0)
+    reconcile_recent_interval_seconds: float = Field(default=900.0, gt=0)
+    reconcile_recent_window_seconds: float = Field(default=3600.0, gt=0)
+
+    @field_validator("reconcile_crontab")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("RECONCILE_CRONTAB must have five fields: minute hour day month dow")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _normalize_dsn(cls, value: str) -> str:

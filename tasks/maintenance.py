@@ -1,4 +1,4 @@
-"""Periodic tasks: the sweep that re-enqueues chats whose copy is behind."""
+"""Periodic tasks: the sweep (chats whose copy is behind) and the reconcile (drift)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import logging
 from datetime import timedelta
 
 from app.jobs import SYNC_CHAT, JobQueue, publish_after_commit
+from app.services import reconcile as reconcile_service
 from app.services import sync
 from app.settings import Phase, get_settings
 from tasks import celery
 from tasks.publish import bounded_publisher
 from tasks.queues import Queue
-from tasks.runtime import worker_transaction
+from tasks.runtime import worker_sessionmaker, worker_transaction
 
 log = logging.getLogger(__name__)
 
 SWEEP = "chats.sweep"
+RECONCILE = "chats.reconcile"
 
 
 @celery.task(name=SWEEP, queue=Queue.MAINTENANCE.value, ignore_result=True, max_retries=0)
@@ -37,3 +39,35 @@ def sweep() -> int:
     if behind:
         log.info("sweep: %d chats behind, %d enqueued", len(behind), len(behind) - failed)
     return len(behind)
+
+
+@celery.task(
+    name=RECONCILE,
+    queue=Queue.MAINTENANCE.value,
+    ignore_result=True,
+    max_retries=0,
+    soft_time_limit=None,
+    time_limit=None,
+)
+def reconcile(since_seconds: float | None = None) -> int | None:
+    """Compare JSONB and table and repair drift; all chats, or those changed in the window.
+    Runs as long as it needs (no time limit); the advisory lock keeps it to one at a time."""
+    settings = get_settings()
+    since = timedelta(seconds=since_seconds) if since_seconds else None
+    report = reconcile_service.reconcile(
+        worker_sessionmaker(),
+        since=since,
+        batch_size=settings.reconcile_batch_size,
+        trigger="beat",
+    )
+    if report is None:
+        log.info("reconcile: another run holds the lock; nothing done")
+        return None
+    log.info(
+        "reconcile #%d: %d chats, %d rows repaired in %.1fs",
+        report.run_id,
+        report.chats,
+        report.drift,
+        report.seconds,
+    )
+    return report.drift

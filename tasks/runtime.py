@@ -17,7 +17,7 @@ _engines: dict[int, tuple[Engine, sessionmaker[Session]]] = {}
 _redis: dict[int, redis.Redis] = {}
 
 
-def _factory() -> sessionmaker[Session]:
+def worker_sessionmaker() -> sessionmaker[Session]:
     # A connection pool must never cross a fork: each worker process builds its own.
     pid = os.getpid()
     if pid not in _engines:
@@ -29,7 +29,7 @@ def _factory() -> sessionmaker[Session]:
 @contextmanager
 def worker_transaction() -> Iterator[Session]:
     """The task wrapper's unit of work: commit on success, roll back on error."""
-    with transaction(_factory()) as session:
+    with transaction(worker_sessionmaker()) as session:
         yield session
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -293,13 +293,32 @@ def page(
     return [(row.seq, row.elem) for row in rows]
 
 
-def ids_after(session: Session, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
-    """The next `limit` chat ids after `after`, in id order (keyset pagination)."""
+def ids_after(
+    session: Session, after: uuid.UUID | None, limit: int, *, since: timedelta | None = None
+) -> list[uuid.UUID]:
+    """The next `limit` chat ids after `after`, in id order (keyset pagination); with `since`,
+    only chats changed within that window."""
     rows = session.execute(
         text(
-            "SELECT id FROM copilot_chats WHERE CAST(:after AS uuid) IS NULL OR id > :after "
-            "ORDER BY id LIMIT :limit"
+            """
+            SELECT id FROM copilot_chats
+            WHERE (CAST(:after AS uuid) IS NULL OR id > :after)
+              AND (CAST(:since AS interval) IS NULL OR updated_at >= now() - :since)
+            ORDER BY id LIMIT :limit
+            """
         ),
-        {"after": after, "limit": limit},
+        {"after": after, "limit": limit, "since": since},
     ).scalars()
     return list(rows)
+
+
+def count(session: Session, *, since: timedelta | None = None) -> int:
+    return int(
+        session.execute(
+            text(
+                "SELECT count(*) FROM copilot_chats "
+                "WHERE CAST(:since AS interval) IS NULL OR updated_at >= now() - :since"
+            ),
+            {"since": since},
+        ).scalar_one()
+    )

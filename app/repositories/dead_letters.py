@@ -153,3 +153,14 @@ def count_open(session: Session) -> dict[str, int]:
         )
     ).all()
     return {row[0]: int(row[1]) for row in rows}
+
+
+def close(session: Session, ids: Sequence[int]) -> None:
+    """Resolve these dead letters now (their chat is gone: nothing is left to copy)."""
+    session.execute(
+        text(
+            "UPDATE dualwrite_dead_letters SET resolved_at = now() "
+            "WHERE id = ANY(:ids) AND resolved_at IS NULL"
+        ),
+        {"ids": list(ids)},
+    )
