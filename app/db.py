@@ -17,7 +17,10 @@ def make_engine(settings: Settings, *, worker: bool = False, pool_size: int = 5)
     Worker connections get statement, lock and idle-in-transaction timeouts so that a sync
     blocked on a lock or a lost client fails fast and is retried, instead of hanging a worker.
     """
-    options = ["-c timezone=UTC"]
+    options = [
+        "-c timezone=UTC",
+        f"-c application_name=chat-dualwrite-{'worker' if worker else 'api'}",
+    ]
     if worker:
         options += [
             f"-c statement_timeout={settings.worker_statement_timeout_ms}",

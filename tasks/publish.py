@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from celery import Celery
+
 from app.jobs import Job, UnsafePublish
 from app.settings import Settings
-from tasks import celery
+
+
+def producer(settings: Settings) -> Celery:
+    """A Celery app that only sends, to the broker and with the timeouts of these settings."""
+    app = Celery("chat-dualwrite-producer", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.broker_url = settings.redis_url
+    app.conf.broker_connection_timeout = settings.publish_connect_timeout_seconds
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "socket_connect_timeout": settings.publish_connect_timeout_seconds,
+        "socket_timeout": settings.publish_socket_timeout_seconds,
+    }
+    return app
 
 
 def bounded_publisher(settings: Settings) -> UnsafePublish:
-    """A publish that gives up after the connect and socket timeouts of `celeryconfig` and at
-    most `publish_max_retries` quick retries. It raises on failure: callers go through
+    """A publish that gives up after the connect and socket timeouts and at most
+    `publish_max_retries` quick retries. It raises on failure: callers go through
     `app.jobs.publish_after_commit`, which counts and logs instead."""
+    app = producer(settings)
     policy = {
         "max_retries": settings.publish_max_retries,
         "interval_start": 0,
@@ -19,6 +35,6 @@ def bounded_publisher(settings: Settings) -> UnsafePublish:
     }
 
     def publish_unsafe(job: Job) -> None:
-        celery.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
+        app.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
 
     return publish_unsafe

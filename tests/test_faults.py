@@ -1,0 +1,364 @@
+"""Delivery guarantees under real faults: a Redis server of the test's own that is stopped and
+paused, worker processes killed mid-sync, PostgreSQL backends terminated."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from app import metrics
+from app.db import transaction
+from app.jobs import SYNC_CHAT
+from app.main import create_app
+from app.repositories import chats as chats_repo
+from app.settings import Settings
+from tasks.publish import producer
+from tests.conftest import LOG_DIR, RUN_ID
+from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
+from tests.test_handlers import message
+
+MAX_REDELIVERIES = 2
+MAX_RETRIES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of the test's own, so stopping or pausing it touches nothing else."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(self.answers, timeout=10)
+
+    def answers(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+@pytest.fixture()
+def hooks(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture()
+def broker() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_worker(broker: RedisServer, hooks: Path, name: str, **env: str) -> WorkerProcess:
+    return WorkerProcess(
+        {
+            **os.environ,
+            "REDIS_URL": broker.url,
+            "DUALWRITE_TEST_HOOKS": str(hooks),
+            "MAX_REDELIVERIES": str(MAX_REDELIVERIES),
+            "RETRY_MAX_RETRIES": str(MAX_RETRIES),
+            "RETRY_BACKOFF_BASE_SECONDS": "0.2",
+            "RETRY_BACKOFF_MAX_SECONDS": "1",
+            "SWEEP_GRACE_SECONDS": "0",
+            **env,
+        },
+        LOG_DIR / f"{name}-{RUN_ID}.log",
+        f"{name}-{RUN_ID}",
+        "--include",
+        "tests.worker_hooks",
+        "-c",
+        "2",
+    ).start()
+
+
+@pytest.fixture()
+def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
+    worker = start_worker(broker, hooks, "fault")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture()
+def fault_api(broker: RedisServer, settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(redis_url=broker.url))) as client:
+        yield client
+
+
+def new_chat(api: TestClient, auth) -> str:  # type: ignore[no-untyped-def]
+    response = api.post("/chats", json={}, headers=auth())
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
+def run_sweep(broker: RedisServer) -> None:
+    producer(Settings(redis_url=broker.url)).send_task("chats.sweep")
+
+
+def dead_letters_of(engine, chat_id: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    with engine.connect() as connection:
+        return [
+            (r.reason, r.attempts)
+            for r in connection.execute(
+                text(
+                    "SELECT reason, attempts FROM dualwrite_dead_letters "
+                    "WHERE chat_id = :id AND resolved_at IS NULL"
+                ),
+                {"id": chat_id},
+            )
+        ]
+
+
+@pytest.mark.parametrize("fault", ["stopped", "hung", "out_of_memory"])
+def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
+    fault, broker, fault_worker, fault_api, auth, engine, settings
+) -> None:  # type: ignore[no-untyped-def]
+    chats = [new_chat(fault_api, auth) for _ in range(10)]
+    failures_before = metrics.ENQUEUE_FAILURES.labels("chats.sync_messages")._value.get()
+    bound = (settings.publish_connect_timeout_seconds + settings.publish_socket_timeout_seconds) * (
+        settings.publish_max_retries + 1
+    ) + settings.publish_max_retries * settings.publish_retry_interval_seconds
+
+    def post(i: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        response = fault_api.post(
+            f"/chats/{chats[i % 10]}/messages", json={"message": message()}, headers=auth()
+        )
+        return response.status_code, time.perf_counter() - started
+
+    if fault == "stopped":
+        broker.stop()
+    elif fault == "hung":
+        os.kill(broker.pid, signal.SIGSTOP)
+    else:
+        broker.client().config_set("maxmemory", 1)  # with noeviction: every write is refused
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(post, range(100)))
+    finally:
+        if fault == "stopped":
+            broker.start()
+        elif fault == "hung":
+            os.kill(broker.pid, signal.SIGCONT)
+        else:
+            broker.client().config_set("maxmemory", 0)
+    assert [status for status, _ in results] == [201] * 100
+    slowest = max(seconds for _, seconds in results)
+    failures = metrics.ENQUEUE_FAILURES.labels("chats.sync_messages")._value.get()
+    assert failures - failures_before == 100  # every publish failed, counted, and was absorbed
+    assert slowest < bound + 0.5, f"a request took {slowest:.2f}s, publish bound {bound:.2f}s"
+
+    run_sweep(broker)
+    wait_converged(engine, chats, timeout=60)
+
+
+def test_worker_killed_mid_sync_runs_the_sync_again(
+    broker, hooks, fault_worker, fault_api, auth, engine
+) -> None:  # type: ignore[no-untyped-def]
+    chat_id = new_chat(fault_api, auth)
+    (hooks / f"slow-{chat_id}").touch()
+    # One append, so one task: the rows can only appear if that task runs again.
+    fault_api.post(f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth())
+    running = hooks / f"running-{chat_id}"
+    pid = int(wait_until(lambda: running.exists() and running.read_text(), timeout=30))
+    os.kill(pid, signal.SIGKILL)  # the pool child, inside the sync's open transaction
+    (hooks / f"slow-{chat_id}").unlink()
+    wait_converged(engine, [chat_id], timeout=60)
+    log = fault_worker.log()
+    assert "WorkerLostError" in log
+    task_id = re.search(r"Task chats.sync_messages\[([0-9a-f-]+)\] received", log).group(1)  # type: ignore[union-attr]
+    assert log.count(f"chats.sync_messages[{task_id}] received") == 2  # delivered again
+    assert f"chats.sync_messages[{task_id}] succeeded" in log
+    assert dead_letters_of(engine, chat_id) == []
+
+
+def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
+    broker, hooks, fault_worker, engine, sessionmaker
+) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessionmaker) as session:
+        chat = chats_repo.create(
+            session,
+            user_id="u",
+            title=None,
+            model="m",
+            workflow_id=None,
+            messages=[message()],
+        )
+    (hooks / f"kill-{chat.id}").touch()
+    producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=(str(chat.id), 1))
+    wait_until(lambda: dead_letters_of(engine, str(chat.id)), timeout=90)
+    assert dead_letters_of(engine, str(chat.id)) == [("worker_lost", MAX_REDELIVERIES + 1)]
+    # Nothing loops: no further delivery once it is dead-lettered.
+    time.sleep(1)
+    kills = fault_worker.log().count("exited with 'signal 9 (SIGKILL)'")
+    assert kills == MAX_REDELIVERIES + 1
+    # The sweep leaves it alone until an operator replays it.
+    (hooks / f"kill-{chat.id}").unlink()
+    run_sweep(broker)
+    time.sleep(2)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT count(*) FROM copilot_chat_messages WHERE chat_id = :id"),
+            {"id": chat.id},
+        ).scalar_one()
+    assert rows == 0
+
+
+def test_terminated_backends_are_retried_within_the_policy(
+    broker, hooks, fault_worker, fault_api, auth, engine
+) -> None:  # type: ignore[no-untyped-def]
+    chats = [new_chat(fault_api, auth) for _ in range(6)]
+    for chat_id in chats[:3]:
+        (hooks / f"slow-{chat_id}").write_text("0.5")  # each sync holds its transaction open
+    for i in range(30):
+        fault_api.post(
+            f"/chats/{chats[i % 6]}/messages", json={"message": message()}, headers=auth()
+        )
+    stop = threading.Event()
+
+    def terminate() -> None:
+        while not stop.is_set():
+            with engine.connect() as connection:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND application_name = 'chat-dualwrite-worker'"
+                    )
+                )
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    try:
+        wait_until(lambda: "retry 1 of" in fault_worker.log(), timeout=30)
+    finally:
+        for chat_id in chats[:3]:
+            (hooks / f"slow-{chat_id}").unlink(missing_ok=True)
+        stop.set()
+        killer.join()
+    wait_converged(engine, chats, timeout=60)
+    retries = [int(n) for n in re.findall(r"retry (\d+) of \d+", fault_worker.log())]
+    assert retries and max(retries) <= MAX_RETRIES
+    assert all(dead_letters_of(engine, c) == [] for c in chats)
+
+
+def test_poison_elements_are_dead_lettered_at_once_and_the_rest_is_copied(
+    broker, fault_worker, engine, sessionmaker
+) -> None:  # type: ignore[no-untyped-def]
+    good = [message(), message("assistant")]
+    poison = ["a bare string", {"id": "x" * 2000, "role": "user", "content": "id too long"}]
+    with transaction(sessionmaker) as session:
+        chat = chats_repo.create(
+            session,
+            user_id="u",
+            title=None,
+            model="m",
+            workflow_id=None,
+            messages=[good[0], *poison, good[1]],
+        )
+    producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=(str(chat.id), 1))
+    wait_until(lambda: dead_letters_of(engine, str(chat.id)), timeout=30)
+    assert dead_letters_of(engine, str(chat.id)) == [("bad_elements", 1)]
+    wait_converged(engine, [chat.id])
+    assert "retry" not in fault_worker.log()
+
+
+def test_malformed_task_arguments_are_dropped_without_retry(broker, fault_worker) -> None:  # type: ignore[no-untyped-def]
+    result = producer(Settings(redis_url=broker.url)).send_task(
+        SYNC_CHAT, args=("not-a-uuid", "v1")
+    )
+    wait_until(lambda: f"[{result.id}] succeeded" in fault_worker.log(), timeout=30)
+    assert "dropping chats.sync_chat" in fault_worker.log()
+    assert "retry" not in fault_worker.log()
+
+
+def test_concurrent_syncs_in_opposite_order_never_deadlock(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+    from app.services import sync
+
+    with transaction(sessionmaker) as session:
+        ids = [
+            chats_repo.create(
+                session, user_id="u", title=None, model="m", workflow_id=None, messages=[]
+            ).id
+            for _ in range(8)
+        ]
+    errors: list[BaseException] = []
+
+    def worker(order: list[uuid.UUID], rounds: int) -> None:
+        # Each round changes one chat (ids rotate, so rows are inserted, soft-deleted and
+        # restored), then syncs the whole batch in this thread's order.
+        try:
+            for n in range(rounds):
+                snapshot = [message(id=f"m{(n + k) % 5}") for k in range(3)]
+                with transaction(sessionmaker) as session:
+                    chats_repo.replace_messages(session, order[n % len(order)], "u", snapshot)
+                with transaction(sessionmaker) as session:
+                    sync.resync(session, order)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=worker, args=(ids, 500)),
+        threading.Thread(target=worker, args=(list(reversed(ids)), 500)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert_converged(engine, ids)
