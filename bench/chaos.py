@@ -1,0 +1,314 @@
+"""A bounded chaos run you can watch: concurrent traffic through the API while a fault loop kills
+worker processes, stops Redis and terminates the worker's PostgreSQL backends; then it waits for
+the system to converge and prints what happened. Drift must end at 0 with no reconcile.
+
+    .venv/bin/python bench/chaos.py [--seconds 180] [--chats 200] [--clients 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import infra
+
+
+def message(role: str, **extra: object) -> dict[str, object]:
+    return {
+        "id": f"{role[0]}-{uuid.uuid4().hex[:12]}",
+        "role": role,
+        "content": "x" * random.randint(20, 900),
+        **extra,
+    }
+
+
+class Traffic:
+    """Client threads, each owning its chats, so every request they send is a valid one."""
+
+    def __init__(self, base: str, token: str, chats: int, clients: int) -> None:
+        self.base, self.headers = base, {"Authorization": f"Bearer {token}"}
+        self.counts: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.clients = clients
+        self.chats_per_client = max(1, chats // clients)
+
+    def run(self) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self._client, args=(i,), daemon=True)
+            for i in range(self.clients)
+        ]
+        for t in threads:
+            t.start()
+        return threads
+
+    def _send(
+        self, http: httpx.Client, method: str, path: str, **kw: object
+    ) -> httpx.Response | None:
+        try:
+            response = http.request(method, self.base + path, headers=self.headers, **kw)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            with self.lock:
+                self.counts["sent"] += 1
+                self.failures.append(f"{method} {path}: {type(exc).__name__}")
+            return None
+        with self.lock:
+            self.counts["sent"] += 1
+            if response.status_code >= 300:
+                self.failures.append(
+                    f"{method} {path}: {response.status_code} {response.text[:120]}"
+                )
+        return response if response.status_code < 300 else None
+
+    def _client(self, index: int) -> None:
+        rng = random.Random(index)
+        with httpx.Client(timeout=30) as http:
+            owned: list[tuple[str, list[str]]] = []
+            for _ in range(self.chats_per_client):
+                created = self._send(http, "POST", "/chats", json={"title": f"chaos {index}"})
+                if created is not None:
+                    owned.append((created.json()["id"], []))
+            while not self.stop.is_set() and owned:
+                chat_id, ids = rng.choice(owned)
+                action = rng.random()
+                if action < 0.55:  # a turn: the user message, then the assistant's reply
+                    user = message("user")
+                    if self._send(
+                        http, "POST", f"/chats/{chat_id}/messages", json={"message": user}
+                    ):
+                        ids.append(str(user["id"]))
+                        reply = message("assistant", model="m")
+                        if self._send(
+                            http,
+                            "POST",
+                            f"/chats/{chat_id}/turns/{user['id']}/complete",
+                            json={"message": reply},
+                        ):
+                            ids.append(str(reply["id"]))
+                        self.counts["turns"] += 1
+                elif action < 0.70:
+                    pair = {"user": message("user"), "assistant": message("assistant")}
+                    if self._send(http, "POST", f"/chats/{chat_id}/inbox", json=pair):
+                        ids += [str(pair["user"]["id"]), str(pair["assistant"]["id"])]
+                elif action < 0.90 and ids:  # a snapshot edit: drop one message, rewrite another
+                    got = self._send(http, "GET", f"/chats/{chat_id}")
+                    if got is not None:
+                        messages = got.json()["messages"]
+                        if messages:
+                            messages.pop(rng.randrange(len(messages)))
+                        if messages:
+                            messages[rng.randrange(len(messages))]["content"] = "edited"
+                        if self._send(
+                            http, "PUT", f"/chats/{chat_id}/messages", json={"messages": messages}
+                        ):
+                            ids[:] = [m["id"] for m in messages]
+                elif ids and len(owned) < self.chats_per_client * 2:
+                    forked = self._send(
+                        http,
+                        "POST",
+                        f"/chats/{chat_id}/fork",
+                        json={"up_to_message_id": rng.choice(ids)},
+                    )
+                    if forked is not None:
+                        messages = self._send(http, "GET", f"/chats/{forked.json()['id']}")
+                        fork_ids = (
+                            [m["id"] for m in messages.json()["messages"]] if messages else []
+                        )
+                        owned.append((forked.json()["id"], fork_ids))
+
+
+class Faults:
+    """Every few seconds, one fault: a pool child SIGKILLed, the whole worker SIGKILLed and
+    restarted, Redis stopped and restarted, or the worker's database backends terminated."""
+
+    def __init__(self, broker: infra.RedisServer, worker: infra.Process, database_url: str) -> None:
+        self.broker, self.worker, self.database_url = broker, worker, database_url
+        self.counts: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self.last_fault = time.monotonic()
+
+    def run(self, every: float) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, args=(every,), daemon=True)
+        thread.start()
+        return thread
+
+    def _loop(self, every: float) -> None:
+        rng = random.Random(7)
+        while not self.stop.wait(every * rng.uniform(0.5, 1.5)):
+            fault = rng.choice(
+                ["kill child", "kill worker", "stop redis", "pause redis", "terminate backends"]
+            )
+            try:
+                getattr(self, fault.replace(" ", "_"))()
+                self.counts[fault] += 1
+                self.last_fault = time.monotonic()
+            except Exception as exc:  # a fault that could not be injected is reported, not fatal
+                print(f"fault {fault} failed: {exc}", file=sys.stderr)
+
+    def kill_child(self) -> None:
+        children = self.worker.children()
+        if children:
+            os.kill(random.choice(children), signal.SIGKILL)
+
+    def kill_worker(self) -> None:
+        self.worker.kill()
+        time.sleep(1)
+        self.worker.start()
+
+    def stop_redis(self) -> None:
+        self.broker.kill()  # every queued message is lost with it
+        time.sleep(2)
+        self.broker.start()
+
+    def pause_redis(self) -> None:
+        os.kill(self.broker.pid, signal.SIGSTOP)
+        time.sleep(2)
+        os.kill(self.broker.pid, signal.SIGCONT)
+
+    def terminate_backends(self) -> None:
+        with psycopg.connect(self.database_url, autocommit=True) as connection:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND application_name = 'chat-dualwrite-worker'"
+            )
+
+
+def state(database_url: str) -> tuple[int, int, int]:
+    """(rows of drift, chats behind, open dead letters) straight from the database."""
+    from app.db import make_engine, make_sessionmaker, transaction
+    from app.repositories import dead_letters, sync_state
+    from app.services.drift import find_drift
+    from app.settings import Settings
+
+    engine = make_engine(Settings(database_url=database_url), pool_size=1)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            drift = sum(c.drift for c in find_drift(session))
+            behind = sync_state.count_behind(session)
+            letters = sum(dead_letters.count_open(session).values())
+        return drift, behind, letters
+    finally:
+        engine.dispose()
+
+
+def retries(worker: infra.Process) -> int:
+    """Retries the workers logged (their Redis counters die with a killed Redis)."""
+    return len(re.findall(r"failed, retry \d+ of \d+", worker.log_path.read_text(errors="replace")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=180)
+    parser.add_argument("--chats", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--fault-every", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="20 s, 20 chats: keeps this working")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.chats, args.clients, args.fault_every = 20, 20, 4, 3.0
+
+    infra.services_up()
+    broker = infra.RedisServer().start()
+    try:
+        with infra.database("cdw_chaos") as database_url:
+            env = infra.service_env(
+                database_url,
+                broker.url,
+                SWEEP_INTERVAL_SECONDS="5",
+                SWEEP_GRACE_SECONDS="3",
+                RETRY_BACKOFF_BASE_SECONDS="0.5",
+                RETRY_BACKOFF_MAX_SECONDS="10",
+            )
+            os.environ.update(env)
+            from app.auth import issue_token
+
+            port = infra.free_port()
+            processes = [
+                infra.worker(env).start(),
+                infra.beat(env).start(),
+                infra.api(env, port).start(),
+            ]
+            worker = processes[0]
+            base = f"http://127.0.0.1:{port}"
+            infra.wait_until(lambda: _answers(base), 30, "the API")
+            try:
+                traffic = Traffic(
+                    base, issue_token(env["AUTH_SECRET"], "chaos"), args.chats, args.clients
+                )
+                faults = Faults(broker, worker, database_url)
+                started = time.monotonic()
+                clients = traffic.run()
+                fault_thread = faults.run(args.fault_every)
+                time.sleep(args.seconds)
+                faults.stop.set()
+                fault_thread.join()
+                traffic.stop.set()
+                for t in clients:
+                    t.join()
+                quiet = time.monotonic()
+                print(
+                    f"traffic and faults ran {quiet - started:.0f}s; waiting to converge...",
+                    file=sys.stderr,
+                )
+                deadline = quiet + 300
+                drift, behind, letters = state(database_url)
+                while (drift or behind) and time.monotonic() < deadline:
+                    time.sleep(1)
+                    drift, behind, letters = state(database_url)
+                converged = time.monotonic()
+                print(
+                    infra.table(
+                        ["measure", "value"],
+                        [
+                            ["seconds of traffic", round(quiet - started)],
+                            ["chats (owned at start)", traffic.chats_per_client * args.clients],
+                            ["requests sent", traffic.counts["sent"]],
+                            ["requests failed", len(traffic.failures)],
+                            ["turns completed", traffic.counts["turns"]],
+                            *[[f"fault: {k}", v] for k, v in sorted(faults.counts.items())],
+                            ["task retries", retries(worker)],
+                            ["dead letters open", letters],
+                            [
+                                "seconds to converge after last fault",
+                                round(converged - faults.last_fault, 1),
+                            ],
+                            ["chats behind", behind],
+                            ["drift (rows)", drift],
+                        ],
+                    )
+                )
+                for failure in traffic.failures[:10]:
+                    print(f"  failed: {failure}")
+                return 0 if drift == 0 and behind == 0 and not traffic.failures else 1
+            finally:
+                for process in processes:
+                    process.stop()
+    finally:
+        broker.stop()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(base + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
