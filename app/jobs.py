@@ -27,11 +27,15 @@ SYNC_CHAT = "chats.sync_chat"
 class Job:
     task: str
     args: tuple[Any, ...]
+    # Jobs with the same key coalesce: while one is waiting in the queue, another is not sent
+    # (the waiting one will read the newest JSONB when it runs).
+    coalesce_key: str | None = None
 
 
-# Sends one job to the broker. May block up to the broker's timeouts and may raise: unsafe to call
-# inside a transaction or without catching; `publish_after_commit` is the only caller.
-UnsafePublish = Callable[[Job], None]
+# Sends one job to the broker, unless it coalesces with one already waiting (returns False
+# then). May block up to the broker's timeouts and may raise: unsafe to call inside a
+# transaction or without catching; `publish_after_commit` is the only caller.
+UnsafePublish = Callable[[Job], bool]
 
 
 @dataclass(slots=True)
@@ -41,9 +45,9 @@ class JobQueue:
     enabled: bool = True
     jobs: list[Job] = field(default_factory=list)
 
-    def enqueue(self, task: str, *args: Any) -> None:
+    def enqueue(self, task: str, *args: Any, coalesce_key: str | None = None) -> None:
         if self.enabled:
-            self.jobs.append(Job(task, args))
+            self.jobs.append(Job(task, args, coalesce_key))
 
     def clear(self) -> None:
         self.jobs.clear()
@@ -55,13 +59,13 @@ def publish_after_commit(queue: JobQueue, publish_unsafe: UnsafePublish) -> int:
     started = time.perf_counter()
     for job in queue.jobs:
         try:
-            publish_unsafe(job)
+            sent = publish_unsafe(job)
         except Exception as exc:  # any broker failure: the sweep repairs the chat
             failures += 1
             metrics.ENQUEUE_FAILURES.labels(job.task).inc()
             log.warning("enqueue of %s%r failed: %s", job.task, job.args, exc)
         else:
-            metrics.ENQUEUED.labels(job.task).inc()
+            (metrics.ENQUEUED if sent else metrics.COALESCED).labels(job.task).inc()
     if queue.jobs:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
     queue.clear()

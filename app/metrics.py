@@ -25,6 +25,11 @@ ENQUEUE_FAILURES = Counter(
     ["task"],
 )
 ENQUEUED = Counter("dualwrite_enqueued_total", "Tasks published after a commit.", ["task"])
+COALESCED = Counter(
+    "dualwrite_coalesced_total",
+    "Tasks not published because one for the same chat was still waiting in the queue.",
+    ["task"],
+)
 PUBLISH_SECONDS = Histogram(
     "dualwrite_publish_seconds",
     "Time spent publishing the tasks of one request after its commit.",

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     publish_socket_timeout_seconds: float = Field(default=0.2, gt=0)
     publish_max_retries: int = Field(default=1, ge=0)
     publish_retry_interval_seconds: float = Field(default=0.05, ge=0)
+    # While a sync of a chat waits in the queue, further changes of that chat send no new task.
+    coalesce_ttl_seconds: int = Field(default=300, gt=0)
 
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
     worker_statement_timeout_ms: int = Field(default=60_000, gt=0)

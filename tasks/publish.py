@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from app.jobs import Job, UnsafePublish
@@ -22,11 +23,26 @@ def producer(settings: Settings) -> Celery:
     return app
 
 
+def pending_key(coalesce_key: str) -> str:
+    """Set while a coalescing job waits in the queue; its task deletes it when it starts."""
+    return f"dualwrite:pending:{coalesce_key}"
+
+
 def bounded_publisher(settings: Settings) -> UnsafePublish:
     """A publish that gives up after the connect and socket timeouts and at most
     `publish_max_retries` quick retries. It raises on failure: callers go through
-    `app.jobs.publish_after_commit`, which counts and logs instead."""
+    `app.jobs.publish_after_commit`, which counts and logs instead.
+
+    A job with a coalesce key is sent only if no job with that key is waiting: one `SET NX` on
+    the broker's Redis decides. The marker expires, so a task lost with its marker still set
+    delays nothing beyond the sweep.
+    """
     app = producer(settings)
+    markers = redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.publish_connect_timeout_seconds,
+        socket_timeout=settings.publish_socket_timeout_seconds,
+    )
     policy = {
         "max_retries": settings.publish_max_retries,
         "interval_start": 0,
@@ -34,7 +50,12 @@ def bounded_publisher(settings: Settings) -> UnsafePublish:
         "interval_max": settings.publish_retry_interval_seconds,
     }
 
-    def publish_unsafe(job: Job) -> None:
+    def publish_unsafe(job: Job) -> bool:
+        if job.coalesce_key is not None and not markers.set(
+            pending_key(job.coalesce_key), 1, nx=True, ex=settings.coalesce_ttl_seconds
+        ):
+            return False
         app.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
+        return True
 
     return publish_unsafe

@@ -26,6 +26,7 @@ from app.retry import RetryPolicy
 from app.services import sync
 from app.settings import get_settings
 from tasks import celery
+from tasks.publish import pending_key
 from tasks.queues import Queue
 from tasks.runtime import broker_redis, worker_transaction
 
@@ -37,14 +38,16 @@ METRICS = metrics.WorkerMetrics(broker_redis)
 DELIVERY_KEY = "dualwrite:deliveries:{task_id}:{attempt}"
 
 
-def _count_delivery(task_id: str, attempt: int) -> int:
-    """How many times this attempt of this task has started, this one included."""
+def _start_delivery(task_id: str, attempt: int, chat_id: str) -> int:
+    """Count this start of this attempt of this task, and let new changes of the chat send a
+    task again (from here on, this one reads the JSONB after them). One round trip."""
     key = DELIVERY_KEY.format(task_id=task_id, attempt=attempt)
     try:
         pipe = broker_redis().pipeline(transaction=False)
+        pipe.delete(pending_key(chat_id))
         pipe.incr(key)
         pipe.expire(key, SETTINGS.broker_visibility_timeout_seconds * 2)
-        count, _ = pipe.execute()
+        _, count, _ = pipe.execute()
         return int(count)
     except redis.RedisError as exc:  # the count is a guard, not a reason to drop the task
         log.warning("could not count delivery of %s: %s", task_id, exc)
@@ -84,7 +87,7 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
         log.error("dropping %s%r: arguments are not (chat id, version)", task.name, args)
         METRICS.task(task.name, "malformed")
         return
-    deliveries = _count_delivery(request.id or "", request.retries)
+    deliveries = _start_delivery(request.id or "", request.retries, str(chat))
     if deliveries > SETTINGS.max_redeliveries + 1:
         error = f"delivered {deliveries} times, its worker lost each time before it finished"
         log.error("%s%r: %s", task.name, args, error)

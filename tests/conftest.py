@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.support import ROOT, WorkerProcess, wait_converged
+from tests.support import ROOT, WorkerProcess, wait_converged, wait_until
 
 RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 ADMIN_DSN = os.environ.get("TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -146,3 +148,121 @@ def converged(engine, worker):  # type: ignore[no-untyped-def]
         wait_converged(engine, [str(c) for c in chat_ids], timeout=timeout)
 
     return wait
+
+
+# ---------------------------------------------------------------------------------------------
+# A broker and a worker of a test's own, for tests that stop, pause or fill the broker, or kill
+# the worker: nothing they do touches the session's Redis or worker.
+
+MAX_REDELIVERIES = 2
+MAX_RETRIES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of the test's own, so stopping or pausing it touches nothing else."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(self.answers, timeout=10)
+
+    def answers(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+@pytest.fixture()
+def hooks(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture()
+def broker() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_worker(broker: RedisServer, hooks: Path, name: str, **env: str) -> WorkerProcess:
+    return WorkerProcess(
+        {
+            **os.environ,
+            "REDIS_URL": broker.url,
+            "DUALWRITE_TEST_HOOKS": str(hooks),
+            "MAX_REDELIVERIES": str(MAX_REDELIVERIES),
+            "RETRY_MAX_RETRIES": str(MAX_RETRIES),
+            "RETRY_BACKOFF_BASE_SECONDS": "0.2",
+            "RETRY_BACKOFF_MAX_SECONDS": "1",
+            "SWEEP_GRACE_SECONDS": "0",
+            **env,
+        },
+        LOG_DIR / f"{name}-{RUN_ID}.log",
+        f"{name}-{RUN_ID}",
+        "--include",
+        "tests.worker_hooks",
+        "-c",
+        "2",
+    ).start()
+
+
+@pytest.fixture()
+def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
+    worker = start_worker(broker, hooks, "fault")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture()
+def fault_api(broker: RedisServer):  # type: ignore[no-untyped-def]
+    """An API client whose publishes go to the test's own broker."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    with TestClient(create_app(Settings(redis_url=broker.url))) as client:
+        yield client

@@ -6,137 +6,24 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app import metrics
 from app.db import transaction
 from app.jobs import SYNC_CHAT
-from app.main import create_app
 from app.repositories import chats as chats_repo
 from app.settings import Settings
 from tasks.publish import producer
-from tests.conftest import LOG_DIR, RUN_ID
-from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
+from tests.conftest import MAX_REDELIVERIES, MAX_RETRIES, RedisServer
+from tests.support import assert_converged, wait_converged, wait_until
 from tests.test_handlers import message
-
-MAX_REDELIVERIES = 2
-MAX_RETRIES = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server of the test's own, so stopping or pausing it touches nothing else."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_until(self.answers, timeout=10)
-
-    def answers(self) -> bool:
-        try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
-
-
-@pytest.fixture()
-def hooks(tmp_path: Path) -> Path:
-    return tmp_path
-
-
-@pytest.fixture()
-def broker() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def start_worker(broker: RedisServer, hooks: Path, name: str, **env: str) -> WorkerProcess:
-    return WorkerProcess(
-        {
-            **os.environ,
-            "REDIS_URL": broker.url,
-            "DUALWRITE_TEST_HOOKS": str(hooks),
-            "MAX_REDELIVERIES": str(MAX_REDELIVERIES),
-            "RETRY_MAX_RETRIES": str(MAX_RETRIES),
-            "RETRY_BACKOFF_BASE_SECONDS": "0.2",
-            "RETRY_BACKOFF_MAX_SECONDS": "1",
-            "SWEEP_GRACE_SECONDS": "0",
-            **env,
-        },
-        LOG_DIR / f"{name}-{RUN_ID}.log",
-        f"{name}-{RUN_ID}",
-        "--include",
-        "tests.worker_hooks",
-        "-c",
-        "2",
-    ).start()
-
-
-@pytest.fixture()
-def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
-    worker = start_worker(broker, hooks, "fault")
-    try:
-        yield worker
-    finally:
-        worker.stop()
-
-
-@pytest.fixture()
-def fault_api(broker: RedisServer, settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(redis_url=broker.url))) as client:
-        yield client
 
 
 def new_chat(api: TestClient, auth) -> str:  # type: ignore[no-untyped-def]

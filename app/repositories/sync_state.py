@@ -38,14 +38,16 @@ def lock_chats(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
     )
 
 
-def applied_versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+def versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
+    """Per chat: (wanted version, applied version)."""
     rows = session.execute(
         text(
-            "SELECT chat_id, applied_version FROM copilot_chat_sync_state WHERE chat_id = ANY(:ids)"
+            "SELECT chat_id, wanted_version, applied_version FROM copilot_chat_sync_state "
+            "WHERE chat_id = ANY(:ids)"
         ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
         {"ids": list(chat_ids)},
     ).all()
-    return {row.chat_id: row.applied_version for row in rows}
+    return {row.chat_id: (row.wanted_version, row.applied_version) for row in rows}
 
 
 def mark_applied(session: Session, versions: dict[uuid.UUID, int]) -> None:

@@ -97,7 +97,7 @@ def _append(
         ctx.session, chat_id, ctx.user_id, [e for _, e in elements], **stream
     )
     if version is not None:
-        ctx.jobs.enqueue(jobs.SYNC_MESSAGES, str(chat_id), ids, version)
+        ctx.jobs.enqueue(jobs.SYNC_MESSAGES, str(chat_id), ids, version, coalesce_key=str(chat_id))
         return Appended(chat_id, ids, version, created=True)
     chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
@@ -178,7 +178,9 @@ def fork_chat(ctx: Context, chat_id: uuid.UUID, body: schemas.Fork) -> chats_rep
             f"message {body.up_to_message_id!r} is not in this chat",
             field=("body", "up_to_message_id"),
         )
-    ctx.jobs.enqueue(jobs.SYNC_CHAT, str(forked.id), forked.messages_version)
+    ctx.jobs.enqueue(
+        jobs.SYNC_CHAT, str(forked.id), forked.messages_version, coalesce_key=str(forked.id)
+    )
     return forked
 
 
@@ -191,7 +193,7 @@ def replace_messages(ctx: Context, chat_id: uuid.UUID, body: schemas.ReplaceMess
         elements.append(element)
     version = chats_repo.replace_messages(ctx.session, chat_id, ctx.user_id, elements)
     if version is not None:
-        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat_id), version)
+        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat_id), version, coalesce_key=str(chat_id))
         return version
     chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
@@ -215,7 +217,9 @@ def import_chat(ctx: Context, body: schemas.ImportChat) -> chats_repo.Chat:
         messages=elements,
     )
     if chat.messages_version > 0:
-        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat.id), chat.messages_version)
+        ctx.jobs.enqueue(
+            jobs.SYNC_CHAT, str(chat.id), chat.messages_version, coalesce_key=str(chat.id)
+        )
     return chat
 
 
@@ -233,7 +237,7 @@ def read_page(
     chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
-    applied = sync_state.applied_versions(ctx.session, [chat_id]).get(chat_id, -1)
+    applied = sync_state.versions(ctx.session, [chat_id]).get(chat_id, (0, -1))[1]
     if ctx.settings.dualwrite_phase is Phase.READ_TABLE and applied >= chat.messages_version:
         rows = messages_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
         source: Literal["jsonb", "table"] = "table"

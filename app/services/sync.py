@@ -55,8 +55,14 @@ def sync_chats(
     if not wanted:
         return report
     sync_state.lock_chats(session, list(wanted))
-    applied = sync_state.applied_versions(session, list(wanted))
-    todo = [c for c, v in wanted.items() if applied.get(c, -1) < v]
+    # Tasks coalesce: one may stand for later changes than its own version, which the chat's
+    # recorded wanted version includes.
+    recorded = sync_state.versions(session, list(wanted))
+    todo = []
+    for chat, version in wanted.items():
+        wanted_now, applied = recorded.get(chat, (version, -1))
+        if applied < max(version, wanted_now):
+            todo.append(chat)
     report.skipped = len(wanted) - len(todo)
     results = messages.converge(session, todo)
     now = datetime.now(UTC)
