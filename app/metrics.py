@@ -35,6 +35,11 @@ PUBLISH_SECONDS = Histogram(
     "Time spent publishing the tasks of one request after its commit.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+SHADOW_READS = Counter(
+    "dualwrite_shadow_reads_total",
+    "In verify_reads: pages read from both JSONB and table, by outcome (match, mismatch, behind).",
+    ["outcome"],
+)
 REQUESTS = Counter(
     "dualwrite_requests_total", "HTTP requests by route and status.", ["method", "route", "status"]
 )

@@ -224,6 +224,7 @@ def main() -> int:
         args.seconds, args.chats, args.clients, args.fault_every = 20, 20, 4, 3.0
 
     infra.services_up()
+    infra.exit_on_sigterm()
     broker = infra.RedisServer().start()
     try:
         with infra.database("cdw_chaos") as database_url:

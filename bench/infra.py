@@ -40,6 +40,11 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that `finally` blocks stop what a bench started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def services_up() -> None:
     check = subprocess.run([str(ROOT / "scripts" / "services.sh")], capture_output=True, text=True)
     if check.returncode != 0:
@@ -253,3 +258,79 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# Helpers for the measurement benches (overhead, lag, memory).
+
+
+def answers(base: str) -> bool:
+    """Whether the API at `base` answers its health check."""
+    import httpx
+
+    try:
+        return httpx.get(base + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_api(env: dict[str, str], port: int, name: str = "api") -> Process:
+    """The API started and answering `/healthz`."""
+    process = Process(name, api(env, port).argv, env, None).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process._alive() and answers(base), 60, f"{name} to answer")
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of a process (VmRSS, KiB), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+# Kombu's Redis transport keeps one list per queue and priority step (0 has the bare name).
+_PRIORITY_SEP = "\x06\x16"
+
+
+def queue_length(client: redis.Redis, queue: str = "dualwrite.sync") -> int:
+    """Messages waiting in a queue (not counting those a worker has reserved)."""
+    pipe = client.pipeline(transaction=False)
+    for key in [queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))]:
+        pipe.llen(key)
+    return int(sum(pipe.execute()))
+
+
+def worker_tasks_done(client: redis.Redis) -> int:
+    """Task executions the workers counted (every outcome: applied, skipped, retry, ...)."""
+    from app.metrics import WORKER_KEY
+
+    raw = client.hgetall(WORKER_KEY)
+    return int(sum(float(v) for k, v in raw.items() if k.decode().startswith("tasks|")))
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """n, min, p50, p99, max, mean of a sample."""
+    if not values:
+        nan = float("nan")
+        return {"n": 0, "min": nan, "p50": nan, "p99": nan, "max": nan, "mean": nan}
+    return {
+        "n": len(values),
+        "min": min(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values),
+        "mean": sum(values) / len(values),
+    }
+
+
+def verdict(value: float, limit: float) -> str:
+    return "met" if value <= limit else f"MISSED by {value / limit:.2f}x"

@@ -7,18 +7,21 @@ then publishes. The JSONB stays the source of truth; the jobs name the chat and 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from app import jobs, schemas
+from app import jobs, metrics, schemas
 from app.errors import Conflict, Invalid, NotFound, TooLarge
 from app.repositories import chats as chats_repo
 from app.repositories import messages as messages_repo
 from app.repositories import sync_state
 from app.settings import Phase, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +231,9 @@ def read_page(
 ) -> schemas.MessagePage:
     """A page of the transcript, newest last, served from where the rollout phase says.
 
-    In `read_table` a chat whose copy is behind its JSONB is served from the JSONB.
+    In `verify_reads` the JSONB is served and the table is read too and compared (counted in
+    `dualwrite_shadow_reads_total`). In `read_table` a chat whose copy is behind its JSONB is
+    served from the JSONB.
     """
     if limit < 1 or limit > ctx.settings.max_page_size:
         raise Invalid(
@@ -244,6 +249,8 @@ def read_page(
     else:
         rows = chats_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
         source = "jsonb"
+        if ctx.settings.dualwrite_phase is Phase.VERIFY_READS:
+            _shadow_read(ctx, chat_id, rows, in_sync=applied >= chat.messages_version)
     seqs = [seq for seq, _ in rows]
     return schemas.MessagePage(
         messages=[element for _, element in rows],
@@ -251,3 +258,27 @@ def read_page(
         next_before_seq=seqs[0] if len(rows) == limit and seqs[0] > 0 else None,
         source=source,
     )
+
+
+def _shadow_read(
+    ctx: Context, chat_id: uuid.UUID, served: list[tuple[int, Any]], *, in_sync: bool
+) -> None:
+    """Compare a page served from the JSONB with the table's rows for the same positions."""
+    if not in_sync:
+        metrics.SHADOW_READS.labels("behind").inc()
+        return
+    if not served:
+        metrics.SHADOW_READS.labels("match").inc()
+        return
+    first, last = served[0][0], served[-1][0]
+    table = messages_repo.page(ctx.session, chat_id, limit=len(served), before_seq=last + 1)
+    expected = [
+        (seq, element)
+        for seq, element in served
+        if isinstance(element, dict) and isinstance(element.get("id"), str) and element["id"]
+    ]
+    got = [(seq, element) for seq, element in table if seq >= first]
+    outcome = "match" if got == expected else "mismatch"
+    metrics.SHADOW_READS.labels(outcome).inc()
+    if outcome == "mismatch":
+        log.warning("shadow read of chat %s differs between JSONB and table", chat_id)

@@ -1,0 +1,109 @@
+"""Rollout phases: what handlers enqueue, and where pages of a transcript are read from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from app import metrics
+from app.main import create_app
+from app.settings import Phase, Settings
+from tests.conftest import RedisServer, start_worker
+from tests.support import wait_converged
+from tests.test_handlers import message
+
+
+@pytest.fixture()
+def phase_api(request, broker: RedisServer) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    settings = Settings(redis_url=broker.url, dualwrite_phase=request.param)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def shadow(outcome: str) -> float:
+    return float(metrics.SHADOW_READS.labels(outcome)._value.get())
+
+
+@pytest.mark.parametrize("phase_api", [Phase.JSONB_ONLY], indirect=True)
+def test_jsonb_only_enqueues_nothing_and_the_sweep_catches_up_later(
+    phase_api, broker, hooks, auth, engine
+) -> None:  # type: ignore[no-untyped-def]
+    chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
+    for _ in range(3):
+        response = phase_api.post(
+            f"/chats/{chat}/messages", json={"message": message()}, headers=auth()
+        )
+        assert response.status_code == 201
+    assert broker.client().llen("dualwrite.sync") == 0
+    with engine.connect() as connection:
+        behind = connection.execute(
+            text(
+                "SELECT wanted_version - applied_version FROM copilot_chat_sync_state "
+                "WHERE chat_id = :id"
+            ),
+            {"id": chat},
+        ).scalar_one()
+    assert behind == 3  # recorded, so that turning dual_write on repairs it
+
+    worker = start_worker(broker, hooks, "phases")
+    try:
+        from tasks.publish import producer
+
+        producer(Settings(redis_url=broker.url)).send_task("chats.sweep")
+        wait_converged(engine, [chat])
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("phase_api", [Phase.VERIFY_READS], indirect=True)
+def test_verify_reads_serves_jsonb_and_counts_mismatches(
+    phase_api, auth, engine, fault_worker
+) -> None:  # type: ignore[no-untyped-def]
+    chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
+    sent = [message(), message("assistant"), message()]
+    phase_api.put(f"/chats/{chat}/messages", json={"messages": sent}, headers=auth())
+    wait_converged(engine, [chat])
+
+    matches = shadow("match")
+    page = phase_api.get(f"/chats/{chat}/messages?limit=2", headers=auth()).json()
+    assert page["source"] == "jsonb" and [m["id"] for m in page["messages"]] == [
+        sent[1]["id"],
+        sent[2]["id"],
+    ]
+    assert shadow("match") - matches == 1
+
+    with engine.begin() as connection:  # drift made by hand
+        connection.execute(
+            text(
+                'UPDATE copilot_chat_messages SET content = content || \'{"content": "tampered"}\' '
+                "WHERE chat_id = :id AND message_id = :mid"
+            ),
+            {"id": chat, "mid": sent[2]["id"]},
+        )
+    mismatches = shadow("mismatch")
+    phase_api.get(f"/chats/{chat}/messages?limit=2", headers=auth())
+    assert shadow("mismatch") - mismatches == 1
+
+
+@pytest.mark.parametrize("phase_api", [Phase.READ_TABLE], indirect=True)
+def test_read_table_serves_the_table_and_falls_back_when_behind(
+    phase_api, broker, auth, engine, hooks
+) -> None:  # type: ignore[no-untyped-def]
+    chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
+    sent = [message(), message("assistant")]
+    phase_api.put(f"/chats/{chat}/messages", json={"messages": sent}, headers=auth())
+    # No worker yet: the copy is behind, so the JSONB answers.
+    behind = phase_api.get(f"/chats/{chat}/messages", headers=auth()).json()
+    assert behind["source"] == "jsonb" and len(behind["messages"]) == 2
+
+    worker = start_worker(broker, hooks, "read-table")
+    try:
+        wait_converged(engine, [chat])
+    finally:
+        worker.stop()
+    served = phase_api.get(f"/chats/{chat}/messages", headers=auth()).json()
+    assert served["source"] == "table"
+    assert served["messages"] == sent and served["seqs"] == [0, 1]
