@@ -71,6 +71,10 @@ changed AS (
         OR m.model IS DISTINCT FROM s.model
         OR m.content <> s.content
 ),
+element_counts AS (
+    SELECT chat_id, count(*) AS total, count(*) FILTER (WHERE NOT valid) AS bad
+    FROM elems GROUP BY chat_id
+),
 extra AS (
     SELECT m.id, m.chat_id
     FROM copilot_chat_messages m
@@ -125,10 +129,7 @@ SELECT
     coalesce(u.updated, 0),
     coalesce(r.removed, 0)
 FROM target t
-LEFT JOIN (
-    SELECT chat_id, count(*) AS total, count(*) FILTER (WHERE NOT valid) AS bad
-    FROM elems GROUP BY chat_id
-) e ON e.chat_id = t.id
+LEFT JOIN element_counts e ON e.chat_id = t.id
 LEFT JOIN (
     SELECT chat_id, count(*) FILTER (WHERE inserted) AS inserted,
            count(*) FILTER (WHERE NOT inserted) AS updated
@@ -154,10 +155,7 @@ SELECT
     coalesce(c.stale, 0),
     coalesce(x.extra, 0)
 FROM target t
-LEFT JOIN (
-    SELECT chat_id, count(*) AS total, count(*) FILTER (WHERE NOT valid) AS bad
-    FROM elems GROUP BY chat_id
-) e ON e.chat_id = t.id
+LEFT JOIN element_counts e ON e.chat_id = t.id
 LEFT JOIN (
     SELECT chat_id, count(*) FILTER (WHERE missing) AS missing,
            count(*) FILTER (WHERE NOT missing) AS stale
