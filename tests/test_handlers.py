@@ -210,3 +210,13 @@ def test_messages_page_walks_the_transcript_backwards(api, auth) -> None:  # typ
         if before is None:
             break
     assert ids == [m["id"] for m in sent]
+
+
+def test_retry_without_a_timestamp_is_still_idempotent(api, auth) -> None:  # type: ignore[no-untyped-def]
+    chat_id = new_chat(api, auth)
+    sent = {"id": "no-ts", "role": "user", "content": "hello"}
+    first = api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+    retry = api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+    assert (first.status_code, retry.status_code) == (201, 200)
+    stored = jsonb(api, auth, chat_id)
+    assert len(stored) == 1 and stored[0]["timestamp"]  # the server filled one in

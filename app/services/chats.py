@@ -52,12 +52,12 @@ def _check_size(settings: Settings, element: dict[str, Any], field: tuple[str | 
 
 
 def _same(stored: dict[str, Any] | None, element: dict[str, Any]) -> bool:
-    """Whether a stored element is the retry of this one (the server-filled timestamp aside)."""
+    """Whether a stored element is a retry of this one. The timestamp does not count: a client
+    that sent none got the server's, which differs on every try."""
     if stored is None:
         return False
-    ignore = {"timestamp"} if "timestamp" not in element else set()
-    return {k: v for k, v in stored.items() if k not in ignore} == {
-        k: v for k, v in element.items() if k not in ignore
+    return {k: v for k, v in stored.items() if k != "timestamp"} == {
+        k: v for k, v in element.items() if k != "timestamp"
     }
 
 
