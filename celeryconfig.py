@@ -13,14 +13,15 @@ _settings = get_settings()
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
-# Publishing is bounded: the API must never wait long on a broker that does not answer.
-broker_connection_timeout = _settings.publish_connect_timeout_seconds
+# Workers and beat ride out a slow broker; the API's publishes are bounded much tighter by the
+# producer of `tasks/publish.py`, which overrides these timeouts.
+broker_connection_timeout = 5
 broker_transport_options = {
     # A message not acked within this time is delivered again; it must exceed every time limit
     # plus retry countdown (checked by the settings at start-up).
     "visibility_timeout": _settings.broker_visibility_timeout_seconds,
-    "socket_connect_timeout": _settings.publish_connect_timeout_seconds,
-    "socket_timeout": _settings.publish_socket_timeout_seconds,
+    "socket_connect_timeout": 5,
+    "socket_timeout": 5,
     "socket_keepalive": True,
     "retry_on_timeout": False,
 }
