@@ -100,7 +100,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
     if report is None:
         print("another reconcile is running: lock is held; nothing done")
-        return 0
+        # A repair that finds one running is a no-op; a dry run could not look (not "no drift").
+        return 3 if args.dry_run else 0
     kind = "dry run (nothing changed)" if report.dry_run else "repair"
     window = f"changed in the last {since}" if since else "all chats"
     print(f"reconcile #{report.run_id}: {kind}, {window}")
@@ -248,6 +249,16 @@ def _age(delta: timedelta) -> str:
     return f"{seconds}s"
 
 
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -255,24 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print a bearer token for USER")
     token.add_argument("user")
     token.add_argument("--admin", action="store_true", help="the token may import chats")
-    token.add_argument("--ttl", type=int, default=86400, help="seconds the token is valid")
+    token.add_argument("--ttl", type=positive_int, default=86400, help="seconds the token is valid")
     token.set_defaults(func=cmd_token)
 
     check = commands.add_parser("check", help="print drift between JSONB and table; exit 1 if any")
-    check.add_argument("--batch-size", type=int, default=500)
+    check.add_argument("--batch-size", type=positive_int, default=500)
     check.set_defaults(func=cmd_check)
 
     rec = commands.add_parser("reconcile", help="repair drift (exit 1 on drift with --dry-run)")
     rec.add_argument("--since", help="only chats changed within this interval, e.g. '7 days'")
     rec.add_argument("--dry-run", action="store_true", help="report drift, change nothing")
-    rec.add_argument("--batch-size", type=int, default=500, help="chats per transaction")
+    rec.add_argument("--batch-size", type=positive_int, default=500, help="chats per transaction")
     rec.set_defaults(func=cmd_reconcile)
 
     dead = commands.add_parser("dead-letters", help="list or replay syncs that gave up")
     actions = dead.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="open dead letters (--all: resolved ones too)")
     listing.add_argument("--all", action="store_true")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=positive_int, default=100)
     again = actions.add_parser("replay", help="re-enqueue the sync of these dead letters")
     again.add_argument("ids", nargs="*", type=int)
     again.add_argument("--all", action="store_true", help="every open dead letter")

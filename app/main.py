@@ -112,15 +112,22 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
             status_code=exc.status_code,
         )
 
+    api.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+
+    # Added last, so outermost: it also counts 413s of the body limit and unhandled errors.
     @api.middleware("http")
     async def count_requests(
         request: Request, call_next: Callable[[Request], Awaitable[Any]]
     ) -> Any:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        return response
+        status = "500"
+        try:
+            response = await call_next(request)
+            status = str(response.status_code)
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.REQUESTS.labels(request.method, path, status).inc()
 
     @api.get("/healthz")
     def healthz() -> JSONResponse:
@@ -163,7 +170,6 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
         body = generate_latest(REGISTRY) + generate_latest(shared)
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
-    api.add_middleware(BodyLimit, limit=settings.max_request_bytes)  # outermost: runs first
     return api
 
 

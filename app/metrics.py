@@ -45,6 +45,7 @@ REQUESTS = Counter(
 )
 
 WORKER_KEY = "dualwrite:metrics"
+DEAD_LETTER_REASONS = ("failed", "worker_lost", "bad_elements")  # always shown, 0 when none
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -138,8 +139,8 @@ class DatabaseCollector(Collector):
         dead = GaugeMetricFamily(
             "dualwrite_dead_letters_open", "Open dead letters, by reason.", labels=["reason"]
         )
-        for reason, count in sorted(state["dead_letters_open"].items()):
-            dead.add_metric([reason], count)
+        for reason in sorted({*DEAD_LETTER_REASONS, *state["dead_letters_open"]}):
+            dead.add_metric([reason], state["dead_letters_open"].get(reason, 0))
         drift = GaugeMetricFamily(
             "dualwrite_last_reconcile_drift", "Rows of drift the last finished reconcile found."
         )

@@ -21,6 +21,10 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     psycopg.InterfaceError,
 )
 
+# OperationalErrors that no retry can fix: program limit exceeded (an index row too large, too
+# many columns...). The data has to change first.
+PERMANENT_SQLSTATE_CLASSES = ("54",)
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -41,6 +45,9 @@ class RetryPolicy:
     def is_transient(self, error: BaseException) -> bool:
         if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
             return True
+        sqlstate = getattr(getattr(error, "orig", error), "sqlstate", None) or ""
+        if sqlstate.startswith(PERMANENT_SQLSTATE_CLASSES):
+            return False
         return isinstance(error, TRANSIENT)
 
     def should_retry(self, error: BaseException, retries_done: int) -> bool:

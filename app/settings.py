@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     # The reconcile: nightly over every chat (crontab, UTC), and often over recent changes.
     reconcile_crontab: str = "0 3 * * *"
     reconcile_batch_size: int = Field(default=500, gt=0)
+    reconcile_time_limit_seconds: int = Field(default=6 * 3600, gt=0)
     reconcile_recent_interval_seconds: float = Field(default=900.0, gt=0)
     reconcile_recent_window_seconds: float = Field(default=3600.0, gt=0)
 

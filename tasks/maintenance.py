@@ -46,12 +46,16 @@ def sweep() -> int:
     queue=Queue.MAINTENANCE.value,
     ignore_result=True,
     max_retries=0,
-    soft_time_limit=None,
-    time_limit=None,
+    # A reconcile outlasts the sync tasks' limits and the broker's visibility timeout; it is
+    # acked when it starts, so it is never delivered twice: a run lost with its worker is
+    # simply the next scheduled run's work.
+    acks_late=False,
+    soft_time_limit=get_settings().reconcile_time_limit_seconds,
+    time_limit=get_settings().reconcile_time_limit_seconds + 60,
 )
 def reconcile(since_seconds: float | None = None) -> int | None:
     """Compare JSONB and table and repair drift; all chats, or those changed in the window.
-    Runs as long as it needs (no time limit); the advisory lock keeps it to one at a time."""
+    The advisory lock keeps it to one run at a time."""
     settings = get_settings()
     since = timedelta(seconds=since_seconds) if since_seconds else None
     report = reconcile_service.reconcile(

@@ -47,6 +47,7 @@ src AS (
         (x.ord - 1)::int AS seq,
         x.elem AS content,
         CASE WHEN jsonb_typeof(x.elem -> 'streamId') = 'string'
+                  AND octet_length(x.elem ->> 'streamId') <= 1024
              THEN x.elem ->> 'streamId' END AS stream_id,
         CASE WHEN jsonb_typeof(x.elem -> 'model') = 'string'
              THEN x.elem ->> 'model' END AS model,

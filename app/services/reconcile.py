@@ -24,6 +24,7 @@ from app.repositories import reconcile_runs
 from app.services import sync
 
 LOCK_KEY = (7302, 1)
+MAX_INTERVAL = timedelta(days=36500)  # `now() - interval` must stay a valid timestamp
 
 _UNITS = {
     "s": "seconds", "sec": "seconds", "second": "seconds", "seconds": "seconds",
@@ -52,9 +53,14 @@ def parse_interval(value: str) -> timedelta:
         position = match.end()
     if not parts:
         raise ValueError(f"invalid interval {value!r}: it is empty")
-    interval = timedelta(**parts)
+    try:
+        interval = timedelta(**parts)
+    except OverflowError:
+        interval = MAX_INTERVAL + MAX_INTERVAL
     if interval <= timedelta(0):
         raise ValueError(f"invalid interval {value!r}: it must be positive")
+    if interval > MAX_INTERVAL:
+        raise ValueError(f"invalid interval {value!r}: at most {MAX_INTERVAL.days} days")
     return interval
 
 

@@ -7,6 +7,8 @@ sync so that the table is a pure function of the JSONB:
 - an element that is not an object, or whose `id` is not a non-empty string of at most 1,024
   bytes (a longer one could not be indexed), is skipped and counted;
 - where an id repeats, the first occurrence wins and `seq` is its 0-based position in the array;
+- `stream_id` is the element's `streamId` when that is a string of at most 1,024 bytes (it is
+  indexed), else null;
 - `created_at` is the element's `timestamp`, or the chat's `created_at` when that is missing or
   unparseable; `content` is the whole element;
 - a chat whose `messages` is not an array contributes nothing.
@@ -72,7 +74,9 @@ SELECT DISTINCT ON (c.id, e.elem ->> 'id')
     coalesce(e.elem ->> 'role', 'unknown'),
     (e.ord - 1)::int,
     e.elem,
-    CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string' THEN e.elem ->> 'streamId' END,
+    CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string'
+              AND octet_length(e.elem ->> 'streamId') <= 1024
+         THEN e.elem ->> 'streamId' END,
     CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string' THEN e.elem ->> 'model' END,
     coalesce(copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at),
     now(),

@@ -1,0 +1,130 @@
+"""Flower, started as an operator starts it (`celery -A tasks flower`), against this run's Redis:
+its own HTTP API, behind basic auth, lists the worker and the sync tasks that ran."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import ROOT, wait_until
+from tests.test_handlers import message, new_chat
+
+LOG_DIR = ROOT / ".run" / "test-logs"
+AUTH = ("operator", "s3cret-pass")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def flower(worker) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Flower's base URL; started only once the worker is ready (it caches the workers it saw
+    at start-up), stopped as a process group."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"flower-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={port}",
+                f"--basic-auth={AUTH[0]}:{AUTH[1]}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.poll() is None, log_path.read_text(errors="replace")
+        try:
+            return httpx.get(f"{base}/api/workers", auth=AUTH, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(answers, timeout=60, interval=0.2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(20)
+
+
+def test_flower_lists_the_worker_and_a_sync_task_that_ran(flower, worker, api, auth) -> None:  # type: ignore[no-untyped-def]
+    def workers() -> dict[str, Any]:
+        response = httpx.get(f"{flower}/api/workers?refresh=1", auth=AUTH, timeout=30)
+        assert response.status_code == 200, response.text
+        return {k: v for k, v in response.json().items() if k.startswith(f"{worker.name}@")}
+
+    seen = wait_until(workers, timeout=30, interval=0.5)
+    (info,) = seen.values()
+    queues = {q["name"] for q in info.get("active_queues", [])}
+    assert {"dualwrite.sync", "dualwrite.maintenance"} <= queues
+    assert "chats.sync_messages" in info.get("registered", [])
+
+    # Flower sees tasks through events; one sent before its receiver connected is missed, so a
+    # fresh append is made until one shows up.
+    chat_id = new_chat(api, auth)
+    deadline = time.monotonic() + 60
+    found: dict[str, Any] | None = None
+    while found is None:
+        assert time.monotonic() < deadline, "no chats.sync_messages task for this chat in Flower"
+        sent = message("user")
+        response = api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+        assert response.status_code == 201, response.text
+        version = response.json()["messages_version"]
+
+        def listed(message_id: str = str(sent["id"]), version: int = version) -> Any:
+            response = httpx.get(
+                f"{flower}/api/tasks",
+                params={"taskname": "chats.sync_messages"},
+                auth=AUTH,
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+            for task in response.json().values():
+                args = task.get("args") or ""
+                if chat_id in args and message_id in args and task.get("state") == "SUCCESS":
+                    return task
+            return None
+
+        try:
+            found = wait_until(listed, timeout=5, interval=0.2)
+        except AssertionError:
+            continue
+    assert found["name"] == "chats.sync_messages"
+    assert found["worker"].startswith(f"{worker.name}@")
+    assert str(version) in found["args"]  # chat id, message ids and version: enough to find it
+
+
+def test_flower_api_needs_the_password(flower) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/api/workers", "/api/tasks"):
+        assert httpx.get(f"{flower}{path}", timeout=10).status_code == 401
+        wrong = httpx.get(f"{flower}{path}", auth=(AUTH[0], "nope"), timeout=10)
+        assert wrong.status_code == 401

@@ -1,0 +1,198 @@
+"""`GET /metrics` and `GET /healthz`: what the API, the workers (through Redis) and the database
+say, after real requests, real syncs and a real reconcile."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import socket
+import uuid
+from typing import Any
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.db import transaction
+from app.jobs import Job
+from app.main import create_app
+from app.repositories import chats as chats_repo
+from app.repositories import dead_letters
+from app.services.reconcile import reconcile
+from app.settings import Settings
+from tests.support import wait_until
+from tests.test_handlers import message, new_chat
+from tests.test_reconcile import drop_row, seed
+
+Samples = dict[str, list[Any]]
+
+
+def scrape(client: TestClient) -> Samples:
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of the sample with exactly these labels (among others), None when absent."""
+    for sample in samples.get(name, []):
+        if all(sample.labels.get(k) == v for k, v in labels.items()):
+            return float(sample.value)
+    return None
+
+
+def test_requests_are_counted_by_route_template_and_status(api, auth) -> None:  # type: ignore[no-untyped-def]
+    before = scrape(api)
+    chat_id = new_chat(api, auth)
+    sent = message("user")
+    api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+    missing = api.get(f"/chats/{uuid.uuid4()}", headers=auth())
+    assert missing.status_code == 404
+    assert api.get("/no/such/route").status_code == 404
+    assert api.get(f"/chats/{chat_id}").status_code == 401
+    after = scrape(api)
+
+    name = "dualwrite_requests_total"
+    for method, route, status in [
+        ("POST", "/chats", "201"),
+        ("POST", "/chats/{chat_id}/messages", "201"),
+        ("GET", "/chats/{chat_id}", "404"),
+        ("GET", "/chats/{chat_id}", "401"),
+        ("GET", "unmatched", "404"),
+    ]:
+        labels = {"method": method, "route": route, "status": status}
+        grew = (value(after, name, **labels) or 0) - (value(before, name, **labels) or 0)
+        assert grew == 1, (labels, grew)
+    routes = {s.labels["route"] for s in after[name]}
+    assert not any(chat_id in route for route in routes)  # templates, not raw paths
+
+
+def test_an_enqueue_that_fails_is_counted(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    def broker_down(job: Job) -> None:
+        raise ConnectionError("broker down")
+
+    name, task = "dualwrite_enqueue_failures_total", "chats.sync_messages"
+    before = value(scrape(api), name, task=task) or 0
+    broken_app = create_app(settings, publish=broker_down)
+    try:
+        with TestClient(broken_app) as broken:
+            chat_id = new_chat(broken, auth)
+            sent = message("user")
+            response = broken.post(
+                f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth()
+            )
+            assert response.status_code == 201, response.text  # the user never sees it
+    finally:
+        broken_app.state.engine.dispose()
+    assert value(scrape(api), name, task=task) == before + 1
+    assert api.delete(f"/chats/{chat_id}", headers=auth()).status_code == 204  # nothing behind
+
+
+def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(api, auth, converged) -> None:  # type: ignore[no-untyped-def]
+    before = scrape(api)
+    lag_count = value(before, "dualwrite_sync_lag_seconds_count") or 0
+    applied = {"task": "chats.sync_messages", "outcome": "applied"}
+    applied_before = value(before, "dualwrite_tasks_total", **applied) or 0
+
+    chat_id = new_chat(api, auth)
+    for _ in range(2):
+        sent = message("user")
+        api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+        converged(chat_id)  # one sync per append
+
+    def recorded() -> Samples | None:
+        # The worker writes its measurements to Redis after its commit: poll.
+        now = scrape(api)
+        lag_grew = (value(now, "dualwrite_sync_lag_seconds_count") or 0) >= lag_count + 2
+        tasks_grew = (value(now, "dualwrite_tasks_total", **applied) or 0) >= applied_before + 2
+        return now if lag_grew and tasks_grew else None
+
+    after = wait_until(recorded, timeout=30, interval=0.2)
+    buckets = [(float(s.labels["le"]), s.value) for s in after["dualwrite_sync_lag_seconds_bucket"]]
+    assert [le for le, _ in buckets] == sorted(le for le, _ in buckets)
+    assert buckets[-1][0] == math.inf
+    assert all(a <= b for (_, a), (_, b) in itertools.pairwise(buckets))
+    count = value(after, "dualwrite_sync_lag_seconds_count")
+    assert buckets[-1][1] == count
+    lag_sum = value(after, "dualwrite_sync_lag_seconds_sum")
+    assert lag_sum is not None and lag_sum >= 0
+    assert value(after, "dualwrite_rows_written_total", kind="inserted")
+
+
+def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    chats = seed(api, auth, 1, size=3)
+    (drifted,) = chats
+    converged(drifted)
+    drop_row(engine, drifted, chats[drifted][0]["id"])
+    with transaction(sessionmaker) as session:  # a chat whose copy never ran: behind
+        behind = chats_repo.create(
+            session,
+            user_id="alice",
+            title=None,
+            model="m",
+            workflow_id=None,
+            messages=[message("user"), message("assistant")],
+        )
+        letter = dead_letters.record(
+            session,
+            task="chats.sync_chat",
+            chat_id=behind.id,
+            args=[str(behind.id), 1],
+            reason=dead_letters.Reason.FAILED,
+            error="OperationalError: gave up",
+            attempts=9,
+        )
+    try:
+        with transaction(sessionmaker) as session:
+            open_before = dead_letters.count_open(session)["failed"]
+        first = scrape(api)
+        assert value(first, "dualwrite_chats_behind") == 1
+        assert value(first, "dualwrite_dead_letters_open", reason="failed") == open_before
+
+        report = reconcile(sessionmaker)
+        assert report is not None and report.drift == 3  # 1 row dropped + 2 never copied
+        second = scrape(api)
+        assert value(second, "dualwrite_last_reconcile_drift") == 3
+        age = value(second, "dualwrite_last_reconcile_age_seconds")
+        assert age is not None and 0 <= age < 60
+        assert value(second, "dualwrite_chats_behind") == 0  # the reconcile copied it
+        open_after = value(second, "dualwrite_dead_letters_open", reason="failed") or 0
+        assert open_after == open_before - 1  # and closed its dead letter
+    finally:
+        with transaction(sessionmaker) as session:
+            dead_letters.close(session, [letter])
+
+
+def test_healthz_reports_database_and_broker(api) -> None:  # type: ignore[no-untyped-def]
+    response = api.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_healthz_is_503_when_the_database_is_down_and_metrics_still_answer(settings) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = Settings(
+        database_url=f"postgresql://postgres@127.0.0.1:{port}/nothing",
+        auth_secret=settings.signing_secret,
+    )
+    app = create_app(down, publish=lambda job: None)
+    try:
+        with TestClient(app) as client:
+            response = client.get("/healthz")
+            assert response.status_code == 503
+            body = response.json()
+            assert body["status"] == "unavailable" and body["broker"] == "ok"
+            assert body["database"].startswith("down: ")
+            samples = scrape(client)  # a scrape never fails because the database is down
+            assert value(samples, "dualwrite_chats_behind") is None
+            assert "dualwrite_requests_total" in samples
+    finally:
+        app.state.engine.dispose()
