@@ -285,12 +285,14 @@ def start_api(env: dict[str, str], port: int, name: str = "api") -> Process:
     return process
 
 
-def rss_kib(pid: int) -> int | None:
-    """Resident set size of a process (VmRSS, KiB), or None when it is gone."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int | None:
+    """Resident set size of a process in KiB, or None when it is gone. `field` is a line of
+    /proc/PID/status: VmRSS (all resident pages), RssAnon (heap and stacks: what a leak grows),
+    RssFile (mapped files, which the kernel may drop and read back)."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         return None
@@ -334,3 +336,78 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def verdict(value: float, limit: float) -> str:
     return "met" if value <= limit else f"MISSED by {value / limit:.2f}x"
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used (all its threads), or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def database_backends(database_url: str) -> dict[str, list[int]]:
+    """PostgreSQL backend pids connected to this database, by application name."""
+    groups: dict[str, list[int]] = {}
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        for pid, name in connection.execute(
+            "SELECT pid, application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ):
+            groups.setdefault(f"db ({name.removeprefix('chat-dualwrite-') or 'bench'})", []).append(
+                pid
+            )
+    return groups
+
+
+class CpuMeter:
+    """CPU seconds used by groups of processes between `start()` and `stop()`.
+
+    `groups` names the processes to watch (called at both ends, so a process that appears in
+    between is counted from zero; one that exits in between is lost).
+    """
+
+    def __init__(self, groups: Callable[[], dict[str, list[int]]]) -> None:
+        self.groups = groups
+        self._start: dict[int, float] = {}
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for group, pids in self.groups().items():
+            for pid in pids:
+                used = cpu_seconds(pid)
+                if used is not None:
+                    out[pid] = (group, used)
+        return out
+
+    def start(self) -> None:
+        self._start = {pid: used for pid, (_, used) in self._snapshot().items()}
+
+    def stop(self) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for pid, (group, used) in self._snapshot().items():
+            spent[group] = spent.get(group, 0.0) + used - self._start.get(pid, 0.0)
+        return spent
+
+
+def service_cpu_groups(
+    database_url: str, broker: Process, api_process: Process | None, worker_process: Process | None
+) -> Callable[[], dict[str, list[int]]]:
+    """The processes of a bench run: API, worker (main and pool), Redis, their database
+    backends, and the bench's own process (its client threads)."""
+
+    def groups() -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {"bench client": [os.getpid()], "redis": [broker.pid]}
+        if api_process is not None:
+            found["api"] = [api_process.pid]
+        if worker_process is not None:
+            found["worker"] = [worker_process.pid, *worker_process.children()]
+        found.update(database_backends(database_url))
+        return found
+
+    return groups

@@ -1,0 +1,308 @@
+"""The reference data set, seeded: 5,800 chats holding 580,300 messages in their JSONB arrays,
+skewed like production (median 57, max 4,900 messages per chat, ~0.9 KB per message), loaded into
+`copilot_chats` with COPY. The other bench scripts import it; run alone it prints the shape.
+
+    .venv/bin/python bench/dataset.py [--scale 1.0] [--seed 5] [--load]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import infra
+
+CHATS = 5_800
+MESSAGES = 580_300
+MEDIAN = 57
+MAX = 4_900
+SEED = 5
+# Lognormal spread that gives mean ~100 messages per chat around a median of 57.
+SIGMA = math.sqrt(2 * math.log(MESSAGES / CHATS / MEDIAN))
+
+MODELS = ("gpt-4o", "claude-sonnet-4", "gpt-4.1-mini", "o3")
+TOOLS = ("search_docs", "run_workflow", "read_file", "get_block", "edit_workflow")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    chats: int
+    messages: int
+    median: int
+    max: int
+    seed: int = SEED
+
+
+def shape(scale: float = 1.0, seed: int = SEED) -> Shape:
+    """The reference shape, or a smaller one of the same skew (`scale` < 1 for quick runs); the
+    largest chat shrinks with the square root of the scale so that it stays the outlier."""
+    if scale >= 1.0:
+        return Shape(round(CHATS * scale), round(MESSAGES * scale), MEDIAN, MAX, seed)
+    chats = max(3, round(CHATS * scale))
+    return Shape(
+        chats,
+        max(chats * 2, round(MESSAGES * scale)),
+        MEDIAN,
+        max(4 * MEDIAN, round(MAX * scale**0.5)),
+        seed,
+    )
+
+
+def sizes(s: Shape) -> list[int]:
+    """Messages per chat: lognormal around the median, one chat at the maximum, summing exactly
+    to `s.messages` (the difference is spread over the chats above the median, which keeps it)."""
+    rng = random.Random(s.seed)
+    out = [
+        min(s.max - 1, max(1, round(rng.lognormvariate(math.log(s.median), SIGMA))))
+        for _ in range(s.chats)
+    ]
+    biggest = max(range(s.chats), key=out.__getitem__)
+    out[biggest] = s.max
+    upper = [i for i, n in enumerate(out) if n > s.median and i != biggest]
+    floor = s.median + 1
+    if not upper:  # tiny shapes: any chat but the largest
+        upper, floor = [i for i in range(s.chats) if i != biggest], 1
+    diff = s.messages - sum(out)
+    while diff:
+        room = [i for i in upper if (out[i] < s.max - 1 if diff > 0 else out[i] > floor)]
+        if not room:
+            raise ValueError(f"no chat sizes fit {s}")
+        for i in rng.sample(room, min(len(room), abs(diff))):
+            out[i] += 1 if diff > 0 else -1
+        diff = s.messages - sum(out)
+    return out
+
+
+class Text:
+    """Cheap realistic text: slices of one seeded corpus of pseudo-words and code-ish lines."""
+
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed)
+        letters = "etaoinshrdlucmfwypvbgkjqxz"
+        weights = [12, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+        words = ["".join(rng.choices(letters, weights, k=rng.randint(2, 10))) for _ in range(4_000)]
+        parts: list[str] = []
+        size = 0
+        while size < 1_500_000:
+            if rng.random() < 0.06:
+                name, call = rng.choice(words), rng.choice(words)
+                line = f"\n```\nconst {name} = await {call}({rng.randint(0, 99)});\n```\n"
+            else:
+                line = " ".join(rng.choices(words, k=rng.randint(6, 24))) + ". "
+            parts.append(line)
+            size += len(line)
+        self.corpus = "".join(parts)
+
+    def take(self, rng: random.Random, length: int) -> str:
+        start = rng.randrange(0, len(self.corpus) - length - 1)
+        return self.corpus[start : start + length]
+
+
+_TEXT: dict[int, Text] = {}
+
+
+def text_source(seed: int = SEED) -> Text:
+    if seed not in _TEXT:
+        _TEXT[seed] = Text(seed)
+    return _TEXT[seed]
+
+
+def iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def element(
+    rng: random.Random, role: str, ts: datetime, text: Text | None = None
+) -> dict[str, Any]:
+    """One transcript element, ~0.9 KB on average: user messages short, assistant replies longer,
+    some with content blocks and tool calls, as the product writes them."""
+    text = text or text_source()
+    if role == "user":
+        content = text.take(rng, min(4_000, max(8, int(rng.lognormvariate(math.log(300), 0.8)))))
+    else:
+        content = text.take(rng, min(12_000, max(8, int(rng.lognormvariate(math.log(700), 0.9)))))
+    item: dict[str, Any] = {
+        "id": f"msg_{rng.getrandbits(64):016x}",
+        "role": role,
+        "content": content,
+        "timestamp": iso(ts),
+    }
+    if role == "assistant":
+        item["model"] = rng.choice(MODELS)
+        roll = rng.random()
+        if roll < 0.15:
+            item["contentBlocks"] = [
+                {"type": "thinking", "content": text.take(rng, rng.randint(40, 300))},
+                {"type": "text", "content": content[: rng.randint(10, 200)]},
+            ]
+        elif roll < 0.27:
+            item["toolCalls"] = [
+                {
+                    "id": f"call_{rng.getrandbits(48):012x}",
+                    "name": rng.choice(TOOLS),
+                    "arguments": {"query": text.take(rng, rng.randint(10, 80))},
+                    "state": "success",
+                }
+                for _ in range(rng.randint(1, 3))
+            ]
+    elif rng.random() < 0.05:
+        item["fileAttachments"] = [
+            {
+                "id": f"file_{rng.getrandbits(32):08x}",
+                "name": "notes.md",
+                "size": rng.randint(1, 10**6),
+            }
+        ]
+    return item
+
+
+def transcript(
+    rng: random.Random, count: int, start: datetime, text: Text | None = None
+) -> list[dict[str, Any]]:
+    """`count` elements, roles alternating from `user`; more than half of the replies share their
+    user message's millisecond (as in real chats, where order comes from the array position)."""
+    ts = start
+    out = []
+    for i in range(count):
+        role = "user" if i % 2 == 0 else "assistant"
+        if role == "user":
+            ts += timedelta(seconds=rng.expovariate(1 / 90))
+        elif rng.random() < 0.45:
+            ts += timedelta(milliseconds=rng.randint(1, 40_000))
+        out.append(element(rng, role, ts, text))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    id: uuid.UUID
+    user_id: str
+    title: str
+    model: str
+    created_at: datetime
+    messages: list[dict[str, Any]]
+
+
+def chats(s: Shape) -> Iterator[Chat]:
+    """The chats of the data set, one at a time (the whole set is ~0.5 GB of JSON)."""
+    text = text_source(s.seed)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for index, count in enumerate(sizes(s)):
+        rng = random.Random(s.seed * 1_000_003 + index)
+        created = base + timedelta(seconds=rng.randint(0, 300 * 86_400))
+        yield Chat(
+            id=uuid.UUID(int=rng.getrandbits(128), version=4),
+            user_id=f"user-{rng.randint(1, max(1, s.chats // 4))}",
+            title=text.take(rng, rng.randint(12, 60)).strip(),
+            model=rng.choice(MODELS),
+            created_at=created,
+            messages=transcript(rng, count, created, text),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    chats: int
+    messages: int
+    json_bytes: int
+    seconds: float
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def load(database_url: str, s: Shape, *, version: int = 1) -> Loaded:
+    """COPY the data set into `copilot_chats` (revision 0001 or later). At head, every chat gets
+    `messages_version = version`; its sync state is left for the caller (nothing copied yet)."""
+    started = time.perf_counter()
+    total = size = n = 0
+    with psycopg.connect(database_url) as connection:
+        has_version = connection.execute(
+            "SELECT 1 FROM information_schema.columns "
+            "WHERE table_name = 'copilot_chats' AND column_name = 'messages_version'"
+        ).fetchone()
+        columns = "id, user_id, title, model, messages, created_at, updated_at"
+        if has_version:
+            columns += ", messages_version"
+        with connection.cursor().copy(f"COPY copilot_chats ({columns}) FROM STDIN") as copy:
+            for chat in chats(s):
+                body = dumps(chat.messages)
+                row: list[Any] = [
+                    chat.id,
+                    chat.user_id,
+                    chat.title,
+                    chat.model,
+                    body,
+                    chat.created_at,
+                    chat.created_at + timedelta(hours=1),
+                ]
+                if has_version:
+                    row.append(version)
+                copy.write_row(row)
+                n += 1
+                total += len(chat.messages)
+                size += len(body.encode())
+        connection.execute("ANALYZE copilot_chats")
+    return Loaded(n, total, size, time.perf_counter() - started)
+
+
+def describe(s: Shape) -> list[list[Any]]:
+    counts = sizes(s)
+    size = sum(len(dumps(c.messages).encode()) for c in chats(s))
+    return [
+        ["chats", len(counts)],
+        ["messages", sum(counts)],
+        ["messages per chat: median", statistics.median(counts)],
+        ["messages per chat: p99", infra.percentile([float(c) for c in counts], 99)],
+        ["messages per chat: max", max(counts)],
+        ["messages per chat: min", min(counts)],
+        ["JSON bytes total", size],
+        ["bytes per message", round(size / sum(counts))],
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--load", action="store_true", help="also COPY it into a fresh database")
+    parser.add_argument("--quick", action="store_true", help="scale 0.01")
+    args = parser.parse_args()
+    if args.quick:
+        args.scale = 0.01
+    s = shape(args.scale, args.seed)
+    started = time.perf_counter()
+    rows = describe(s)
+    rows.append(["seconds to generate", round(time.perf_counter() - started, 1)])
+    if args.load:
+        infra.services_up()
+        with infra.database("cdw_dataset") as url:
+            loaded = load(url, s)
+            with psycopg.connect(url) as connection:
+                on_disk = connection.execute(
+                    "SELECT pg_total_relation_size('copilot_chats')"
+                ).fetchone()
+            rows.append(["seconds to COPY", round(loaded.seconds, 1)])
+            rows.append(["copilot_chats on disk (bytes)", on_disk[0] if on_disk else 0])
+    print(infra.table(["shape", "value"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
