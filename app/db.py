@@ -25,6 +25,8 @@ def make_engine(settings: Settings, *, worker: bool = False, pool_size: int = 5)
         options += [
             f"-c statement_timeout={settings.worker_statement_timeout_ms}",
             f"-c lock_timeout={settings.worker_lock_timeout_ms}",
+            # Converging a batch of chats sorts and hashes their elements: keep that in memory.
+            f"-c work_mem={settings.worker_work_mem}",
             "-c idle_in_transaction_session_timeout="
             f"{settings.worker_idle_in_transaction_timeout_ms}",
         ]

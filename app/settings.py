@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     worker_statement_timeout_ms: int = Field(default=60_000, gt=0)
     worker_lock_timeout_ms: int = Field(default=10_000, gt=0)
     worker_idle_in_transaction_timeout_ms: int = Field(default=60_000, gt=0)
+    worker_work_mem: str = Field(default="64MB", pattern=r"^\d+\s*(kB|MB|GB)$")
 
     # Task limits and the broker's visibility timeout; checked against each other at start-up.
     task_soft_time_limit_seconds: int = Field(default=120, gt=0)

@@ -1,7 +1,8 @@
 """Backlog drain: 100,000 message syncs pending while no worker runs, then a worker (prefork, -c 2)
 started: rows/s until drift is 0, as a fraction of the batched-upsert ceiling measured in the
 same run (Python upserts of the same rows in batches of 1,000; one row per transaction for
-reference). Writes the drain curve to bench/out/drain_curve.csv and bench/out/drain_curve.png.
+reference). Writes the drain curve to bench/out/drain_curve.csv and bench/out/drain_curve.png
+(`-quick` before the suffix in --quick mode, so that CI never overwrites a real measurement).
 
 The backlog goes through the real producer path: `app.services.chats.append_inbox_pair` in a
 unit of work like the API's, then `app.jobs.publish_after_commit` with
@@ -306,7 +307,7 @@ class Curve:
         return bool(self.samples) and self.samples[-1][1] >= expected and self.samples[-1][2] == 0
 
 
-PROFILE = infra.OUT / "drain-profile.txt"
+PROFILE = infra.OUT / "drain-profile.txt"  # "-quick" is inserted in --quick mode (see main)
 
 
 def start_profiler(pid: int) -> subprocess.Popen[bytes]:
@@ -467,8 +468,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the worker pool")
     parser.add_argument("--quick", action="store_true", help="2,000 messages over 50 chats")
     args = parser.parse_args()
+    tag = ""
     if args.quick:
         args.messages, args.chats, args.one_by_one = 2_000, 50, 200
+        tag = "-quick"
+    global PROFILE
+    PROFILE = infra.OUT / f"drain-profile{tag}.txt"
+    curve_csv, curve_png = infra.OUT / f"drain_curve{tag}.csv", infra.OUT / f"drain_curve{tag}.png"
 
     infra.services_up()
     infra.OUT.mkdir(parents=True, exist_ok=True)
@@ -553,11 +559,11 @@ def main() -> int:
                 k.split("|")[2]: int(v) for k, v in metrics.items() if k.startswith("tasks|")
             }
 
-        with (infra.OUT / "drain_curve.csv").open("w", newline="") as out:
+        with curve_csv.open("w", newline="") as out:
             writer = csv.writer(out)
             writer.writerow(["seconds_since_launch", "rows", "chats_behind"])
             writer.writerows((round(t, 3), r, b) for t, r, b in samples)
-        plot(samples, ready, ceiling, infra.OUT / "drain_curve.png")
+        plot(samples, ready, ceiling, curve_png)
 
         from_ready = expected / (done - ready)
         from_first = expected / max(1e-9, done - first)
@@ -616,7 +622,7 @@ def main() -> int:
                 ],
             )
         )
-        print(f"curve: {(infra.OUT / 'drain_curve.csv').relative_to(infra.ROOT)}, drain_curve.png")
+        print(f"curve: {curve_csv.relative_to(infra.ROOT)}, {curve_png.name}")
         if profile_rows:
             print()
             print("where the pool processes spent the drain (py-spy, idle included):")

@@ -320,6 +320,8 @@ def main() -> int:
             ]
             ratios: list[list[Any]] = []
             wanted: list[tuple[str, int]] = []
+            # Quick runs (CI) must not overwrite the plans of a real measurement.
+            suffix = "" if args.scale == 1.0 else f"-scale-{args.scale:g}"
 
             def failed_note(key: str) -> str:
                 n = failures.get(key, 0)
@@ -364,7 +366,14 @@ def main() -> int:
                         wanted.append((step, size))
             # The table is in sync now: those plans first, then the empty-table ones.
             explains = [
-                explain(url, factory, statement, size, f"in-sync-batch-{size}", clocks[f"d{size}"])
+                explain(
+                    url,
+                    factory,
+                    statement,
+                    size,
+                    f"in-sync-batch-{size}{suffix}",
+                    clocks[f"d{size}"],
+                )
                 for step, size in wanted
                 if step == "d"
             ]
@@ -372,7 +381,12 @@ def main() -> int:
                 truncate(url)
                 explains += [
                     explain(
-                        url, factory, statement, size, f"empty-batch-{size}", clocks[f"c{size}"]
+                        url,
+                        factory,
+                        statement,
+                        size,
+                        f"empty-batch-{size}{suffix}",
+                        clocks[f"c{size}"],
                     )
                     for step, size in wanted
                     if step == "c"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import redis
 from celery import Celery
 
@@ -55,7 +57,15 @@ def bounded_publisher(settings: Settings) -> UnsafePublish:
             pending_key(job.coalesce_key), 1, nx=True, ex=settings.coalesce_ttl_seconds
         ):
             return False
-        app.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
+        try:
+            app.send_task(job.task, args=job.args, retry=True, retry_policy=policy)
+        except Exception:
+            # Without this, the marker would hold back every later change of the chat as
+            # "coalesced" until it expires, hiding the failure.
+            if job.coalesce_key is not None:
+                with contextlib.suppress(redis.RedisError):
+                    markers.delete(pending_key(job.coalesce_key))
+            raise
         return True
 
     return publish_unsafe

@@ -107,3 +107,25 @@ def test_appends_while_a_task_waits_send_no_new_task(
         wait_converged(engine, [chat, other])
     finally:
         worker.stop()
+
+
+def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory_publisher) -> None:  # type: ignore[no-untyped-def]
+    _, _, server = memory_publisher  # its fake Redis holds the markers
+    real_producer = publish.producer
+
+    def refusing_producer(settings: Settings):  # type: ignore[no-untyped-def]
+        app = real_producer(settings)
+
+        def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise ConnectionError("broker down")
+
+        app.send_task = refuse  # type: ignore[method-assign]
+        return app
+
+    monkeypatch.setattr(publish, "producer", refusing_producer)
+    failing = publish.bounded_publisher(Settings(redis_url="memory://"))
+    queue = JobQueue()
+    queue.enqueue(SYNC_MESSAGES, "chat-f", ["m"], 1, coalesce_key="chat-f")
+    assert publish_after_commit(queue, failing) == 1
+    # The marker is gone, so the next change is sent (or fails) rather than held back.
+    assert fakeredis.FakeRedis(server=server).get(publish.pending_key("chat-f")) is None

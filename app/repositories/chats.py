@@ -271,17 +271,19 @@ def page(
     rows = session.execute(
         text(
             """
-            WITH bounds AS (
-                SELECT messages,
-                       least(jsonb_array_length(messages),
+            WITH bounds AS MATERIALIZED (
+                -- Only the scalar is kept: inlined, the length would be taken again (and the
+                -- whole array read again) for every row of the page.
+                SELECT least(jsonb_array_length(messages),
                              coalesce(CAST(:before_seq AS int), 2147483647)) AS stop
                 FROM copilot_chats
                 WHERE id = :id AND jsonb_typeof(messages) = 'array'
             )
             SELECT greatest(b.stop - :limit, 0) + p.ord - 1 AS seq, p.elem
             FROM bounds b
+            JOIN copilot_chats c ON c.id = :id
             CROSS JOIN LATERAL jsonb_path_query(
-                b.messages, '$[$first to $last]',
+                c.messages, '$[$first to $last]',
                 jsonb_build_object('first', greatest(b.stop - :limit, 0), 'last', b.stop - 1)
             ) WITH ORDINALITY AS p(elem, ord)
             WHERE b.stop > 0

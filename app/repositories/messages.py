@@ -21,7 +21,9 @@ from sqlalchemy.orm import Session
 # The element-to-row mapping. Must match the backfill rules of migration 0002.
 _MAPPING = """
 target AS (
-    SELECT id, messages, messages_version, created_at, updated_at
+    -- No `messages` here: an UPDATE ... FROM below would carry a copy of every chat's whole
+    -- array in each candidate row. `elems` reads it from the table (same snapshot).
+    SELECT id, messages_version, created_at, updated_at
     FROM copilot_chats
     WHERE id = ANY(:chat_ids)
 ),
@@ -34,10 +36,11 @@ elems AS (
             AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
             AND e.elem ->> 'id' <> ''
             AND octet_length(e.elem ->> 'id') <= 1024 AS valid
-    FROM target t
+    FROM copilot_chats t
     CROSS JOIN LATERAL jsonb_array_elements(
         CASE WHEN jsonb_typeof(t.messages) = 'array' THEN t.messages ELSE '[]'::jsonb END
     ) WITH ORDINALITY AS e(elem, ord)
+    WHERE t.id = ANY(:chat_ids)
 ),
 src AS (
     SELECT DISTINCT ON (x.chat_id, x.elem ->> 'id')
@@ -63,6 +66,7 @@ changed AS (
     FROM src s
     LEFT JOIN copilot_chat_messages m
         ON m.chat_id = s.chat_id AND m.message_id = s.message_id
+        AND m.chat_id = ANY(:chat_ids)  -- lets the planner read only these chats' rows
     WHERE m.id IS NULL
         OR m.deleted_at IS NOT NULL
         OR m.seq <> s.seq
@@ -81,6 +85,7 @@ extra AS (
     FROM copilot_chat_messages m
     JOIN target t ON t.id = m.chat_id
     WHERE m.deleted_at IS NULL
+        AND m.chat_id = ANY(:chat_ids)
         AND NOT EXISTS (
             SELECT 1 FROM src s WHERE s.chat_id = m.chat_id AND s.message_id = m.message_id
         )
