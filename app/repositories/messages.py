@@ -81,14 +81,17 @@ element_counts AS (
     FROM elems GROUP BY chat_id
 ),
 extra AS (
+    -- A set difference, not NOT EXISTS against a CTE: the planner cannot estimate the CTE and
+    -- would pick a nested loop, quadratic in the size of the chat.
     SELECT m.id, m.chat_id
-    FROM copilot_chat_messages m
-    JOIN target t ON t.id = m.chat_id
-    WHERE m.deleted_at IS NULL
-        AND m.chat_id = ANY(:chat_ids)
-        AND NOT EXISTS (
-            SELECT 1 FROM src s WHERE s.chat_id = m.chat_id AND s.message_id = m.message_id
-        )
+    FROM (
+        SELECT chat_id, message_id FROM copilot_chat_messages
+        WHERE chat_id = ANY(:chat_ids) AND deleted_at IS NULL
+        EXCEPT
+        SELECT chat_id, message_id FROM src
+    ) gone
+    JOIN copilot_chat_messages m
+        ON m.chat_id = gone.chat_id AND m.message_id = gone.message_id
 )
 """
 
