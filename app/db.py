@@ -34,7 +34,9 @@ def make_engine(settings: Settings, *, worker: bool = False, pool_size: int = 5)
         settings.database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # The API checks a pooled connection before use; a worker does not (a round trip per
+        # task), since a dead connection is a transient error that its retry policy handles.
+        pool_pre_ping=not worker,
         connect_args={"options": " ".join(options), "connect_timeout": 5},
     )
 

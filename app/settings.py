@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     publish_retry_interval_seconds: float = Field(default=0.05, ge=0)
     # While a sync of a chat waits in the queue, further changes of that chat send no new task.
     coalesce_ttl_seconds: int = Field(default=300, gt=0)
+    # Producers' task-sent events (Flower's "sent" state); costly on the request path.
+    task_sent_events: bool = False
 
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
     worker_statement_timeout_ms: int = Field(default=60_000, gt=0)

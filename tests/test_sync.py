@@ -120,3 +120,30 @@ def test_service_converges_whatever_the_order(sessionmaker, engine, order) -> No
             sync.sync_chats(session, {chat_id: version})
     assert_converged(engine, [chat_id])
     assert _applied(engine, chat_id) == 3
+
+
+def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import threading
+
+    import psycopg
+
+    with transaction(sessionmaker) as session:
+        chat = chats_repo.create(
+            session,
+            user_id="u",
+            title=None,
+            model="m",
+            workflow_id=None,
+            messages=[element("a")],
+        )
+    deleting = psycopg.connect(os.environ["DATABASE_URL"])
+    deleting.execute("DELETE FROM copilot_chats WHERE id = %s", (chat.id,))
+    threading.Timer(0.5, deleting.commit).start()  # commits while the sync waits on the row
+    try:
+        with transaction(sessionmaker) as session:
+            report = sync.sync_chats(session, {chat.id: 1})
+    finally:
+        deleting.close()
+    assert (report.missing, report.inserted) == (1, 0)
+    assert rows(engine, chat.id) == []
