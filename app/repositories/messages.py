@@ -23,12 +23,11 @@ _MAPPING = """
 target AS (
     -- No `messages` here: an UPDATE ... FROM below would carry a copy of every chat's whole
     -- array in each candidate row. `elems` reads it from the table (same snapshot).
-    -- FOR KEY SHARE: a chat being deleted right now is waited for and then left out, rather
-    -- than copied and failing the foreign key at commit.
+    -- No locking clause here: a locked row would be read at its newest version while `elems`
+    -- reads the statement's snapshot. `sync_state.lock_chats` locks before this statement.
     SELECT id, messages_version, created_at, updated_at
     FROM copilot_chats
     WHERE id = ANY(:chat_ids)
-    FOR KEY SHARE
 ),
 elems AS (
     SELECT

@@ -27,14 +27,26 @@ def lock_chats(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
     """Serialize syncs of the same chat until commit, taking locks in id order (no deadlock).
 
     Two syncs of one chat must not interleave: each reads the JSONB after the other's rows are
-    committed, so a message removed in between is soft-deleted rather than resurrected.
+    committed, so a message removed in between is soft-deleted rather than resurrected. The
+    chats are also locked `FOR KEY SHARE`, which handlers' updates do not wait for but a delete
+    does: a chat deleted before this point is simply missing to the sync that follows, instead
+    of failing the foreign key at commit. Both happen before the convergence statement takes its
+    snapshot.
     """
+    ids = [str(c) for c in sorted(chat_ids)]
     session.execute(
         text(
             "SELECT pg_advisory_xact_lock(:cls, hashtext(id::text)) "
             "FROM unnest(CAST(:ids AS uuid[])) AS id ORDER BY hashtext(id::text)"
         ),
-        {"cls": SYNC_LOCK_CLASS, "ids": [str(c) for c in sorted(chat_ids)]},
+        {"cls": SYNC_LOCK_CLASS, "ids": ids},
+    )
+    session.execute(
+        text(
+            "SELECT id FROM copilot_chats WHERE id = ANY(CAST(:ids AS uuid[])) "
+            "ORDER BY id FOR KEY SHARE"
+        ),
+        {"ids": ids},
     )
 
 
