@@ -129,6 +129,11 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
             path = getattr(route, "path", "unmatched")
             metrics.REQUESTS.labels(request.method, path, status).inc()
 
+    # One pooled client of the broker's Redis for health checks and worker metrics.
+    broker = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+
     @api.get("/healthz")
     def healthz() -> JSONResponse:
         checks: dict[str, str] = {}
@@ -139,11 +144,7 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
         except Exception as exc:
             checks["database"] = f"down: {type(exc).__name__}"
         try:
-            client = redis.Redis.from_url(
-                settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
-            )
-            client.ping()
-            client.close()
+            broker.ping()
             checks["broker"] = "ok"
         except Exception as exc:
             checks["broker"] = f"down: {type(exc).__name__}"
@@ -158,11 +159,7 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
             return status.database_gauges(session)
 
     shared = CollectorRegistry()
-    shared.register(
-        metrics.WorkerMetricsCollector(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        )
-    )
+    shared.register(metrics.WorkerMetricsCollector(broker))
     shared.register(metrics.DatabaseCollector(read_gauges))
 
     @api.get("/metrics")

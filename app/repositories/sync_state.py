@@ -123,16 +123,6 @@ def claim_behind(session: Session, *, grace: timedelta, limit: int) -> list[Behi
     return [Behind(row.chat_id, row.wanted_version) for row in sorted(rows)]
 
 
-def wanted_versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
-    rows = session.execute(
-        text(
-            "SELECT chat_id, wanted_version FROM copilot_chat_sync_state WHERE chat_id = ANY(:ids)"
-        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
-        {"ids": list(chat_ids)},
-    ).all()
-    return {row.chat_id: row.wanted_version for row in rows}
-
-
 def count_behind(session: Session) -> int:
     return int(
         session.execute(

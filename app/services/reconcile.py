@@ -132,25 +132,12 @@ def _run(
                 if not ids:
                     break
                 if dry_run:
+                    done = sync.SyncReport()
                     for counts in messages_repo.diff(session, ids):
-                        _add(
-                            report,
-                            counts.elements,
-                            counts.bad_elements,
-                            counts.inserted,
-                            counts.updated,
-                            counts.removed,
-                        )
+                        done.add(counts)
                 else:
                     done = sync.resync(session, ids)
-                    _add(
-                        report,
-                        done.elements,
-                        done.bad_elements,
-                        done.inserted,
-                        done.updated,
-                        done.removed,
-                    )
+                _add(report, done)
                 report.chats += len(ids)
             after = ids[-1]
             report.seconds = time.perf_counter() - started
@@ -180,11 +167,9 @@ def _run(
     return report
 
 
-def _add(
-    report: ReconcileReport, elements: int, bad: int, inserted: int, updated: int, removed: int
-) -> None:
-    report.messages += elements
-    report.bad_elements += bad
-    report.inserted += inserted
-    report.updated += updated
-    report.soft_deleted += removed
+def _add(report: ReconcileReport, batch: sync.SyncReport) -> None:
+    report.messages += batch.elements
+    report.bad_elements += batch.bad_elements
+    report.inserted += batch.inserted
+    report.updated += batch.updated
+    report.soft_deleted += batch.removed

@@ -24,7 +24,8 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
     resolved once it succeeds. A dead letter whose chat was deleted is closed at once.
     """
     letters = dead_letters.get_open(session, ids)
-    wanted = sync_state.wanted_versions(session, [d.chat_id for d in letters])
+    recorded = sync_state.versions(session, [d.chat_id for d in letters])
+    wanted = {chat: versions[0] for chat, versions in recorded.items()}
     done: list[Replayed] = []
     gone: list[int] = []
     for letter in letters:
