@@ -26,7 +26,11 @@ def run_migrations_online() -> None:
         connect_args={"options": "-c timezone=UTC"},
     )
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=None)
+        # One transaction per revision: a lock taken by one revision is never held while the
+        # next one runs (and 0002 commits its own steps as it goes).
+        context.configure(
+            connection=connection, target_metadata=None, transaction_per_migration=True
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -21,17 +21,18 @@ RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 ADMIN_DSN = os.environ.get("TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_NAME = f"cdw_test_{RUN_ID}"
 REDIS_HOST = "redis://127.0.0.1:6379"
-REDIS_DB = 1 + (os.getpid() % 15)
+# Each run claims a Redis database number of its own (see `claim_redis_db`).
+REDIS_CLAIM = "cdw-test:redis-db-claim:{number}"
 
 # Set before anything imports the settings: the app, the worker and alembic all read these.
 os.environ.update(
     DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{DB_NAME}",
-    REDIS_URL=f"{REDIS_HOST}/{REDIS_DB}",
     AUTH_SECRET="test-secret-" + secrets.token_hex(32),
     DUALWRITE_PHASE="dual_write",
 )
 
 LOG_DIR = ROOT / ".run" / "test-logs"
+REDIS_DB = pytest.StashKey[int]()
 
 
 def admin_execute(sql: str) -> None:
@@ -62,18 +63,42 @@ def alembic(url: str, *args: str) -> str:
     return result.stderr + result.stdout
 
 
+def claim_redis_db() -> int:
+    """A database number no other run on this machine holds: claimed with `SET NX` in database
+    0, so two runs can never flush or consume each other's keys. Claims expire after a day."""
+    claims = redis.Redis.from_url(f"{REDIS_HOST}/0")
+    for number in range(1, 16):
+        if claims.set(REDIS_CLAIM.format(number=number), RUN_ID, nx=True, ex=86_400):
+            return number
+    raise RuntimeError("every Redis database 1-15 is claimed by another test run")
+
+
+def release_redis_db(number: int) -> None:
+    claims = redis.Redis.from_url(f"{REDIS_HOST}/0")
+    key = REDIS_CLAIM.format(number=number)
+    if claims.get(key) == RUN_ID.encode():
+        claims.delete(key)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     check = subprocess.run([str(ROOT / "scripts" / "services.sh")], capture_output=True, text=True)
     if check.returncode != 0:
         pytest.exit(check.stdout.strip(), returncode=3)
+    number = claim_redis_db()
+    session.config.stash[REDIS_DB] = number
+    # Before collection, so before anything reads the settings.
+    os.environ["REDIS_URL"] = f"{REDIS_HOST}/{number}"
+    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
     create_database(DB_NAME)
     alembic(os.environ["DATABASE_URL"], "upgrade", "head")
-    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     drop_database(DB_NAME)
-    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
+    number = session.config.stash.get(REDIS_DB, None)
+    if number is not None:
+        redis.Redis.from_url(f"{REDIS_HOST}/{number}").flushdb()
+        release_redis_db(number)
 
 
 @pytest.fixture(scope="session")

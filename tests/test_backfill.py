@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
+from migrations.backfill import INLINE
 from tests.conftest import RUN_ID, alembic, create_database, drop_database
 from tests.support import ROOT, expected_rows, mismatch, table_rows
 
@@ -143,10 +144,10 @@ def test_backfill_is_idempotent_and_survives_downgrade_and_upgrade(legacy_db) ->
     first = snapshot_rows(url)
     assert len(first) == 3 + 1 + 7 + 2000
 
-    # The migration's own statement, run again, adds nothing.
+    # The copy, run again over every chat, adds nothing.
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("SET timezone = 'UTC'")
-        assert connection.execute(load_migration("0002").BACKFILL).rowcount == 0
+        assert connection.execute(INLINE).rowcount == 0
 
     alembic(url, "downgrade", "0001")
     with psycopg.connect(url) as connection:

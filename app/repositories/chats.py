@@ -1,8 +1,9 @@
 """SQL on `copilot_chats`, the canonical transcript.
 
-Every statement that changes `messages` bumps `messages_version` and records it as the chat's
-`wanted_version` in `copilot_chat_sync_state`, in the same statement: a committed mutation is
-therefore always visible to the sweep, even if its task is never published.
+No statement here touches `messages_version` or the sync state: the triggers of revision 0002
+bump the version and record it as the chat's wanted version whenever `messages` is written, by
+this code or any other writer. A committed mutation is therefore always visible to the sweep,
+even if its task is never published.
 """
 
 from __future__ import annotations
@@ -15,20 +16,6 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
-
-# Appended to every mutation: marks the chat as wanting its new version copied.
-_MARK_WANTED = """
-mark AS (
-    INSERT INTO copilot_chat_sync_state AS s (chat_id, wanted_version, applied_version, dirty_since)
-    -- Version 0 is the empty transcript a new chat starts with: nothing to copy.
-    SELECT id, messages_version, CASE WHEN messages_version = 0 THEN 0 ELSE -1 END, now()
-    FROM changed_chat
-    ON CONFLICT (chat_id) DO UPDATE SET
-        wanted_version = greatest(s.wanted_version, EXCLUDED.wanted_version),
-        dirty_since = CASE WHEN s.applied_version >= s.wanted_version
-                           THEN now() ELSE s.dirty_since END
-)
-"""
 
 _CHAT_COLUMNS = (
     "id, user_id, workflow_id, title, model, messages_version, active_stream_id, "
@@ -70,20 +57,13 @@ def create(
     workflow_id: str | None,
     messages: list[dict[str, Any]],
 ) -> Chat:
-    """Insert a chat; one with a transcript starts at version 1 and is marked for copying."""
+    """Insert a chat; the trigger starts one with a transcript at version 1, to be copied."""
     row = session.execute(
         text(
             f"""
-            WITH changed_chat AS (
-                INSERT INTO copilot_chats
-                    (user_id, title, model, workflow_id, messages, messages_version)
-                VALUES (:user_id, :title, :model, :workflow_id, CAST(:messages AS jsonb),
-                        CASE WHEN jsonb_array_length(CAST(:messages AS jsonb)) > 0
-                             THEN 1 ELSE 0 END)
-                RETURNING {_CHAT_COLUMNS}
-            ),
-            {_MARK_WANTED}
-            SELECT {_CHAT_COLUMNS} FROM changed_chat
+            INSERT INTO copilot_chats (user_id, title, model, workflow_id, messages)
+            VALUES (:user_id, :title, :model, :workflow_id, CAST(:messages AS jsonb))
+            RETURNING {_CHAT_COLUMNS}
             """
         ),
         {
@@ -174,18 +154,13 @@ def append(
     version: int | None = session.execute(
         text(
             f"""
-            WITH changed_chat AS (
-                UPDATE copilot_chats SET
-                    messages = CASE WHEN jsonb_typeof(messages) = 'array' THEN messages
-                                    ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
-                    messages_version = messages_version + 1,
-                    active_stream_id = {stream_sql},
-                    updated_at = now()
-                WHERE id = :id AND user_id = :user_id AND NOT ({probes})
-                RETURNING id, messages_version
-            ),
-            {_MARK_WANTED}
-            SELECT messages_version FROM changed_chat
+            UPDATE copilot_chats SET
+                messages = CASE WHEN jsonb_typeof(messages) = 'array' THEN messages
+                                ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
+                active_stream_id = {stream_sql},
+                updated_at = now()
+            WHERE id = :id AND user_id = :user_id AND NOT ({probes})
+            RETURNING messages_version
             """
         ),
         params,
@@ -199,18 +174,11 @@ def replace_messages(
     """Replace the whole array; the new version, or None when the chat is absent or unchanged."""
     version: int | None = session.execute(
         text(
-            f"""
-            WITH changed_chat AS (
-                UPDATE copilot_chats SET
-                    messages = CAST(:messages AS jsonb),
-                    messages_version = messages_version + 1,
-                    updated_at = now()
-                WHERE id = :id AND user_id = :user_id
-                  AND messages IS DISTINCT FROM CAST(:messages AS jsonb)
-                RETURNING id, messages_version
-            ),
-            {_MARK_WANTED}
-            SELECT messages_version FROM changed_chat
+            """
+            UPDATE copilot_chats SET messages = CAST(:messages AS jsonb), updated_at = now()
+            WHERE id = :id AND user_id = :user_id
+              AND messages IS DISTINCT FROM CAST(:messages AS jsonb)
+            RETURNING messages_version
             """
         ),
         {"id": chat_id, "user_id": user_id, "messages": _jsonb(messages)},
@@ -232,19 +200,16 @@ def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: s
                 FROM copilot_chats c
                 WHERE c.id = :id AND c.user_id = :user_id AND jsonb_typeof(c.messages) = 'array'
             ),
-            changed_chat AS (
-                INSERT INTO copilot_chats
-                    (user_id, workflow_id, title, model, messages, messages_version)
+            forked AS (
+                INSERT INTO copilot_chats (user_id, workflow_id, title, model, messages)
                 SELECT s.user_id, s.workflow_id, s.title, s.model,
                        (SELECT jsonb_agg(e.elem ORDER BY e.ord)
                         FROM jsonb_array_elements(s.messages) WITH ORDINALITY AS e(elem, ord)
-                        WHERE e.ord <= s.cut),
-                       1
+                        WHERE e.ord <= s.cut)
                 FROM source s WHERE s.cut IS NOT NULL
                 RETURNING {_CHAT_COLUMNS}
-            ),
-            {_MARK_WANTED}
-            SELECT {_CHAT_COLUMNS} FROM changed_chat
+            )
+            SELECT {_CHAT_COLUMNS} FROM forked
             """
         ),
         {"id": chat_id, "user_id": user_id, "message_id": up_to_message_id},
