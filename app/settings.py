@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # How deeply objects and arrays may nest in a message, the message itself being level 1.
+    # Above about 255 levels pydantic can no longer serialize the message, so the cap is 250.
+    max_message_depth: int = Field(default=64, ge=1, le=250)
     max_page_size: int = Field(default=500, gt=0)
 
     # The enqueue after a commit must never hold a request up for long: connect, socket and
@@ -65,6 +68,18 @@ class Settings(BaseSettings):
     # A task whose worker died under it (SIGKILL, OOM) is delivered again at most this often.
     max_redeliveries: int = Field(default=3, ge=0)
 
+    # The online migration (`alembic upgrade head`). Each DDL on the chats table waits at most
+    # `migration_lock_timeout_ms` for its lock (writers queue behind a waiting DDL), then
+    # retries with backoff. The backfill copies chats in batches sized to a time budget, and
+    # halves the batch and pauses longer when a batch overruns it.
+    migration_lock_timeout_ms: int = Field(default=2000, gt=0)
+    migration_lock_attempts: int = Field(default=30, gt=0)
+    backfill_batch_size: int = Field(default=200, gt=0)
+    backfill_max_batch_size: int = Field(default=5000, gt=0)
+    backfill_batch_seconds: float = Field(default=1.0, gt=0)
+    backfill_pause_seconds: float = Field(default=0.05, ge=0)
+    backfill_log_interval_seconds: float = Field(default=5.0, ge=0)
+
     # The sweep: re-enqueue chats whose copy is behind (a lost publish, a lost task).
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
     sweep_grace_seconds: float = Field(default=30.0, ge=0)
@@ -76,6 +91,12 @@ class Settings(BaseSettings):
     reconcile_time_limit_seconds: int = Field(default=6 * 3600, gt=0)
     reconcile_recent_interval_seconds: float = Field(default=900.0, gt=0)
     reconcile_recent_window_seconds: float = Field(default=3600.0, gt=0)
+    # The reconcile's own database limits, set per batch transaction (not the worker's): a batch
+    # that waits longer for a sync's chat lock, or runs longer, is retried in smaller pieces, and
+    # a single chat that still hits them is dead-lettered (`reconcile_timeout`) while the run goes
+    # on. A batch of 500 chats does far more work than one sync, hence the longer statement limit.
+    reconcile_statement_timeout_ms: int = Field(default=120_000, gt=0)
+    reconcile_lock_timeout_ms: int = Field(default=30_000, gt=0)
 
     @field_validator("reconcile_crontab")
     @classmethod
