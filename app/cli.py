@@ -105,12 +105,24 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     kind = "dry run (nothing changed)" if report.dry_run else "repair"
     window = f"changed in the last {since}" if since else "all chats"
     print(f"reconcile #{report.run_id}: {kind}, {window}")
+    if report.killed_runs:
+        found = ", ".join(f"#{run}" for run in report.killed_runs)
+        print(f"earlier runs found unfinished, marked killed: {found}")
     verbs = (
         ("missing", "stale", "extra") if report.dry_run else ("inserted", "updated", "soft-deleted")
     )
     print(
         _table(
-            ["chats", "messages", "bad elements", *verbs, "drift", "seconds"],
+            [
+                "chats",
+                "messages",
+                "bad elements",
+                *verbs,
+                "drift",
+                "timed out",
+                "skipped",
+                "seconds",
+            ],
             [
                 [
                     report.chats,
@@ -120,12 +132,27 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                     report.updated,
                     report.soft_deleted,
                     report.drift,
+                    report.timed_out,
+                    report.skipped,
                     report.seconds,
                 ]
             ],
         )
     )
-    return 1 if report.dry_run and report.drift else 0
+    if report.timed_out:
+        print(
+            f"{report.timed_out} chats timed out alone (lock or statement timeout) and were not "
+            "checked" + ("" if report.dry_run else "; each has a reconcile_timeout dead letter")
+        )
+    if report.skipped:
+        print(
+            f"{report.skipped} chats skipped: they have an open worker_lost dead letter "
+            "(replay them once the cause is fixed)"
+        )
+    if report.dry_run and report.drift:
+        return 1
+    # A dry run that could not compare every chat cannot say "no drift".
+    return 3 if report.dry_run and report.unchecked else 0
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -218,6 +245,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "outcome",
                     "chats",
                     "drift",
+                    "timed out",
+                    "skipped",
                     "seconds",
                 ],
                 [
@@ -230,6 +259,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                         r.outcome,
                         r.chats_scanned,
                         r.drift,
+                        r.chats_timed_out,
+                        r.chats_skipped,
                         r.duration_seconds,
                     ]
                     for r in runs

@@ -55,7 +55,8 @@ def sweep() -> int:
 )
 def reconcile(since_seconds: float | None = None) -> int | None:
     """Compare JSONB and table and repair drift; all chats, or those changed in the window.
-    The advisory lock keeps it to one run at a time."""
+    The advisory lock keeps it to one run at a time. Its batches run under the reconcile's own
+    timeouts (`RECONCILE_*_TIMEOUT_MS`), not the worker's, set per transaction."""
     settings = get_settings()
     since = timedelta(seconds=since_seconds) if since_seconds else None
     report = reconcile_service.reconcile(
@@ -68,10 +69,14 @@ def reconcile(since_seconds: float | None = None) -> int | None:
         log.info("reconcile: another run holds the lock; nothing done")
         return None
     log.info(
-        "reconcile #%d: %d chats, %d rows repaired in %.1fs",
+        "reconcile #%d: %s, %d chats, %d rows repaired, %d chats timed out (dead-lettered), "
+        "%d skipped (worker lost) in %.1fs",
         report.run_id,
+        report.outcome,
         report.chats,
         report.drift,
+        report.timed_out,
+        report.skipped,
         report.seconds,
     )
     return report.drift

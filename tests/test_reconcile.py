@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -22,8 +23,9 @@ from sqlalchemy import Engine, text
 
 from app.db import transaction
 from app.repositories import chats as chats_repo
+from app.repositories import dead_letters
 from app.repositories.sync_state import SYNC_LOCK_CLASS
-from app.services.reconcile import LOCK_KEY, reconcile
+from app.services.reconcile import LOCK_KEY, Limits, reconcile
 from tests.support import ROOT, assert_converged, dumps, table_rows, wait_until
 from tests.test_handlers import message, new_chat
 
@@ -378,7 +380,7 @@ def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_hel
     # of its first batch, held here; so the other one must find the reconcile lock taken.
     with psycopg.connect(DSN, autocommit=True) as watcher, psycopg.connect(DSN) as blocker:
         blocker.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (SYNC_LOCK_CLASS, ids[0]))
-        slow = {"WORKER_LOCK_TIMEOUT_MS": "120000"}
+        slow = {"RECONCILE_LOCK_TIMEOUT_MS": "120000"}
         procs = [start_cli("reconcile", "--batch-size", "5", **slow) for _ in range(2)]
         try:
             loser = wait_until(
@@ -623,3 +625,236 @@ def test_the_reconcile_task_is_not_cut_short_by_the_sync_time_limits(  # type: i
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(20)
+
+
+# ---------------------------------------------------------------------------------------------
+# A reconcile that survives its worst batch: timeouts, killed runs, chats that kill workers.
+
+
+@contextmanager
+def chat_held(chat_id: str) -> Iterator[psycopg.Connection[Any]]:
+    """A chat held as a long sync holds it (its sync lock) and as a handler holds it (`FOR
+    UPDATE`), from another connection, until the block ends."""
+    with psycopg.connect(DSN) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (SYNC_LOCK_CLASS, chat_id))
+        holder.execute("SELECT id FROM copilot_chats WHERE id = %s FOR UPDATE", (chat_id,))
+        try:
+            yield holder
+        finally:
+            holder.rollback()
+
+
+def open_letters(engine: Engine, chat_id: str) -> dict[str, str]:
+    """The chat's open dead letters, {reason: error}."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT reason, error FROM dualwrite_dead_letters "
+                "WHERE chat_id = :c AND resolved_at IS NULL"
+            ),
+            {"c": chat_id},
+        ).all()
+    return {row.reason: row.error for row in rows}
+
+
+def drifted_chats(api, auth, engine, converged, count: int) -> tuple[list[str], dict[str, str]]:  # type: ignore[no-untyped-def]
+    """`count` converged chats, each then missing the row of its first message."""
+    chats = seed(api, auth, count, size=2)
+    ids = sorted(chats)
+    converged(*ids)
+    first = {chat_id: str(chats[chat_id][0]["id"]) for chat_id in ids}
+    for chat_id in ids:
+        drop_row(engine, chat_id, first[chat_id])
+    return ids, first
+
+
+def test_a_chat_held_past_the_lock_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    """One chat held by a sync for longer than the reconcile's lock timeout: its batch is split
+    down to that chat, which gets a `reconcile_timeout` dead letter; every other chat, before and
+    after it, is repaired. The limit is the reconcile's own: the worker's is two minutes."""
+    ids, first = drifted_chats(api, auth, engine, converged, 7)
+    held = ids[3]
+    env = {"RECONCILE_LOCK_TIMEOUT_MS": "300", "WORKER_LOCK_TIMEOUT_MS": "120000"}
+    with chat_held(held):
+        result = run_cli("reconcile", "--batch-size", "4", timeout=60, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = summary(result.stdout)
+    assert (done["chats"], done["inserted"], done["timed out"], done["skipped"]) == (
+        "7",
+        "6",
+        "1",
+        "0",
+    )
+    assert "1 chats timed out alone" in result.stdout
+    assert_converged(engine, [c for c in ids if c != held])
+    assert first[held] not in table_rows(engine, held)[0]  # not repaired: it was never reached
+
+    letter = open_letters(engine, held)
+    assert set(letter) == {"reconcile_timeout"}, letter
+    assert "lock timeout" in letter["reconcile_timeout"]
+    assert "300 ms" in letter["reconcile_timeout"]
+    recorded = run_row(engine, printed_run_id(result.stdout))
+    assert (recorded["outcome"], recorded["chats_scanned"], recorded["chats_timed_out"]) == (
+        "incomplete",
+        7,
+        1,
+    )
+    assert (recorded["inserted"], recorded["error"]) == (6, None)
+    assert recorded["finished_at"] is not None
+
+    # Not blocking: the sweep still claims the chat once it is behind.
+    execute(
+        engine,
+        "UPDATE copilot_chat_sync_state SET wanted_version = applied_version + 1, "
+        "dirty_since = now() - interval '1 hour' WHERE chat_id = :c",
+        c=held,
+    )
+    with transaction(sessionmaker) as session:
+        claimed = [b.chat_id for b in sweep_claims(session)]
+    assert uuid.UUID(held) in claimed
+
+    # Once the sync is done, the next reconcile repairs the chat and closes the dead letter.
+    again = reconcile(sessionmaker)
+    assert again is not None
+    assert (again.outcome, again.timed_out, again.inserted) == ("ok", 0, 1)
+    assert_converged(engine, ids)
+    assert open_letters(engine, held) == {}
+
+
+def sweep_claims(session: Any) -> list[Any]:
+    from app.services import sync
+
+    return sync.sweep(session, grace=timedelta(0), limit=1000)
+
+
+def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    """A statement that outlasts the reconcile's statement timeout (here: one waiting on a held
+    chat, with the lock timeout far longer) is cancelled with 57014; the batch is split, the chat
+    alone is dead-lettered naming the statement timeout, and the run goes on."""
+    ids, first = drifted_chats(api, auth, engine, converged, 5)
+    held = ids[0]
+    limits = Limits(statement_timeout_ms=400, lock_timeout_ms=120_000)
+    started = time.monotonic()
+    with chat_held(held):
+        report = reconcile(sessionmaker, batch_size=5, limits=limits)
+    assert time.monotonic() - started < 60  # not the lock timeout
+    assert report is not None
+    assert (report.outcome, report.chats, report.inserted, report.timed_out) == (
+        "incomplete",
+        5,
+        4,
+        1,
+    )
+    assert_converged(engine, ids[1:])
+    assert first[held] not in table_rows(engine, held)[0]
+    letter = open_letters(engine, held)["reconcile_timeout"]
+    assert "statement timeout" in letter and "400 ms" in letter, letter
+    assert run_row(engine, report.run_id)["chats_timed_out"] == 1
+
+    # A dry run under the same limits does not wait on locks at all: it sees the drift.
+    dry = reconcile(sessionmaker, dry_run=True, limits=limits)
+    assert dry is not None and (dry.outcome, dry.inserted, dry.timed_out) == ("drift", 1, 0)
+
+
+def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    """SIGKILL a CLI reconcile while it waits on a chat: its run row says `running`, but nothing
+    holds the reconcile lock any more; `status` shows it killed at once, and the next reconcile
+    records it as killed, then does the work."""
+    ids, _ = drifted_chats(api, auth, engine, converged, 2)
+    before = run_ids(engine)
+    with psycopg.connect(DSN, autocommit=True) as watcher, chat_held(ids[0]):
+        proc = start_cli("reconcile", RECONCILE_LOCK_TIMEOUT_MS="120000")
+        try:
+            wait_until(lambda: _lock_state(watcher) == (1, 1), timeout=60)
+        finally:
+            proc.kill()
+            proc.communicate(timeout=30)
+        wait_until(lambda: _lock_state(watcher)[0] == 0, timeout=30)
+        (killed,) = [i for i in run_ids(engine) if i not in before]
+        assert run_row(engine, killed)["outcome"] == "running"
+
+        shown = run_cli("status", timeout=60)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        row = next(line for line in shown.stdout.splitlines() if line.startswith(f"{killed} "))
+        assert re.split(r"\s{2,}", row)[5] == "killed", shown.stdout
+
+    result = run_cli("reconcile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"marked killed: #{killed}" in result.stdout
+    recorded = run_row(engine, killed)
+    assert recorded["outcome"] == "killed" and recorded["finished_at"] is not None
+    assert "unfinished" in recorded["error"]
+    assert run_row(engine, printed_run_id(result.stdout))["outcome"] == "ok"
+    assert_converged(engine, ids)
+
+
+def test_a_run_that_raises_is_marked_failed_not_left_running(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    drifted_chats(api, auth, engine, converged, 2)
+
+    def fail(report: Any) -> None:
+        raise RuntimeError("progress sink broke")
+
+    before = run_ids(engine)
+    with pytest.raises(RuntimeError):
+        reconcile(sessionmaker, batch_size=1, progress=fail)
+    (failed,) = [i for i in run_ids(engine) if i not in before]
+    recorded = run_row(engine, failed)
+    assert recorded["outcome"] == "failed" and recorded["finished_at"] is not None
+    assert "progress sink broke" in recorded["error"]
+    assert recorded["chats_scanned"] == 1  # what it had done when it stopped
+
+
+def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    ids, first = drifted_chats(api, auth, engine, converged, 3)
+    lost = ids[1]
+    with transaction(sessionmaker) as session:
+        letter = dead_letters.record(
+            session,
+            task="chats.sync_chat",
+            chat_id=uuid.UUID(lost),
+            args=[lost, 1],
+            reason=dead_letters.Reason.WORKER_LOST,
+            error="worker lost 4 times",
+            attempts=4,
+        )
+    try:
+        dry = run_cli("reconcile", "--dry-run")
+        assert dry.returncode == 1, dry.stdout + dry.stderr  # the drift of the other two
+        assert (summary(dry.stdout)["missing"], summary(dry.stdout)["skipped"]) == ("2", "1")
+
+        result = run_cli("reconcile")
+        assert result.returncode == 0, result.stdout + result.stderr
+        done = summary(result.stdout)
+        assert (done["chats"], done["inserted"], done["skipped"], done["timed out"]) == (
+            "3",
+            "2",
+            "1",
+            "0",
+        )
+        assert "worker_lost" in result.stdout
+        assert_converged(engine, [c for c in ids if c != lost])
+        assert first[lost] not in table_rows(engine, lost)[0]  # left alone
+        assert set(open_letters(engine, lost)) == {"worker_lost"}  # still waits for a replay
+        recorded = run_row(engine, printed_run_id(result.stdout))
+        assert (recorded["outcome"], recorded["chats_skipped"], recorded["inserted"]) == (
+            "incomplete",
+            1,
+            2,
+        )
+
+        # With every chat checked except it, a dry run cannot say "no drift".
+        clean_dry = run_cli("reconcile", "--dry-run")
+        assert clean_dry.returncode == 3, clean_dry.stdout + clean_dry.stderr
+    finally:
+        with transaction(sessionmaker) as session:
+            dead_letters.close(session, [letter])

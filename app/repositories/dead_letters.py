@@ -19,10 +19,18 @@ class Reason(StrEnum):
     FAILED = "failed"  # a permanent error, or a transient one past the retry limit
     WORKER_LOST = "worker_lost"  # its worker died under it more often than allowed
     BAD_ELEMENTS = "bad_elements"  # the chat was copied, but some elements were skipped
+    # A reconcile gave up on the chat alone: it waited past the reconcile's lock timeout (a sync
+    # held the chat) or ran past its statement timeout.
+    RECONCILE_TIMEOUT = "reconcile_timeout"
 
 
 # Reasons that stop the sweep from re-enqueueing a chat until an operator replays it.
+# `reconcile_timeout` is not one: the timeout says nothing against the chat's own sync (a lock
+# held by a sync means one is running), so the sweep, the next sync or the next reconcile may
+# well succeed, and any success closes it.
 BLOCKING = (Reason.FAILED.value, Reason.WORKER_LOST.value)
+# Reasons a successful sync of the chat closes.
+RESOLVED_BY_SYNC = (*BLOCKING, Reason.RECONCILE_TIMEOUT.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +104,7 @@ def resolve(
             """
             UPDATE dualwrite_dead_letters SET resolved_at = now()
             WHERE resolved_at IS NULL
-              AND ((chat_id = ANY(:synced) AND reason = ANY(:blocking))
+              AND ((chat_id = ANY(:synced) AND reason = ANY(:reasons))
                    OR (chat_id = ANY(:clean) AND reason = :bad))
             """
         ).bindparams(
@@ -106,11 +114,27 @@ def resolve(
         {
             "synced": list(synced),
             "clean": list(without_bad_elements),
-            "blocking": list(BLOCKING),
+            "reasons": list(RESOLVED_BY_SYNC),
             "bad": Reason.BAD_ELEMENTS.value,
         },
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def chats_with_open(
+    session: Session, chat_ids: Sequence[uuid.UUID], reason: Reason
+) -> set[uuid.UUID]:
+    """Those of these chats that have an open dead letter for this reason."""
+    if not chat_ids:
+        return set()
+    rows = session.execute(
+        text(
+            "SELECT chat_id FROM dualwrite_dead_letters "
+            "WHERE resolved_at IS NULL AND reason = :reason AND chat_id = ANY(:ids)"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"reason": reason.value, "ids": list(chat_ids)},
+    ).scalars()
+    return set(rows)
 
 
 def list_(

@@ -2,28 +2,39 @@
 
 Repairs go through the same guarded convergence as the live sync (and take the same per-chat
 locks), so a reconcile racing live writes can never overwrite newer rows. Each batch is its own
-transaction: no lock is held longer than one batch. A session-level advisory lock lets only one
-reconcile run at a time; another one returns at once.
+transaction under the reconcile's own lock and statement timeouts: no lock is held longer than one
+batch, and a batch that hits a timeout is retried in halves, down to single chats; a chat that
+still hits one alone is dead-lettered (`reconcile_timeout`) and the run goes on. Chats whose sync
+keeps killing workers (an open `worker_lost` dead letter) are skipped. A session-level advisory
+lock lets only one reconcile run at a time; another one returns at once, and a run that takes it
+marks any run still `running` as killed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import transaction
 from app.repositories import chats as chats_repo
+from app.repositories import dead_letters, reconcile_runs
 from app.repositories import messages as messages_repo
-from app.repositories import reconcile_runs
 from app.services import sync
+from app.settings import get_settings
 
-LOCK_KEY = (7302, 1)
+log = logging.getLogger(__name__)
+
+LOCK_KEY = reconcile_runs.LOCK_KEY
+RECONCILE_TASK = "chats.reconcile"  # the name its dead letters carry
 MAX_INTERVAL = timedelta(days=36500)  # `now() - interval` must stay a valid timestamp
 
 _UNITS = {
@@ -64,23 +75,38 @@ def parse_interval(value: str) -> timedelta:
     return interval
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The reconcile's database timeouts, set on each of its batch transactions."""
+
+    statement_timeout_ms: int
+    lock_timeout_ms: int
+
+
 @dataclass(slots=True)
 class ReconcileReport:
     run_id: int
     dry_run: bool
     total_chats: int | None = None
-    chats: int = 0
+    chats: int = 0  # every chat the run reached, the timed-out and skipped ones included
     messages: int = 0
     bad_elements: int = 0
     inserted: int = 0
     updated: int = 0
     soft_deleted: int = 0
+    timed_out: int = 0  # chats given up on alone after a lock or statement timeout
+    skipped: int = 0  # chats left alone for an open `worker_lost` dead letter
+    killed_runs: list[int] = field(default_factory=list)  # earlier runs found unfinished
     seconds: float = 0.0
     outcome: str = "running"
 
     @property
     def drift(self) -> int:
         return self.inserted + self.updated + self.soft_deleted
+
+    @property
+    def unchecked(self) -> int:
+        return self.timed_out + self.skipped
 
 
 def reconcile(
@@ -92,21 +118,24 @@ def reconcile(
     trigger: str = "cli",
     count_first: bool = False,
     progress: Callable[[ReconcileReport], None] | None = None,
+    limits: Limits | None = None,
 ) -> ReconcileReport | None:
-    """Run one reconcile; None when another one holds the lock."""
+    """Run one reconcile; None when another one holds the lock. `limits` default to the
+    `RECONCILE_*_TIMEOUT_MS` settings."""
+    if limits is None:
+        settings = get_settings()
+        limits = Limits(
+            statement_timeout_ms=settings.reconcile_statement_timeout_ms,
+            lock_timeout_ms=settings.reconcile_lock_timeout_ms,
+        )
     engine = factory.kw["bind"]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
-        got = lock.execute(
-            text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": LOCK_KEY[0], "b": LOCK_KEY[1]}
-        ).scalar_one()
-        if not got:
+        if not reconcile_runs.try_lock(lock):
             return None
         try:
-            return _run(factory, since, dry_run, batch_size, trigger, count_first, progress)
+            return _run(factory, since, dry_run, batch_size, trigger, count_first, progress, limits)
         finally:
-            lock.execute(
-                text("SELECT pg_advisory_unlock(:a, :b)"), {"a": LOCK_KEY[0], "b": LOCK_KEY[1]}
-            )
+            reconcile_runs.unlock(lock)
 
 
 def _run(
@@ -117,33 +146,41 @@ def _run(
     trigger: str,
     count_first: bool,
     progress: Callable[[ReconcileReport], None] | None,
+    limits: Limits,
 ) -> ReconcileReport:
     with transaction(factory) as session:
+        # The lock is held by this process alone, and a run holds it from start to finish: a
+        # run still `running` has lost its process or connection (SIGKILL, OOM, a lost host).
+        killed = reconcile_runs.mark_killed(session)
         run_id = reconcile_runs.start(session, since=since, dry_run=dry_run, trigger=trigger)
         total = chats_repo.count(session, since=since) if count_first else None
-    report = ReconcileReport(run_id=run_id, dry_run=dry_run, total_chats=total)
+    report = ReconcileReport(run_id=run_id, dry_run=dry_run, total_chats=total, killed_runs=killed)
+    if killed:
+        log.warning("reconcile #%d: marked unfinished runs %s as killed", run_id, killed)
     started = time.perf_counter()
     error: str | None = None
     try:
         after = None
         while True:
-            with transaction(factory) as session:
+            with _limited(factory, limits) as session:
                 ids = chats_repo.ids_after(session, after, batch_size, since=since)
                 if not ids:
                     break
-                if dry_run:
-                    done = sync.SyncReport()
-                    for counts in messages_repo.diff(session, ids):
-                        done.add(counts)
-                else:
-                    done = sync.resync(session, ids)
-                _add(report, done)
-                report.chats += len(ids)
+                # Their sync keeps killing workers (an enormous chat, say): converging them here
+                # would only move that to the reconcile. They wait for an operator's replay.
+                lost = dead_letters.chats_with_open(session, ids, dead_letters.Reason.WORKER_LOST)
+            report.chats += len(ids)
+            report.skipped += len(lost)
+            _check(factory, [i for i in ids if i not in lost], report, dry_run, limits)
             after = ids[-1]
             report.seconds = time.perf_counter() - started
             if progress is not None:
                 progress(report)
-        report.outcome = "drift" if dry_run and report.drift else "ok"
+        if dry_run and report.drift:
+            report.outcome = "drift"
+        else:
+            # Not "ok": some chats were not compared, so this run does not prove them clean.
+            report.outcome = "incomplete" if report.unchecked else "ok"
     except BaseException as exc:
         report.outcome, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
@@ -162,9 +199,89 @@ def _run(
                 updated=report.updated,
                 soft_deleted=report.soft_deleted,
                 drift=report.drift,
+                chats_timed_out=report.timed_out,
+                chats_skipped=report.skipped,
                 duration_seconds=report.seconds,
             )
     return report
+
+
+def _check(
+    factory: sessionmaker[Session],
+    ids: Sequence[uuid.UUID],
+    report: ReconcileReport,
+    dry_run: bool,
+    limits: Limits,
+) -> None:
+    """Compare (or converge) these chats, one transaction per piece. A piece that hits a lock or
+    statement timeout is rolled back and retried in halves, so one chat held by a long sync, or
+    too big for the statement timeout, costs its batch a few retries rather than the run."""
+    pieces = [list(ids)] if ids else []
+    while pieces:
+        piece = pieces.pop()
+        try:
+            with _limited(factory, limits) as session:
+                if dry_run:
+                    done = sync.SyncReport()
+                    for counts in messages_repo.diff(session, piece):
+                        done.add(counts)
+                else:
+                    done = sync.resync(session, piece)
+        except DBAPIError as exc:
+            reason = _timeout(exc, limits)
+            if reason is None:
+                raise
+            if len(piece) > 1:
+                half = len(piece) // 2
+                pieces += [piece[half:], piece[:half]]  # the first half is popped first
+                continue
+            _give_up(factory, piece[0], reason, report)
+            continue
+        _add(report, done)
+
+
+def _give_up(
+    factory: sessionmaker[Session], chat_id: uuid.UUID, reason: str, report: ReconcileReport
+) -> None:
+    report.timed_out += 1
+    log.warning("reconcile #%d: chat %s left unchecked: %s", report.run_id, chat_id, reason)
+    if report.dry_run:
+        return  # a dry run records its run, nothing else; the log names the chat
+    with transaction(factory) as session:
+        dead_letters.record(
+            session,
+            task=RECONCILE_TASK,
+            chat_id=chat_id,
+            args=[str(chat_id)],
+            reason=dead_letters.Reason.RECONCILE_TIMEOUT,
+            error=f"reconcile #{report.run_id} gave up on this chat alone: {reason}",
+            attempts=1,
+        )
+
+
+def _timeout(exc: DBAPIError, limits: Limits) -> str | None:
+    """The limit this error is, in words; None when it is no lock or statement timeout (an
+    operator's `pg_cancel_backend` is also 57014, and stops the run as any other error)."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate == "55P03":  # lock_not_available
+        return (
+            f"lock timeout: waited more than {limits.lock_timeout_ms} ms for a lock on the "
+            f"chat (a sync or a handler holds it) ({exc.orig})"
+        )
+    if sqlstate == "57014" and "statement timeout" in str(exc.orig):  # query_canceled
+        return f"statement timeout: ran longer than {limits.statement_timeout_ms} ms ({exc.orig})"
+    return None
+
+
+@contextmanager
+def _limited(factory: sessionmaker[Session], limits: Limits) -> Iterator[Session]:
+    with transaction(factory) as session:
+        reconcile_runs.limit_transaction(
+            session,
+            statement_timeout_ms=limits.statement_timeout_ms,
+            lock_timeout_ms=limits.lock_timeout_ms,
+        )
+        yield session
 
 
 def _add(report: ReconcileReport, batch: sync.SyncReport) -> None:
