@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,20 @@ class Job:
 # then). May block up to the broker's timeouts and may raise: unsafe to call inside a
 # transaction or without catching; `publish_after_commit` is the only caller.
 UnsafePublish = Callable[[Job], bool]
+
+# Sends many jobs at once (the sweep): one outcome per job, in order: True sent, False coalesced
+# with a waiting one, or the exception that kept it from being sent. Unsafe like `UnsafePublish`;
+# `publish_many_after_commit` is the only caller.
+UnsafePublishMany = Callable[[Sequence[Job]], Sequence[bool | Exception]]
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What became of the jobs of one bulk publish."""
+
+    sent: int = 0
+    coalesced: int = 0
+    failed: int = 0
 
 
 @dataclass(slots=True)
@@ -70,3 +84,41 @@ def publish_after_commit(queue: JobQueue, publish_unsafe: UnsafePublish) -> int:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
     queue.clear()
     return failures
+
+
+def publish_many_after_commit(queue: JobQueue, publish_many: UnsafePublishMany) -> Published:
+    """Publish every recorded job in one bulk call; never raises. Failures are counted per job
+    but logged once, with the first error: a sweep of thousands of chats against a broker that
+    is down must not write thousands of lines."""
+    jobs = list(queue.jobs)
+    queue.clear()
+    if not jobs:
+        return Published()
+    try:
+        outcomes = list(publish_many(jobs))
+    except Exception as exc:  # any broker failure: the next sweep tries again
+        outcomes = [exc] * len(jobs)
+    sent = coalesced = failed = 0
+    first_error: tuple[Job, Exception] | None = None
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            failed += 1
+            metrics.ENQUEUE_FAILURES.labels(job.task).inc()
+            first_error = first_error or (job, outcome)
+        elif outcome:
+            sent += 1
+            metrics.ENQUEUED.labels(job.task).inc()
+        else:
+            coalesced += 1
+            metrics.COALESCED.labels(job.task).inc()
+    if first_error is not None:
+        job, error = first_error
+        log.warning(
+            "enqueue of %d of %d jobs failed; the first, %s%r: %s",
+            failed,
+            len(jobs),
+            job.task,
+            job.args,
+            error,
+        )
+    return Published(sent=sent, coalesced=coalesced, failed=failed)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from app.jobs import SYNC_CHAT, JobQueue, publish_after_commit
+from app.jobs import SYNC_CHAT, JobQueue, publish_many_after_commit
 from app.services import reconcile as reconcile_service
 from app.services import sync
 from app.settings import Phase, get_settings
 from tasks import celery
-from tasks.publish import bounded_publisher
+from tasks.publish import process_publisher
 from tasks.queues import Queue
 from tasks.runtime import worker_sessionmaker, worker_transaction
 
@@ -21,11 +21,18 @@ RECONCILE = "chats.reconcile"
 
 
 @celery.task(name=SWEEP, queue=Queue.MAINTENANCE.value, ignore_result=True, max_retries=0)
-def sweep() -> int:
-    """Enqueue a whole-chat sync for every chat behind for longer than the grace period."""
+def sweep() -> dict[str, int]:
+    """Enqueue a whole-chat sync for every chat behind for longer than the grace period.
+
+    Each sync is coalesced with the chat's marker like a handler's: a chat whose sync still
+    waits in the queue is not sent again every minute, so a backlog does not grow with every
+    sweep. A chat whose task was lost with its marker set is sent again once the marker expires
+    (`COALESCE_TTL_SECONDS`), which bounds the delay. All markers go in one round trip and all
+    sends through one producer, kept by this process from one sweep to the next.
+    """
     settings = get_settings()
     if settings.dualwrite_phase is Phase.JSONB_ONLY:
-        return 0
+        return {"behind": 0, "sent": 0, "coalesced": 0, "failed": 0}
     jobs = JobQueue()
     with worker_transaction() as session:
         behind = sync.sweep(
@@ -33,12 +40,24 @@ def sweep() -> int:
             grace=timedelta(seconds=settings.sweep_grace_seconds),
             limit=settings.sweep_batch_size,
         )
-        for chat in behind:
-            jobs.enqueue(SYNC_CHAT, str(chat.chat_id), chat.wanted_version)
-    failed = publish_after_commit(jobs, bounded_publisher(settings))
+    for chat in behind:
+        key = str(chat.chat_id)
+        jobs.enqueue(SYNC_CHAT, key, chat.wanted_version, coalesce_key=key)
+    published = publish_many_after_commit(jobs, process_publisher().many)
     if behind:
-        log.info("sweep: %d chats behind, %d enqueued", len(behind), len(behind) - failed)
-    return len(behind)
+        log.info(
+            "sweep: %d chats behind, %d sent, %d coalesced (a sync already waits), %d failed",
+            len(behind),
+            published.sent,
+            published.coalesced,
+            published.failed,
+        )
+    return {
+        "behind": len(behind),
+        "sent": published.sent,
+        "coalesced": published.coalesced,
+        "failed": published.failed,
+    }
 
 
 @celery.task(

@@ -9,7 +9,15 @@ import pytest
 import redis
 
 from app import metrics
-from app.jobs import SYNC_CHAT, SYNC_MESSAGES, JobQueue, publish_after_commit
+from app.jobs import (
+    SYNC_CHAT,
+    SYNC_MESSAGES,
+    Job,
+    JobQueue,
+    Published,
+    publish_after_commit,
+    publish_many_after_commit,
+)
 from app.settings import Settings
 from tasks import publish
 from tests.conftest import start_worker
@@ -129,3 +137,89 @@ def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory
     assert publish_after_commit(queue, failing) == 1
     # The marker is gone, so the next change is sent (or fails) rather than held back.
     assert fakeredis.FakeRedis(server=server).get(publish.pending_key("chat-f")) is None
+
+
+def test_a_bulk_publish_sets_all_markers_in_one_round_trip_and_sends_through_one_producer(
+    memory_publisher,
+) -> None:  # type: ignore[no-untyped-def]
+    publisher, sent, _ = memory_publisher
+    round_trips, acquired = [], []
+    pipeline, acquire = publisher.markers.pipeline, publisher.app.producer_or_acquire
+
+    def counting_pipeline(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+        pipe.execute = lambda: round_trips.append(1) or execute()
+        return pipe
+
+    def counting_acquire(*args, **kwargs):  # type: ignore[no-untyped-def]
+        acquired.append(1)
+        return acquire(*args, **kwargs)
+
+    publisher.markers.pipeline = counting_pipeline
+    publisher.app.producer_or_acquire = counting_acquire
+    jobs = [
+        Job(SYNC_CHAT, ("chat-a", 1), "chat-a"),
+        Job(SYNC_CHAT, ("chat-b", 1), "chat-b"),
+        Job(SYNC_CHAT, ("chat-a", 2), "chat-a"),  # the same chat twice in one batch
+        Job(SYNC_CHAT, ("chat-c", 1)),  # no key: always sent
+    ]
+    assert publisher.many(jobs) == [True, True, False, True]
+    assert sent == [
+        (SYNC_CHAT, ("chat-a", 1)),
+        (SYNC_CHAT, ("chat-b", 1)),
+        (SYNC_CHAT, ("chat-c", 1)),
+    ]
+    assert (len(round_trips), len(acquired)) == (1, 1)
+    # Their syncs still wait: a second sweep sends nothing for the same chats.
+    assert publisher.many(jobs[:2]) == [False, False]
+    assert len(sent) == 3
+
+
+def test_a_bulk_publish_stops_at_the_first_failed_send_and_releases_those_not_sent(
+    memory_publisher,
+) -> None:  # type: ignore[no-untyped-def]
+    publisher, _, server = memory_publisher
+    attempts: list[str] = []
+
+    def flaky(name, args, **kwargs):  # type: ignore[no-untyped-def]
+        attempts.append(args[0])
+        if len(attempts) > 1:
+            raise ConnectionError("broker went away")
+
+    publisher.app.send_task = flaky
+    jobs = [Job(SYNC_CHAT, (f"chat-{n}", 1), f"chat-{n}") for n in range(4)]
+    outcomes = publisher.many(jobs)
+    assert outcomes[0] is True
+    assert all(isinstance(o, ConnectionError) for o in outcomes[1:])
+    assert attempts == ["chat-0", "chat-1"]  # no timeout waited out per remaining job
+    markers = fakeredis.FakeRedis(server=server)
+    assert markers.get(publish.pending_key("chat-0")) is not None  # its task waits
+    assert [markers.get(publish.pending_key(f"chat-{n}")) for n in (1, 2, 3)] == [None] * 3
+
+
+def test_a_bulk_publish_counts_each_outcome_and_never_raises() -> None:
+    queue = JobQueue()
+    for chat in ("chat-a", "chat-b", "chat-c"):
+        queue.enqueue(SYNC_CHAT, chat, 1, coalesce_key=chat)
+    before = {
+        counter: counter.labels(SYNC_CHAT)._value.get()
+        for counter in (metrics.ENQUEUED, metrics.COALESCED, metrics.ENQUEUE_FAILURES)
+    }
+    report = publish_many_after_commit(queue, lambda jobs: [True, False, ConnectionError("x")])
+    assert report == Published(sent=1, coalesced=1, failed=1)
+    assert [c.labels(SYNC_CHAT)._value.get() - v for c, v in before.items()] == [1, 1, 1]
+    assert queue.jobs == []
+
+    def down(jobs):  # type: ignore[no-untyped-def]
+        raise ConnectionError("broker down")
+
+    queue.enqueue(SYNC_CHAT, "chat-a", 1)
+    queue.enqueue(SYNC_CHAT, "chat-b", 1)
+    assert publish_many_after_commit(queue, down) == Published(failed=2)
+
+
+def test_the_sweep_reuses_one_publisher_per_process() -> None:
+    first = publish.process_publisher()
+    assert publish.process_publisher() is first
+    assert first.app is publish.process_publisher().app

@@ -1,9 +1,15 @@
-"""Sync tasks: idempotent, order-independent, quiet for a deleted chat. Real worker, real Redis."""
+"""Sync tasks: idempotent, order-independent, quiet for a deleted chat; the sweep under a backlog.
+Real worker, real Redis."""
 
 from __future__ import annotations
 
+import ast
 import itertools
+import os
+import re
 import uuid
+from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
@@ -11,8 +17,14 @@ from sqlalchemy import text
 from app.db import transaction
 from app.jobs import SYNC_CHAT, SYNC_MESSAGES
 from app.repositories import chats as chats_repo
+from app.repositories import sync_state
 from app.services import sync
-from tests.support import assert_converged, wait_until
+from app.settings import Settings
+from tasks.maintenance import SWEEP
+from tasks.publish import pending_key, producer
+from tasks.queues import Queue
+from tests.conftest import LOG_DIR, RUN_ID, start_worker
+from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
 
 
 def element(id_: str, content: str = "x") -> dict[str, object]:
@@ -147,3 +159,122 @@ def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(sessionmaker, eng
         deleting.close()
     assert (report.missing, report.inserted) == (1, 0)
     assert rows(engine, chat.id) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep under a backlog: a broker of the test's own, a worker that runs only the sweep (so
+# the syncs it sends pile up), and a sync worker started later.
+
+
+def behind_chats(sessionmaker, count: int) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]
+    """Chats whose copy is behind and whose task was never published."""
+    with transaction(sessionmaker) as session:
+        return [
+            chats_repo.create(
+                session,
+                user_id="u",
+                title=None,
+                model="m",
+                workflow_id=None,
+                messages=[element(f"a{n}"), element(f"b{n}")],
+            ).id
+            for n in range(count)
+        ]
+
+
+@pytest.fixture()
+def sweeper(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+    """A worker that consumes only the maintenance queue: the syncs it sends wait."""
+    env = {
+        **os.environ,
+        "REDIS_URL": broker.url,
+        "DUALWRITE_TEST_HOOKS": str(hooks),
+        "SWEEP_GRACE_SECONDS": "0",
+    }
+    process = WorkerProcess(
+        env,
+        LOG_DIR / f"sweeper-{RUN_ID}.log",
+        f"sweeper-{RUN_ID}",
+        "-Q",
+        Queue.MAINTENANCE.value,
+        "-c",
+        "1",
+    ).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def sweep_once(broker, sweeper: WorkerProcess) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Run one sweep on the sweeper and return what it reported."""
+    task_id = producer(Settings(redis_url=broker.url)).send_task(SWEEP).id
+    line = wait_until(
+        lambda: re.search(
+            rf"Task {SWEEP}\[{task_id}\] succeeded in \S+: (\{{.*\}})", sweeper.log()
+        ),
+        timeout=30,
+    )
+    report: dict[str, int] = ast.literal_eval(line.group(1))
+    return report
+
+
+def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-untyped-def]
+    broker, hooks, sessionmaker, engine, sweeper, clean
+) -> None:
+    chats = behind_chats(sessionmaker, 40)
+    reports = [sweep_once(broker, sweeper) for _ in range(3)]
+    assert reports[0] == {"behind": 40, "sent": 40, "coalesced": 0, "failed": 0}
+    # The syncs still wait: later sweeps see the same chats behind and send nothing.
+    assert reports[1:] == [{"behind": 40, "sent": 0, "coalesced": 40, "failed": 0}] * 2
+    assert broker.client().llen(Queue.SYNC.value) == 40
+    assert "sweep: 40 chats behind, 0 sent, 40 coalesced" in sweeper.log()
+
+    worker = start_worker(broker, hooks, "backlog")
+    try:
+        wait_converged(engine, chats, timeout=60)
+        received = re.findall(rf"Task {SYNC_CHAT}\[[0-9a-f-]+\] received", worker.log())
+        assert len(received) == 40  # one sync per chat, not one per sweep
+    finally:
+        worker.stop()
+    # Each task released its chat when it started: nothing is behind, nothing is held.
+    assert sweep_once(broker, sweeper) == {"behind": 0, "sent": 0, "coalesced": 0, "failed": 0}
+    assert broker.client().keys(pending_key("*")) == []
+
+
+def test_a_chat_whose_task_was_lost_is_sent_again_once_its_marker_expires(  # type: ignore[no-untyped-def]
+    broker, hooks, sessionmaker, engine, sweeper, clean
+) -> None:
+    (chat,) = behind_chats(sessionmaker, 1)
+    # What a publish leaves behind when its task is then lost (a flushed or evicted queue): the
+    # marker, and nothing in the queue.
+    marker = pending_key(str(chat))
+    broker.client().set(marker, 1, ex=2)
+    assert sweep_once(broker, sweeper) == {"behind": 1, "sent": 0, "coalesced": 1, "failed": 0}
+    assert broker.client().llen(Queue.SYNC.value) == 0
+
+    wait_until(lambda: not broker.client().exists(marker), timeout=10)
+    assert sweep_once(broker, sweeper) == {"behind": 1, "sent": 1, "coalesced": 0, "failed": 0}
+    worker = start_worker(broker, hooks, "lost-task")
+    try:
+        wait_converged(engine, [chat])
+    finally:
+        worker.stop()
+
+
+def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, clean) -> None:  # type: ignore[no-untyped-def]
+    chats = behind_chats(sessionmaker, 3)
+    with transaction(sessionmaker) as session:
+        session.execute(
+            text(
+                "UPDATE copilot_chat_sync_state SET dirty_since = now() - interval '10 minutes' "
+                "WHERE chat_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": [str(c) for c in chats]},
+        )
+    for _ in range(2):
+        with transaction(sessionmaker) as session:
+            behind = sync.sweep(session, grace=timedelta(seconds=30), limit=2)
+        assert len(behind) == 2 and {b.chat_id for b in behind} <= set(chats)
+        with transaction(sessionmaker) as session:
+            assert sync_state.oldest_behind_seconds(session) >= 600

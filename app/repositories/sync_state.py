@@ -89,38 +89,57 @@ def mark_applied(session: Session, versions: dict[uuid.UUID, int]) -> None:
     )
 
 
-def claim_behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
-    """Chats whose newest version is not copied yet and has waited longer than `grace`.
+def list_behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
+    """Chats whose newest version is not copied yet and has waited longer than `grace`, the
+    longest-waiting first.
 
-    Resets their `dirty_since`, so a chat is claimed again only after another grace period (a
-    sync still queued is not sent twice a minute). Skips chats a handler holds right now, and
-    chats with an open failed or worker-lost dead letter: those wait for an operator's replay.
-    Reads only the partial index over `applied_version < wanted_version`, which is empty when
-    everything is in sync.
+    Only reads: `dirty_since` keeps saying since when each chat has been behind, which is what
+    `oldest_behind_seconds` reports. A chat whose sync already waits in the queue is not sent
+    twice: the publisher's per-chat marker coalesces it. Skips chats with an open failed or
+    worker-lost dead letter: those wait for an operator's replay. Reads only the partial index
+    over `applied_version < wanted_version`, which is empty when everything is in sync.
     """
     rows = session.execute(
         text(
             """
-            UPDATE copilot_chat_sync_state s SET dirty_since = now()
-            WHERE s.chat_id IN (
-                SELECT b.chat_id FROM copilot_chat_sync_state b
-                WHERE b.applied_version < b.wanted_version
-                  AND b.dirty_since < now() - :grace
-                  AND NOT EXISTS (
-                      SELECT 1 FROM dualwrite_dead_letters d
-                      WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
-                        AND d.reason = ANY(:blocking)
-                  )
-                ORDER BY b.dirty_since
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            )
-            RETURNING s.chat_id, s.wanted_version
+            SELECT b.chat_id, b.wanted_version FROM copilot_chat_sync_state b
+            WHERE b.applied_version < b.wanted_version
+              AND b.dirty_since < now() - :grace
+              AND NOT EXISTS (
+                  SELECT 1 FROM dualwrite_dead_letters d
+                  WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
+                    AND d.reason = ANY(:blocking)
+              )
+            ORDER BY b.dirty_since
+            LIMIT :limit
             """
         ),
         {"grace": grace, "limit": limit, "blocking": list(BLOCKING)},
     ).all()
-    return [Behind(row.chat_id, row.wanted_version) for row in sorted(rows)]
+    return [Behind(row.chat_id, row.wanted_version) for row in rows]
+
+
+def oldest_behind_seconds(session: Session) -> float:
+    """Seconds since the longest-waiting chat fell behind (0 when none is), not counting chats
+    parked in a failed or worker-lost dead letter: those have their own gauge, and one of them
+    must not mask (or fake) a stalled worker. Grows without bound while nothing consumes."""
+    age = session.execute(
+        text(
+            """
+            SELECT extract(epoch FROM now() - b.dirty_since) FROM copilot_chat_sync_state b
+            WHERE b.applied_version < b.wanted_version AND b.dirty_since IS NOT NULL
+              AND NOT EXISTS (
+                  SELECT 1 FROM dualwrite_dead_letters d
+                  WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
+                    AND d.reason = ANY(:blocking)
+              )
+            ORDER BY b.dirty_since
+            LIMIT 1
+            """
+        ),
+        {"blocking": list(BLOCKING)},
+    ).scalar_one_or_none()
+    return max(0.0, float(age)) if age is not None else 0.0
 
 
 def count_behind(session: Session) -> int:

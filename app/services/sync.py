@@ -117,9 +117,10 @@ def _settle(
 
 
 def sweep(session: Session, *, grace: timedelta, limit: int) -> list[sync_state.Behind]:
-    """Chats whose copy is behind for longer than `grace`: the caller enqueues a sync for each.
+    """Chats whose copy is behind for longer than `grace`: the caller enqueues a sync for each,
+    coalesced per chat with any sync already waiting.
 
     This is what makes a lost publish harmless: the handler's commit recorded the wanted
     version in the same transaction, whatever happened to its task.
     """
-    return sync_state.claim_behind(session, grace=grace, limit=limit)
+    return sync_state.list_behind(session, grace=grace, limit=limit)
