@@ -52,15 +52,15 @@ def services_up() -> None:
 
 
 @contextmanager
-def database(prefix: str) -> Iterator[str]:
-    """A new database built by `alembic upgrade head`; dropped afterwards."""
+def database(prefix: str, revision: str = "head") -> Iterator[str]:
+    """A new database built by `alembic upgrade REVISION`; dropped afterwards."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     try:
         subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            [sys.executable, "-m", "alembic", "upgrade", revision],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": url},
             check=True,

@@ -163,7 +163,7 @@ def lsn_diff(session: Any, before: str) -> int:
 def setup(url: str, background: float, seed: int) -> dict[int, uuid.UUID]:
     """The background data set (so the table and its indexes are not trivially small), one chat
     per size, and their rows copied with the migration's own backfill statement."""
-    from bench.reconcile import migration
+    from migrations.backfill import INLINE
 
     if background > 0:
         dataset.load(url, dataset.shape(background, seed))
@@ -180,10 +180,11 @@ def setup(url: str, background: float, seed: int) -> dict[int, uuid.UUID]:
                 (chat_id, USER, f"{size} messages", dataset.dumps(messages), created),
             )
             chats[size] = chat_id
-        connection.execute(migration().BACKFILL)
+        connection.execute(INLINE)
         connection.execute(
             "INSERT INTO copilot_chat_sync_state (chat_id, wanted_version, applied_version, "
-            "synced_at) SELECT id, messages_version, messages_version, now() FROM copilot_chats"
+            "synced_at) SELECT id, messages_version, messages_version, now() FROM copilot_chats "
+            "ON CONFLICT (chat_id) DO UPDATE SET applied_version = EXCLUDED.applied_version"
         )
         connection.commit()
     with psycopg.connect(url, autocommit=True) as connection:

@@ -1,6 +1,6 @@
 """Reconcile vs the migration's inline backfill, on the reference data set, in the same run:
 
-  (a) the inline SQL backfill statement of migration 0002 into an empty table;
+  (a) the backfill's copy as one statement (`migrations.backfill.INLINE`) into an empty table;
   (b) the same statement again, every row already there;
   (c) the table truncated, then the reconcile (`python -m app reconcile`'s code) into it;
   (d) the reconcile again, everything in sync.
@@ -16,7 +16,6 @@ bench/out/ with the time per statement kind, to show where the time goes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import statistics
@@ -26,7 +25,6 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psycopg
@@ -34,19 +32,10 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import dataset, infra
+from migrations.backfill import INLINE
 
-MIGRATION = infra.ROOT / "migrations" / "versions" / "0002_copilot_chat_messages.py"
 TARGET_EMPTY = 1.5
 TARGET_IN_SYNC = 2.0
-
-
-def migration() -> ModuleType:
-    """Revision 0002 as a module, for its BACKFILL statement (the one `alembic upgrade` runs)."""
-    spec = importlib.util.spec_from_file_location("migration_0002", MIGRATION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class StatementClock:
@@ -253,7 +242,7 @@ def main() -> int:
     batch_sizes = [int(b) for b in args.batch_size.split(",")]
 
     infra.services_up()
-    statement = migration().BACKFILL
+    statement = INLINE
     with infra.database("cdw_bench_reconcile") as url:
         os.environ["DATABASE_URL"] = url
         shape = dataset.shape(args.scale)

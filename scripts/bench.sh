@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs one benchmark, or all of them: scripts/bench.sh NAME|all [--quick] [options]
-# NAME is one of: overhead lag drain reconcile reads memory chaos. Each prints its figures
+# NAME is one of: overhead lag drain reconcile reads memory chaos migration. Each prints its figures
 # (and writes plots and raw data to bench/out/). --quick runs tiny sizes: it checks that the
 # scripts work, and its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALL="overhead lag drain reconcile reads memory chaos"
+ALL="overhead lag drain reconcile reads memory chaos migration"
 name=${1:?usage: scripts/bench.sh NAME|all [--quick] (NAME: $ALL)}
 shift
 scripts/setup.sh
