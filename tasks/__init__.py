@@ -7,7 +7,8 @@ from celery import Celery
 celery = Celery("chat-dualwrite")
 celery.config_from_object("celeryconfig")
 
-# Registers the tasks on the app; imported last because the modules use `celery`.
-from tasks import maintenance, sync  # noqa: E402, F401
+# Registers the tasks (and the worker's start-up checks) on the app; imported last because the
+# modules use `celery`.
+from tasks import maintenance, startup, sync  # noqa: E402, F401
 
 __all__ = ["celery"]

@@ -5,9 +5,11 @@ so no message content sits in the broker and no delivery order can write old dat
 
 Failure policy (`app.retry.RetryPolicy`): a transient error is retried with capped exponential
 backoff and jitter up to `max_retries`; a permanent error, or a transient one past the limit, is
-recorded as a dead letter at once. A delivery whose worker died under it (SIGKILL, OOM: the broker
-hands the message out again) is counted in Redis per task id and attempt, and past
-`max_redeliveries` it is dead-lettered instead of run. Nothing loops.
+recorded as a dead letter at once. A statement timeout is retried once: a second one means the
+chat is too large for the worker's `statement_timeout`, and its dead letter says so. A delivery
+whose worker died under it (SIGKILL, OOM: the broker hands the message out again) is counted in
+Redis per task id and attempt, and past `max_redeliveries` it is dead-lettered instead of run.
+Nothing loops.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def _start_delivery(task_id: str, attempt: int, chat_id: str) -> int:
     except redis.RedisError as exc:  # the count is a guard, not a reason to drop the task
         log.warning("could not count delivery of %s: %s", task_id, exc)
         return 1
+
+
+def _hold_chat(chat_id: str, countdown: float) -> None:
+    """Mark the chat as waiting in the queue again while its retry waits for its countdown, so
+    that neither its handlers nor the sweep send another sync meanwhile (each would fail the
+    same way and start a retry chain of its own)."""
+    try:
+        broker_redis().set(
+            pending_key(chat_id), 1, ex=int(countdown) + SETTINGS.coalesce_ttl_seconds
+        )
+    except redis.RedisError as exc:  # at worst a duplicate sync, which changes nothing
+        log.warning("could not mark %s as waiting for its retry: %s", chat_id, exc)
 
 
 def _dead_letter(
@@ -108,15 +122,13 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
                 POLICY.max_retries,
                 error,
             )
-            raise task.retry(exc=error, countdown=POLICY.countdown(retries)) from error
-        _dead_letter(
-            task,
-            chat,
-            args,
-            dead_letters.Reason.FAILED,
-            f"{type(error).__name__}: {error}",
-            retries + 1,
-        )
+            countdown = POLICY.countdown(retries)
+            _hold_chat(str(chat), countdown)
+            raise task.retry(exc=error, countdown=countdown) from error
+        reason = POLICY.describe(error, retries)
+        if POLICY.timed_out_again(error, retries):
+            log.error("%s%r: %s", task.name, args, reason)
+        _dead_letter(task, chat, args, dead_letters.Reason.FAILED, reason, retries + 1)
         raise
     outcome = "missing" if report.missing else "skipped" if report.skipped else "applied"
     METRICS.task(

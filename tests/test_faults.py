@@ -3,9 +3,11 @@ paused, worker processes killed mid-sync, PostgreSQL backends terminated."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -20,9 +22,11 @@ from app.db import transaction
 from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
 from app.settings import Settings
+from tasks.maintenance import SWEEP
 from tasks.publish import producer
-from tests.conftest import MAX_REDELIVERIES, MAX_RETRIES, RedisServer
-from tests.support import assert_converged, wait_converged, wait_until
+from tasks.queues import Queue
+from tests.conftest import MAX_REDELIVERIES, MAX_RETRIES, RedisServer, start_worker
+from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
 from tests.test_handlers import message
 
 
@@ -32,8 +36,25 @@ def new_chat(api: TestClient, auth) -> str:  # type: ignore[no-untyped-def]
     return str(response.json()["id"])
 
 
-def run_sweep(broker: RedisServer) -> None:
-    producer(Settings(redis_url=broker.url)).send_task("chats.sweep")
+def run_sweep(broker: RedisServer) -> str:
+    return str(producer(Settings(redis_url=broker.url)).send_task(SWEEP).id)
+
+
+def run_sweep_and_wait(broker: RedisServer, worker: WorkerProcess) -> dict[str, int]:
+    """Run a sweep on this worker and return its report (behind, sent, coalesced, failed)."""
+    task_id = run_sweep(broker)
+    found = wait_until(
+        lambda: re.search(rf"Task {SWEEP}\[{task_id}\] succeeded in \S+: (\{{.*\}})", worker.log()),
+        timeout=30,
+    )
+    report: dict[str, int] = ast.literal_eval(found.group(1))
+    return report
+
+
+def queue_drained(broker: RedisServer) -> bool:
+    """No sync waits in the queue and none is delivered but unacked."""
+    client = broker.client()
+    return client.llen(Queue.SYNC.value) == 0 and client.hlen("unacked") == 0
 
 
 def dead_letters_of(engine, chat_id: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
@@ -126,23 +147,29 @@ def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
             messages=[message()],
         )
     (hooks / f"kill-{chat.id}").touch()
-    producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=(str(chat.id), 1))
+    task_id = (
+        producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=(str(chat.id), 1)).id
+    )
     wait_until(lambda: dead_letters_of(engine, str(chat.id)), timeout=90)
     assert dead_letters_of(engine, str(chat.id)) == [("worker_lost", MAX_REDELIVERIES + 1)]
-    # Nothing loops: no further delivery once it is dead-lettered.
-    time.sleep(1)
+    # Nothing loops: the delivery that dead-lettered it ends the task, and its message is acked
+    # (neither waiting nor held unacked), so nothing can deliver it again.
+    wait_until(lambda: f"[{task_id}] succeeded" in fault_worker.log(), timeout=30)
+    wait_until(lambda: queue_drained(broker), timeout=30)
     kills = fault_worker.log().count("exited with 'signal 9 (SIGKILL)'")
     assert kills == MAX_REDELIVERIES + 1
     # The sweep leaves it alone until an operator replays it.
     (hooks / f"kill-{chat.id}").unlink()
-    run_sweep(broker)
-    time.sleep(2)
+    report = run_sweep_and_wait(broker, fault_worker)
+    assert report["behind"] == report["sent"] + report["coalesced"]
+    wait_until(lambda: queue_drained(broker), timeout=30)
     with engine.connect() as connection:
         rows = connection.execute(
             text("SELECT count(*) FROM copilot_chat_messages WHERE chat_id = :id"),
             {"id": chat.id},
         ).scalar_one()
     assert rows == 0
+    assert dead_letters_of(engine, str(chat.id)) == [("worker_lost", MAX_REDELIVERIES + 1)]
 
 
 def test_terminated_backends_are_retried_within_the_policy(
@@ -167,7 +194,7 @@ def test_terminated_backends_are_retried_within_the_policy(
                         "AND application_name = 'chat-dualwrite-worker'"
                     )
                 )
-            time.sleep(0.2)
+            stop.wait(0.2)  # pacing between rounds; returns at once when stopped
 
     killer = threading.Thread(target=terminate)
     killer.start()
@@ -249,3 +276,106 @@ def test_concurrent_syncs_in_opposite_order_never_deadlock(sessionmaker, engine)
         t.join()
     assert errors == []
     assert_converged(engine, ids)
+
+
+def test_a_chat_too_large_for_the_statement_timeout_is_dead_lettered_after_one_retry(
+    broker, hooks, engine, sessionmaker
+) -> None:  # type: ignore[no-untyped-def]
+    # 30,000 elements take far longer than 100 ms to converge; every other statement of a sync
+    # takes a millisecond or two.
+    huge = [message(id=f"m{n}", content="x" * 100) for n in range(30_000)]
+    with transaction(sessionmaker) as session:
+        chat = chats_repo.create(
+            session, user_id="u", title=None, model="m", workflow_id=None, messages=huge
+        )
+    worker = start_worker(broker, hooks, "timeout", WORKER_STATEMENT_TIMEOUT_MS="100")
+    try:
+        producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=(str(chat.id), 1))
+        wait_until(lambda: dead_letters_of(engine, str(chat.id)), timeout=60)
+        log = worker.log()
+    finally:
+        worker.stop()
+    # One retry (of the MAX_RETRIES this worker allows), then the dead letter names the cause.
+    assert dead_letters_of(engine, str(chat.id)) == [("failed", 2)]
+    assert re.findall(r"retry (\d+) of \d+", log) == ["1"]
+    with engine.connect() as connection:
+        error = connection.execute(
+            text(
+                "SELECT error FROM dualwrite_dead_letters "
+                "WHERE chat_id = :id AND resolved_at IS NULL"
+            ),
+            {"id": chat.id},
+        ).scalar_one()
+    assert error.startswith(
+        "statement timeout again on retry 1: the chat is too large for "
+        "WORKER_STATEMENT_TIMEOUT_MS=100; raise it for the workers, then replay (QueryCanceled: "
+    ), error
+    assert "[SQL:" not in error  # the cause, not the whole statement
+
+
+def test_a_worker_on_a_broker_that_may_evict_warns_once_at_start(broker, hooks) -> None:  # type: ignore[no-untyped-def]
+    broker.client().config_set("maxmemory-policy", "allkeys-lru")
+    worker = start_worker(broker, hooks, "evicting")
+    try:
+        wanted = re.compile(
+            r"WARNING/MainProcess\] the broker's Redis has maxmemory-policy allkeys-lru: .* "
+            r"every task in it is lost silently; set maxmemory-policy noeviction"
+        )
+        wait_until(lambda: wanted.search(worker.log()), timeout=30)
+        assert len(wanted.findall(worker.log())) == 1
+    finally:
+        worker.stop()
+
+
+def test_a_worker_on_a_noeviction_broker_says_it_is_safe(fault_worker) -> None:  # type: ignore[no-untyped-def]
+    wait_until(
+        lambda: (
+            "broker maxmemory-policy is noeviction: queued tasks cannot be evicted"
+            in fault_worker.log()
+        ),
+        timeout=30,
+    )
+    assert "maxmemory-policy allkeys" not in fault_worker.log()
+    assert "could not check the broker's maxmemory-policy" not in fault_worker.log()
+
+
+class RedisWithoutConfig(RedisServer):
+    """A redis-server that refuses CONFIG, as many managed services do."""
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--rename-command",
+                "CONFIG",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(self.answers, timeout=10)
+
+
+def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks) -> None:  # type: ignore[no-untyped-def]
+    server = RedisWithoutConfig()
+    server.start()
+    worker: WorkerProcess | None = None
+    try:
+        worker = start_worker(server, hooks, "no-config")
+        wanted = re.compile(
+            r"WARNING/MainProcess\] could not check the broker's maxmemory-policy .*"
+            r"make sure it is noeviction"
+        )
+        wait_until(lambda: wanted.search(worker.log()), timeout=30)  # type: ignore[union-attr]
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
