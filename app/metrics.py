@@ -121,7 +121,8 @@ class WorkerMetricsCollector(Collector):
 
 
 class DatabaseCollector(Collector):
-    """Gauges read from PostgreSQL at scrape time: backlog, dead letters, last reconcile."""
+    """Gauges read from PostgreSQL at scrape time: backlog and its age, dead letters, last
+    reconcile."""
 
     def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
         self._read = read
@@ -136,6 +137,13 @@ class DatabaseCollector(Collector):
             "dualwrite_chats_behind", "Chats whose table copy is behind their JSONB."
         )
         behind.add_metric([], state["chats_behind"])
+        oldest = GaugeMetricFamily(
+            "dualwrite_oldest_behind_seconds",
+            "Seconds since the longest-waiting chat's copy fell behind its JSONB (0 when none "
+            "is), not counting chats parked in a failed or worker-lost dead letter. Keeps "
+            "growing while workers are up but nothing consumes the sync queue.",
+        )
+        oldest.add_metric([], state["oldest_behind_seconds"])
         dead = GaugeMetricFamily(
             "dualwrite_dead_letters_open", "Open dead letters, by reason.", labels=["reason"]
         )
@@ -151,4 +159,4 @@ class DatabaseCollector(Collector):
         if last is not None:
             drift.add_metric([], last["drift"])
             age.add_metric([], time.time() - last["finished_at"].timestamp())
-        yield from (behind, dead, drift, age)
+        yield from (behind, oldest, dead, drift, age)

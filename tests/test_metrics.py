@@ -7,16 +7,19 @@ import itertools
 import math
 import socket
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from app.db import transaction
 from app.jobs import Job
 from app.main import create_app
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
+from app.services import sync
 from app.services.reconcile import reconcile
 from app.settings import Settings
 from tests.support import wait_until
@@ -196,3 +199,57 @@ def test_healthz_is_503_when_the_database_is_down_and_metrics_still_answer(setti
             assert "dualwrite_requests_total" in samples
     finally:
         app.state.engine.dispose()
+
+
+def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: ignore[no-untyped-def]
+    api, engine, sessionmaker, clean
+) -> None:
+    with transaction(sessionmaker) as session:  # two chats whose copy never ran
+        stalled, parked = (
+            chats_repo.create(
+                session,
+                user_id="alice",
+                title=None,
+                model="m",
+                workflow_id=None,
+                messages=[message("user")],
+            ).id
+            for _ in range(2)
+        )
+        letter = dead_letters.record(
+            session,
+            task="chats.sync_chat",
+            chat_id=parked,
+            args=[str(parked), 1],
+            reason=dead_letters.Reason.FAILED,
+            error="OperationalError: gave up",
+            attempts=9,
+        )
+    with engine.begin() as connection:  # as if no worker had consumed for ten minutes, a day
+        connection.execute(
+            text(
+                "UPDATE copilot_chat_sync_state SET dirty_since = now() - CASE chat_id "
+                "WHEN :stalled THEN interval '10 minutes' ELSE interval '1 day' END "
+                "WHERE chat_id IN (:stalled, :parked)"
+            ),
+            {"stalled": stalled, "parked": parked},
+        )
+    try:
+        first = value(scrape(api), "dualwrite_oldest_behind_seconds")
+        # The parked chat has its dead letter (and its own gauge); it does not count here.
+        assert first is not None and 600 <= first < 3600
+        # Sweeps come and go; the chat stays behind, and so does its age.
+        for _ in range(2):
+            with transaction(sessionmaker) as session:
+                swept = sync.sweep(session, grace=timedelta(0), limit=100)
+            assert [b.chat_id for b in swept] == [stalled]
+        second = value(scrape(api), "dualwrite_oldest_behind_seconds")
+        assert second is not None and second >= first
+        with transaction(sessionmaker) as session:  # the worker catches up
+            sync.sync_chats(session, {stalled: 1})
+        after = scrape(api)
+        assert value(after, "dualwrite_oldest_behind_seconds") == 0
+        assert value(after, "dualwrite_chats_behind") == 1  # the parked one
+    finally:
+        with transaction(sessionmaker) as session:
+            dead_letters.close(session, [letter])

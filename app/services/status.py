@@ -13,6 +13,7 @@ def database_gauges(session: Session) -> dict[str, Any]:
     last = reconcile_runs.last_finished(session)
     return {
         "chats_behind": sync_state.count_behind(session),
+        "oldest_behind_seconds": sync_state.oldest_behind_seconds(session),
         "dead_letters_open": dead_letters.count_open(session),
         "last_reconcile": (
             {"drift": last.drift, "finished_at": last.finished_at, "outcome": last.outcome}
