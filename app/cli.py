@@ -203,6 +203,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         failed = publish_after_commit(jobs, bounded_publisher(get_settings()))
     for item in done:
         print(f"{item.letter.id}  chat {item.letter.chat_id}: {item.action}")
+    if not args.all:
+        for missing in sorted(set(args.ids) - {item.letter.id for item in done}):
+            print(f"{missing}: no open dead letter with this id")
+    if not done:
+        print("nothing to replay")
+        return 0
     print(f"{len(done)} replayed" + (f", {failed} could not be enqueued" if failed else ""))
     return 1 if failed else 0
 
@@ -222,6 +228,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     workers = workers_seen(timeout=1.0)
     print(f"workers seen: {len(workers)}" + (f" ({', '.join(workers)})" if workers else ""))
     print(f"chats behind: {gauges['chats_behind']}")
+    oldest = gauges["oldest_behind_seconds"]
+    print(
+        "oldest behind: "
+        + (_age(timedelta(seconds=oldest)) if oldest else "none")
+        + " (not counting dead-lettered chats)"
+    )
     open_letters = gauges["dead_letters_open"]
     print(
         f"dead letters open: {sum(open_letters.values())}"
@@ -315,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="open dead letters (--all: resolved ones too)")
     listing.add_argument("--all", action="store_true")
     listing.add_argument("--limit", type=positive_int, default=100)
-    again = actions.add_parser("replay", help="re-enqueue the sync of these dead letters")
+    again = actions.add_parser(
+        "replay",
+        help="re-run the sync of these dead letters (bad_elements: converged here, at once)",
+    )
     again.add_argument("ids", nargs="*", type=int)
     again.add_argument("--all", action="store_true", help="every open dead letter")
     dead.set_defaults(func=cmd_dead_letters)

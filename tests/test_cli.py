@@ -17,6 +17,7 @@ from app.db import transaction
 from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
+from app.services import sync
 from app.services.reconcile import reconcile
 from tests.support import ROOT, assert_converged, wait_converged, wait_until
 from tests.test_handlers import message
@@ -224,6 +225,67 @@ def test_replaying_a_dead_letter_whose_chat_was_deleted_closes_it(engine, sessio
     assert _letter(engine, letter)["resolved_at"] is not None
 
 
+def test_replaying_bad_elements_converges_the_chat_and_reports_what_is_still_skipped(  # type: ignore[no-untyped-def]
+    engine, sessionmaker
+) -> None:
+    good = [message("user"), message("assistant")]
+    poison = ["a bare string", {"id": "x" * 2000, "role": "user", "content": "id too long"}]
+    with transaction(sessionmaker) as session:
+        chat = chats_repo.create(
+            session,
+            user_id="alice",
+            title=None,
+            model="m",
+            workflow_id=None,
+            messages=[good[0], *poison, good[1]],
+        )
+        sync.sync_chats(session, {chat.id: chat.messages_version})  # what the worker did
+    (letter,) = [d for d in _open_letters(engine, chat.id) if d["reason"] == "bad_elements"]
+
+    again = run_cli("dead-letters", "replay", str(letter["id"]))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (
+        f"{letter['id']}  chat {chat.id}: converged: 2 of 4 elements still skipped; stays open"
+        in again.stdout
+    )
+    still = _letter(engine, letter["id"])
+    assert still["resolved_at"] is None and still["replayed_at"] is not None
+    assert still["attempts"] == 2 and still["error"].startswith("2 of 4 elements skipped")
+
+    # The data is fixed (a snapshot without the bad elements); the next replay closes it.
+    with transaction(sessionmaker) as session:
+        chats_repo.replace_messages(session, chat.id, "alice", good)
+    fixed = run_cli("dead-letters", "replay", str(letter["id"]))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert (
+        f"{letter['id']}  chat {chat.id}: converged: no element skipped any more; resolved"
+        in fixed.stdout
+    )
+    assert _letter(engine, letter["id"])["resolved_at"] is not None
+    assert_converged(engine, [chat.id])
+
+    nothing = run_cli("dead-letters", "replay", str(letter["id"]))
+    assert nothing.returncode == 0, nothing.stdout + nothing.stderr
+    assert nothing.stdout.splitlines() == [
+        f"{letter['id']}: no open dead letter with this id",
+        "nothing to replay",
+    ]
+
+
+def _open_letters(engine, chat_id: Any) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    with engine.connect() as connection:
+        return [
+            dict(row)
+            for row in connection.execute(
+                text(
+                    "SELECT * FROM dualwrite_dead_letters "
+                    "WHERE chat_id = :id AND resolved_at IS NULL"
+                ),
+                {"id": chat_id},
+            ).mappings()
+        ]
+
+
 def test_replay_without_ids_is_refused(engine) -> None:  # type: ignore[no-untyped-def]
     result = run_cli("dead-letters", "replay")
     assert result.returncode == 2
@@ -254,6 +316,8 @@ def test_status_shows_queues_workers_backlog_dead_letters_and_reconciles(  # typ
         assert int(workers.group(1)) >= 1
         assert any(name.startswith(f"{worker.name}@") for name in workers.group(2).split(", "))
         assert "chats behind: 1\n" in out
+        # Its only behind chat waits for an operator (its dead letter), not for a worker.
+        assert "oldest behind: none (not counting dead-lettered chats)\n" in out
         expected = f"dead letters open: {sum(open_letters.values())} ("
         assert expected in out and f"failed {open_letters['failed']}" in out, out
         assert "recent reconciles:" in out

@@ -1,4 +1,11 @@
-"""Replaying dead letters: enqueue a fresh sync of each chat; the sync closes the record."""
+"""Replaying dead letters: run the chat's sync again, and say what came of it.
+
+A sync that failed or whose worker was lost is enqueued again at the chat's newest version; that
+sync closes the record once it succeeds. A `bad_elements` letter is different: its chat was
+copied, only some elements could not be, so a queued sync would find the chat in sync and skip it.
+That chat is converged again here, in the caller's transaction, and the letter is closed when no
+element is skipped any more, or kept open with the new count.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +16,58 @@ from sqlalchemy.orm import Session
 
 from app.jobs import SYNC_CHAT, JobQueue
 from app.repositories import dead_letters, sync_state
+from app.services import sync
 
 
 @dataclass(frozen=True, slots=True)
 class Replayed:
     letter: dead_letters.DeadLetter
-    action: str  # "enqueued" or "closed: chat deleted"
+    # "enqueued", "closed: chat deleted", "converged: no element skipped any more; resolved",
+    # "converged: N of M elements still skipped; stays open", ...
+    action: str
 
 
 def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[Replayed]:
     """Replay the open dead letters with these ids (every open one for None).
 
-    A whole-chat sync at the chat's newest version is enqueued; it marks the dead letter
-    resolved once it succeeds. A dead letter whose chat was deleted is closed at once.
+    A dead letter whose chat was deleted is closed at once: nothing is left to copy.
     """
     letters = dead_letters.get_open(session, ids)
     recorded = sync_state.versions(session, [d.chat_id for d in letters])
     wanted = {chat: versions[0] for chat, versions in recorded.items()}
+    bad = sorted(
+        {
+            d.chat_id
+            for d in letters
+            if d.reason == dead_letters.Reason.BAD_ELEMENTS and d.chat_id in wanted
+        }
+    )
+    # Chat by chat, for the counts of each; `resync` records the new count on the open letter,
+    # or resolves it.
+    counts = {chat: sync.resync(session, [chat]) for chat in bad}
     done: list[Replayed] = []
     gone: list[int] = []
     for letter in letters:
-        if letter.chat_id in wanted:
-            jobs.enqueue(SYNC_CHAT, str(letter.chat_id), wanted[letter.chat_id])
-            done.append(Replayed(letter, "enqueued"))
-        else:
+        if letter.chat_id not in wanted or (
+            letter.chat_id in counts and counts[letter.chat_id].missing
+        ):
             gone.append(letter.id)
             done.append(Replayed(letter, "closed: chat deleted"))
+        elif letter.chat_id in counts and letter.reason != dead_letters.Reason.BAD_ELEMENTS:
+            # The chat's bad_elements replay just converged it, which closed this one too.
+            done.append(Replayed(letter, "converged with the chat's bad_elements replay; resolved"))
+        elif letter.chat_id in counts:
+            chat = counts[letter.chat_id]
+            action = (
+                f"converged: {chat.bad_elements} of {chat.elements} elements still skipped; "
+                "stays open"
+                if chat.bad_elements
+                else "converged: no element skipped any more; resolved"
+            )
+            done.append(Replayed(letter, action))
+        else:
+            jobs.enqueue(SYNC_CHAT, str(letter.chat_id), wanted[letter.chat_id])
+            done.append(Replayed(letter, "enqueued"))
     dead_letters.close(session, gone)
     dead_letters.mark_replayed(session, [d.letter.id for d in done])
     return done
