@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -9,10 +10,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app import metrics
+from app.db import transaction
 from app.main import create_app
+from app.services import sync
 from app.settings import Phase, Settings
 from tests.conftest import RedisServer, start_worker
-from tests.support import wait_converged
+from tests.support import assert_converged, wait_converged
 from tests.test_handlers import message
 
 
@@ -107,3 +110,45 @@ def test_read_table_serves_the_table_and_falls_back_when_behind(
     served = phase_api.get(f"/chats/{chat}/messages", headers=auth()).json()
     assert served["source"] == "table"
     assert served["messages"] == sent and served["seqs"] == [0, 1]
+
+
+@pytest.mark.parametrize("phase_api", [Phase.VERIFY_READS], indirect=True)
+def test_shadow_reads_apply_the_tables_mapping_to_repeated_and_over_long_ids(
+    phase_api, auth, engine, sessionmaker
+) -> None:  # type: ignore[no-untyped-def]
+    first, other = message(), message("assistant")
+    repeated = {**first, "content": "the same id again, other content"}
+    too_long = message(id="x" * 1025)
+    legacy = [first, other, repeated, too_long, repeated, message()]
+    with engine.begin() as connection:  # the API refuses duplicates: a legacy chat, in SQL
+        chat = connection.execute(
+            text(
+                "INSERT INTO copilot_chats (user_id, model, messages) "
+                "VALUES ('alice', 'm', CAST(:messages AS jsonb)) RETURNING id"
+            ),
+            {"messages": json.dumps(legacy)},
+        ).scalar_one()
+    with transaction(sessionmaker) as session:
+        sync.resync(session, [chat])
+    assert_converged(engine, [chat])
+
+    matches, mismatches = shadow("match"), shadow("mismatch")
+    # Every page: the whole chat; the repeat inside the page; the repeat whose first occurrence
+    # lies on an earlier page; the over-long id alone.
+    for query in ("limit=6", "limit=3", "limit=2&before_seq=3", "limit=1&before_seq=4"):
+        page = phase_api.get(f"/chats/{chat}/messages?{query}", headers=auth())
+        assert page.status_code == 200 and page.json()["source"] == "jsonb", page.text
+    assert (shadow("match") - matches, shadow("mismatch") - mismatches) == (4, 0)
+
+    # Drift made by hand: the id's row holds its repeat (the last occurrence won, not the
+    # first). The page of the first occurrence finds its row missing.
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE copilot_chat_messages SET seq = 4, content = CAST(:repeat AS jsonb) "
+                "WHERE chat_id = :id AND message_id = :mid"
+            ),
+            {"id": chat, "mid": first["id"], "repeat": json.dumps(repeated)},
+        )
+    phase_api.get(f"/chats/{chat}/messages?limit=1&before_seq=1", headers=auth())
+    assert shadow("mismatch") - mismatches == 1
