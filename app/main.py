@@ -8,6 +8,8 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy import text
@@ -90,6 +92,18 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's error list without the `input` it echoes: that can be the whole body, and can
+    hold what JSON or UTF-8 cannot carry (NaN, a lone surrogate), so the 422 itself would fail."""
+    errors = []
+    for error in exc.errors():
+        shown = {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+        if "ctx" in error:
+            shown["ctx"] = jsonable_encoder(error["ctx"])
+        errors.append(shown)
+    return errors
+
+
 def create_app(settings: Settings | None = None, publish: UnsafePublish | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.signing_secret  # noqa: B018 - refuse to start without a real secret
@@ -111,6 +125,12 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
             {"detail": [{"loc": list(exc.field), "msg": exc.message, "type": type(exc).__name__}]},
             status_code=exc.status_code,
         )
+
+    @api.exception_handler(RequestValidationError)
+    async def request_validation_error(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
+        return JSONResponse({"detail": validation_errors(exc)}, status_code=422)
 
     api.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 

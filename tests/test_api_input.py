@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from typing import Any
+
 import jwt
 import pytest
+from sqlalchemy import text
 
+from app import schemas
 from tests.support import snapshot
-from tests.test_handlers import message, new_chat
+from tests.test_handlers import jsonb, message, new_chat
 
 
 def test_missing_token_is_401(api) -> None:  # type: ignore[no-untyped-def]
@@ -159,3 +165,286 @@ def test_chunked_body_above_the_limit_is_413(api, auth, settings) -> None:  # ty
         headers={**auth(), "Content-Type": "application/json"},
     )
     assert response.status_code == 413
+
+
+# ---------------------------------------------------------------------------------------------
+# Input PostgreSQL cannot store: NUL and lone surrogates in text or keys, numbers that parsed to
+# NaN or infinity, nesting beyond `max_message_depth`. Each is a 422 naming its path, never a 500.
+
+HUGE = "@1e400@"  # replaced by the literal 1e400, which no Python float prints as
+
+
+def raw_json(value: object) -> bytes:
+    """The body as a client may write it: `\\u0000` and `\\ud800` escapes, `NaN`, `Infinity`."""
+    return json.dumps(value, ensure_ascii=True).replace(f'"{HUGE}"', "1e400").encode()
+
+
+def send_raw(api, method: str, url: str, body: object, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+    return api.request(
+        method,
+        url,
+        content=raw_json(body),
+        headers={**headers, "Content-Type": "application/json"},
+    )
+
+
+def stored(engine, chat_id: str) -> tuple[dict[str, Any], Any, int]:  # type: ignore[no-untyped-def]
+    """The chat row, its wanted version, and how many chats an import for this chat made."""
+    with engine.connect() as connection:
+        wanted = connection.execute(
+            text("SELECT wanted_version FROM copilot_chat_sync_state WHERE chat_id = :id"),
+            {"id": chat_id},
+        ).scalar_one_or_none()
+        imported = connection.execute(
+            text("SELECT count(*) FROM copilot_chats WHERE user_id = :user"),
+            {"user": f"imported-{chat_id}"},
+        ).scalar_one()
+    return snapshot(engine, chat_id), wanted, imported
+
+
+MESSAGE_ROUTES = ["append", "complete", "inbox", "replace", "import"]
+
+
+def prepare(api, auth, route: str, fields: dict[str, object]):  # type: ignore[no-untyped-def]
+    """A chat with an open turn, and a `route` request carrying a message with `fields`.
+
+    Returns the chat id, where that message sits in the body, and the request to send.
+    """
+    chat_id = new_chat(api, auth)
+    first = message()
+    opened = api.post(f"/chats/{chat_id}/messages", json={"message": first}, headers=auth())
+    assert opened.status_code == 201, opened.text
+    bad_user, bad_assistant = message(**fields), message("assistant", **fields)
+    if route == "append":
+        call = ("POST", f"/chats/{chat_id}/messages", {"message": bad_user}, auth())
+        where: list[str | int] = ["body", "message"]
+    elif route == "complete":
+        url = f"/chats/{chat_id}/turns/{first['id']}/complete"
+        call = ("POST", url, {"message": bad_assistant}, auth())
+        where = ["body", "message"]
+    elif route == "inbox":
+        call = (
+            "POST",
+            f"/chats/{chat_id}/inbox",
+            {"user": message(), "assistant": bad_assistant},
+            auth(),
+        )
+        where = ["body", "assistant"]
+    elif route == "replace":
+        call = ("PUT", f"/chats/{chat_id}/messages", {"messages": [first, bad_user]}, auth())
+        where = ["body", "messages", 1]
+    else:
+        body = {"user_id": f"imported-{chat_id}", "messages": [message(), bad_user]}
+        call = ("POST", "/admin/chats/import", body, auth("root", admin=True))
+        where = ["body", "messages", 1]
+    return chat_id, where, lambda: send_raw(api, *call)
+
+
+NUL = "contains a NUL character (\\u0000), which PostgreSQL cannot store"
+SURROGATE = "contains a lone surrogate (\\u{}), which is not valid Unicode"
+NOT_FINITE = "number is NaN or infinite"
+
+UNSTORABLE = [
+    ("nul-content", {"content": "tool output\x00tail"}, ["content"], "unstorable_text", NUL),
+    ("nul-id", {"id": "m-\x00"}, ["id"], "unstorable_text", NUL),
+    (
+        "nul-nested",
+        {"meta": {"tool_output": ["ok", "bin\x00ary"]}},
+        ["meta", "tool_output", 1],
+        "unstorable_text",
+        NUL,
+    ),
+    ("nul-key", {"meta": {"bad\x00key": 1}}, ["meta", "bad\x00key"], "unstorable_key", NUL),
+    (
+        "surrogate-content",
+        {"content": "half an emoji \ud83d"},
+        ["content"],
+        "unstorable_text",
+        SURROGATE.format("d83d"),
+    ),
+    (
+        "surrogate-nested",
+        {"meta": [{"t": "\udc00"}]},
+        ["meta", 0, "t"],
+        "unstorable_text",
+        SURROGATE.format("dc00"),
+    ),
+    # A key that is not valid Unicode is named by its escape.
+    ("surrogate-key", {"\ud800": 1}, ["\\ud800"], "unstorable_key", SURROGATE.format("d800")),
+    ("nan", {"score": float("nan")}, ["score"], "non_finite_number", NOT_FINITE),
+    (
+        "infinity",
+        {"meta": {"score": float("-inf")}},
+        ["meta", "score"],
+        "non_finite_number",
+        NOT_FINITE,
+    ),
+    ("1e400", {"meta": [1, HUGE]}, ["meta", 1], "non_finite_number", NOT_FINITE),
+]
+
+
+@pytest.mark.parametrize("route", MESSAGE_ROUTES)
+@pytest.mark.parametrize(
+    ("fields", "path", "kind", "says"),
+    [case[1:] for case in UNSTORABLE],
+    ids=[case[0] for case in UNSTORABLE],
+)
+def test_unstorable_message_is_422_naming_its_path_and_changes_nothing(
+    api, auth, engine, route, fields, path, kind, says
+) -> None:  # type: ignore[no-untyped-def]
+    chat_id, where, send = prepare(api, auth, route, fields)
+    before = stored(engine, chat_id)
+    response = send()
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == where + path
+    assert error["type"] == kind
+    assert says in error["msg"]
+    assert stored(engine, chat_id) == before
+
+
+def nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("route", MESSAGE_ROUTES)
+def test_message_nested_beyond_the_depth_limit_is_422_and_changes_nothing(
+    api, auth, engine, settings, route
+) -> None:  # type: ignore[no-untyped-def]
+    limit = settings.max_message_depth
+    # The message is level 1 and `meta` level 2: its innermost array is one level too deep.
+    chat_id, where, send = prepare(api, auth, route, {"meta": nested(limit)})
+    before = stored(engine, chat_id)
+    response = send()
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == [*where, "meta", *[0] * (limit - 1)]
+    assert error["type"] == "too_deep"
+    assert error["ctx"] == {"max_depth": limit}
+    assert f"more than {limit} levels deep" in error["msg"]
+    assert stored(engine, chat_id) == before
+
+
+def test_message_nested_up_to_the_depth_limit_is_stored(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    chat_id = new_chat(api, auth)
+    deepest = message(meta=nested(settings.max_message_depth - 1))
+    response = api.post(f"/chats/{chat_id}/messages", json={"message": deepest}, headers=auth())
+    assert response.status_code == 201, response.text
+    assert jsonb(api, auth, chat_id)[0]["meta"] == deepest["meta"]
+
+
+def test_the_depth_limit_is_a_setting(api, auth, engine, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(
+        schemas, "get_settings", lambda: settings.model_copy(update={"max_message_depth": 3})
+    )
+    chat_id = new_chat(api, auth)
+    fits = message(meta={"a": ["level 3"]})
+    response = api.post(f"/chats/{chat_id}/messages", json={"message": fits}, headers=auth())
+    assert response.status_code == 201, response.text
+    before = stored(engine, chat_id)
+    deeper = message(meta={"a": [["level 4"]]})
+    response = api.post(f"/chats/{chat_id}/messages", json={"message": deeper}, headers=auth())
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "message", "meta", "a", 0]
+    assert stored(engine, chat_id) == before
+
+
+def test_numbers_jsonb_can_hold_are_stored_exactly(api, auth) -> None:  # type: ignore[no-untyped-def]
+    chat_id = new_chat(api, auth)
+    numbers = {"beyond_bigint": 2**70, "largest_double": 1.7976931348623157e308, "tiny": 5e-324}
+    response = api.post(
+        f"/chats/{chat_id}/messages", json={"message": message(**numbers)}, headers=auth()
+    )
+    assert response.status_code == 201, response.text
+    element = jsonb(api, auth, chat_id)[0]
+    # jsonb keeps numbers as decimals: the largest double comes back as its decimal digits.
+    assert element["beyond_bigint"] == 2**70
+    assert float(element["largest_double"]) == numbers["largest_double"]
+    assert float(element["tiny"]) == numbers["tiny"]
+
+
+def chats_of(engine, user: str) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as connection:
+        count: int = connection.execute(
+            text("SELECT count(*) FROM copilot_chats WHERE user_id = :user"), {"user": user}
+        ).scalar_one()
+    return count
+
+
+@pytest.mark.parametrize("field", ["title", "model", "workflow_id"])
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("a\x00b", NUL), ("a\ud800b", SURROGATE.format("d800"))],
+    ids=["nul", "surrogate"],
+)
+def test_unstorable_chat_field_is_422_and_creates_nothing(
+    api, auth, engine, field, value, says
+) -> None:  # type: ignore[no-untyped-def]
+    user = f"creator-{uuid.uuid4().hex[:8]}"
+    response = send_raw(api, "POST", "/chats", {field: value}, auth(user))
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert says in error["msg"]
+    assert chats_of(engine, user) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("user_id", "a\x00b"), ("title", "\udfff"), ("model", "m\x00"), ("workflow_id", "\x00")],
+)
+def test_unstorable_import_field_is_422_and_creates_nothing(
+    api, auth, engine, field, value
+) -> None:  # type: ignore[no-untyped-def]
+    user = f"importee-{uuid.uuid4().hex[:8]}"
+    body = {"user_id": user, "messages": [message()], field: value}
+    response = send_raw(api, "POST", "/admin/chats/import", body, auth("root", admin=True))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", field]
+    assert chats_of(engine, user) == 0
+    body[field] = user
+    imported = send_raw(api, "POST", "/admin/chats/import", body, auth("root", admin=True))
+    assert imported.status_code == 201, imported.text  # the same body with that field storable
+
+
+@pytest.mark.parametrize("up_to", ["m\x00", "m\ud800"], ids=["nul", "surrogate"])
+def test_unstorable_fork_point_is_422_and_forks_nothing(api, auth, engine, up_to) -> None:  # type: ignore[no-untyped-def]
+    user = f"forker-{uuid.uuid4().hex[:8]}"
+    chat_id = new_chat(api, auth, user)
+    api.post(f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth(user))
+    before = snapshot(engine, chat_id)
+    response = send_raw(
+        api, "POST", f"/chats/{chat_id}/fork", {"up_to_message_id": up_to}, auth(user)
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "up_to_message_id"]
+    assert chats_of(engine, user) == 1
+    assert snapshot(engine, chat_id) == before
+
+
+def test_validation_error_about_nan_or_a_lone_surrogate_is_a_422_itself(api, auth) -> None:  # type: ignore[no-untyped-def]
+    # Errors that are not about storability still meet such input: the answer must not echo it.
+    chat_id = new_chat(api, auth)
+    bodies = [
+        ("/chats", "POST", {"title": float("nan")}, ["body", "title"]),
+        (
+            f"/chats/{chat_id}/messages",
+            "PUT",
+            {"messages": {"\ud800": float("inf")}},
+            ["body", "messages"],
+        ),
+        (
+            f"/chats/{chat_id}/messages",
+            "POST",
+            {"message": [float("nan"), "\udc00"]},
+            ["body", "message"],
+        ),
+    ]
+    for url, method, body, loc in bodies:
+        response = send_raw(api, method, url, body, auth())
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["detail"][0]["loc"] == loc
+        assert "input" not in response.json()["detail"][0]
