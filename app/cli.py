@@ -1,8 +1,11 @@
-"""Operator commands: `python -m app <command>` (token, check, reconcile, dead-letters, status)."""
+"""Operator commands: `python -m app <command>` (token, check, reconcile, dead-letters, status,
+phase, contract)."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -15,10 +18,13 @@ from app.auth import issue_token
 from app.db import make_engine, make_sessionmaker, transaction
 from app.jobs import JobQueue, publish_after_commit
 from app.repositories import dead_letters, reconcile_runs
+from app.repositories import phase as phase_repo
+from app.services import phase as phase_service
 from app.services import replay, status
 from app.services.drift import find_drift
 from app.services.reconcile import ReconcileReport, parse_interval, reconcile
-from app.settings import get_settings
+from app.services.sync import WrongPhase
+from app.settings import Phase, get_settings
 
 
 @contextmanager
@@ -54,6 +60,10 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     with _sessions() as factory, transaction(factory) as session:
+        phase = phase_repo.current(session)
+        if phase.contracted:
+            print("nothing to check: the JSONB column is gone (contracted)")
+            return 0
         drifted = find_drift(session, batch_size=args.batch_size)
     total = 0
     for chat in drifted:
@@ -87,15 +97,19 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return 2
     tty = sys.stderr.isatty()
     with _sessions() as factory:
-        report = reconcile(
-            factory,
-            since=since,
-            dry_run=args.dry_run,
-            batch_size=args.batch_size,
-            trigger="cli",
-            count_first=tty,
-            progress=_progress if tty else None,
-        )
+        try:
+            report = reconcile(
+                factory,
+                since=since,
+                dry_run=args.dry_run,
+                batch_size=args.batch_size,
+                trigger="cli",
+                count_first=tty,
+                progress=_progress if tty else None,
+            )
+        except WrongPhase as wrong:
+            print(f"nothing to reconcile: {wrong}")
+            return 0
     if tty:
         sys.stderr.write("\n")
     if report is None:
@@ -119,6 +133,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 "bad elements",
                 *verbs,
                 "drift",
+                "behind",
                 "timed out",
                 "skipped",
                 "seconds",
@@ -132,6 +147,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                     report.updated,
                     report.soft_deleted,
                     report.drift,
+                    report.behind,
                     report.timed_out,
                     report.skipped,
                     report.seconds,
@@ -139,6 +155,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             ],
         )
     )
+    if report.behind:
+        print(
+            f"{report.behind} chats were merely behind (their JSONB changed after their copy: "
+            "live traffic, left to their sync"
+            + ("" if report.dry_run else ", and converged here")
+            + "); not drift"
+        )
     if report.timed_out:
         print(
             f"{report.timed_out} chats timed out alone (lock or statement timeout) and were not "
@@ -227,6 +250,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     workers = workers_seen(timeout=1.0)
     print(f"workers seen: {len(workers)}" + (f" ({', '.join(workers)})" if workers else ""))
+    phase = gauges["phase"]
+    print(
+        f"phase: {phase['phase']} for {_age(timedelta(seconds=phase['held_seconds']))}"
+        + (f" (a step to {phase['pending']} is pending)" if phase["pending"] else "")
+    )
+    if phase["contracted"]:
+        print("migration: complete (contracted: the JSONB column is gone)")
+    else:
+        for gate in phase["gates"]:
+            print(
+                f"  gate to {phase['next']}: [{'ok' if gate['ok'] else 'no'}] "
+                f"{gate['name']}: {gate['detail']}"
+            )
+        if phase["phase"] == Phase.TABLE_ONLY.value:
+            print(f"reverse sync backlog: {phase['reverse_backlog']} chats (JSONB behind rows)")
     print(f"chats behind: {gauges['chats_behind']}")
     oldest = gauges["oldest_behind_seconds"]
     print(
@@ -257,6 +295,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "outcome",
                     "chats",
                     "drift",
+                    "behind",
                     "timed out",
                     "skipped",
                     "seconds",
@@ -271,6 +310,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         r.outcome,
                         r.chats_scanned,
                         r.drift,
+                        r.chats_behind,
                         r.chats_timed_out,
                         r.chats_skipped,
                         r.duration_seconds,
@@ -281,6 +321,108 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     else:
         print("recent reconciles: none yet")
+    return 0
+
+
+def _who() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _print_phase(session: Session) -> Phase:
+    """The phase, since when, what is pending, and the gates of the next step forward."""
+    settings = get_settings()
+    state = phase_repo.current(session)
+    held = _age(timedelta(seconds=state.held_seconds))
+    print(f"since: {state.since:%Y-%m-%d %H:%M:%S} UTC ({held})")
+    if state.contracted:
+        print(f"contracted: {state.contracted_at:%Y-%m-%d %H:%M:%S} UTC: the migration is complete")
+    if state.pending is not None:
+        print(
+            f"pending: a step to {state.pending.value} started at "
+            f"{state.pending_since:%Y-%m-%d %H:%M:%S} UTC and did not finish; "
+            f"`phase set {state.pending.value}` finishes it, "
+            f"`phase set {state.phase.value}` undoes it"
+        )
+    following = phase_service.next_forward(state.phase)
+    if following is not None and not state.contracted:
+        print(f"gates to {following.value}:")
+        for gate in phase_service.gates(session, settings, state, following):
+            print(f"  [{'ok' if gate.ok else 'no'}] {gate.name}: {gate.detail}")
+    changes = phase_repo.history(session, limit=5)
+    if changes:
+        print("recent changes:")
+        print(
+            _table(
+                ["at", "who", "from", "to", "forced"],
+                [[c.at, c.who, c.from_phase, c.to_phase, c.forced] for c in changes],
+            )
+        )
+    print(f"phase: {state.phase.value}")
+    return state.phase
+
+
+def cmd_phase(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    with _sessions() as factory:
+        if args.action is None:
+            with transaction(factory) as session:
+                _print_phase(session)
+            return 0
+        try:
+            target = Phase(args.name)
+        except ValueError:
+            print(
+                f"error: unknown phase {args.name!r}; phases, in order: "
+                + ", ".join(p.value for p in Phase),
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            moved = phase_service.set_phase(
+                factory,
+                settings,
+                target,
+                who=_who(),
+                force=args.force,
+                progress=lambda line: print(line, file=sys.stderr),
+            )
+        except phase_service.Refused as refused:
+            print(f"refused: {refused}; nothing changed", file=sys.stderr)
+            return 1
+    if moved.from_phase is moved.to:
+        print(f"already in {moved.to.value}; no step pending")
+    else:
+        forced = f" (forced past: {', '.join(g.name for g in moved.failed_gates)})"
+        print(
+            f"moved {moved.from_phase.value} -> {moved.to.value}"
+            + (forced if moved.forced else "")
+            + (f"; {moved.caught_up} chats caught up first" if moved.caught_up else "")
+        )
+    print(f"phase: {moved.to.value}")
+    return 0
+
+
+def cmd_contract(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                "refused: the contract drops the JSONB column for good and asks for "
+                "confirmation on a terminal; pass --yes to confirm from a script",
+                file=sys.stderr,
+            )
+            return 2
+        answer = input("Drop copilot_chats.messages for good? There is no way back. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return 1
+    with _sessions() as factory:
+        try:
+            phase_service.contract(factory, settings, who=_who())
+        except phase_service.Refused as refused:
+            print(f"refused: {refused}; nothing dropped", file=sys.stderr)
+            return 1
+    print("contracted: copilot_chats.messages dropped; the migration is complete")
     return 0
 
 
@@ -337,6 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     stat = commands.add_parser("status", help="queues, workers, backlog, dead letters, reconciles")
     stat.set_defaults(func=cmd_status)
+
+    phase = commands.add_parser("phase", help="the rollout phase and its gates; `set` moves it")
+    phase.set_defaults(func=cmd_phase, action=None)
+    steps = phase.add_subparsers(dest="action")
+    step = steps.add_parser("set", help="move one step, forward or back")
+    step.add_argument("name", help="one of: " + ", ".join(p.value for p in Phase))
+    step.add_argument("--force", action="store_true", help="skip the gates (recorded)")
+
+    contract = commands.add_parser("contract", help="drop the JSONB column (table_only only)")
+    contract.add_argument("--yes", action="store_true", help="confirm without a terminal")
+    contract.set_defaults(func=cmd_contract)
     return parser
 
 

@@ -159,4 +159,30 @@ class DatabaseCollector(Collector):
         if last is not None:
             drift.add_metric([], last["drift"])
             age.add_metric([], time.time() - last["finished_at"].timestamp())
-        yield from (behind, oldest, dead, drift, age)
+        yield from (behind, oldest, dead, drift, age, *_phase_gauges(state["phase"]))
+
+
+def _phase_gauges(state: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    phase = GaugeMetricFamily(
+        "dualwrite_phase",
+        "The rollout phase: 1 for the current one (contracted: the JSONB column is gone).",
+        labels=["phase"],
+    )
+    for name in state["phases"]:
+        phase.add_metric([name], 1 if name == state["phase"] else 0)
+    phase.add_metric(["contracted"], 1 if state["contracted"] else 0)
+    held = GaugeMetricFamily("dualwrite_phase_seconds", "Seconds the current phase has held.")
+    held.add_metric([], state["held_seconds"])
+    gates = GaugeMetricFamily(
+        "dualwrite_phase_gate",
+        "Gates of the next step forward: 1 open, 0 closed.",
+        labels=["to", "gate"],
+    )
+    for gate in state["gates"]:
+        gates.add_metric([state["next"] or "", gate["name"]], 1 if gate["ok"] else 0)
+    reverse = GaugeMetricFamily(
+        "dualwrite_reverse_backlog",
+        "In table_only: chats whose JSONB is behind their rows (the reverse sync's backlog).",
+    )
+    reverse.add_metric([], state["reverse_backlog"])
+    yield from (phase, held, gates, reverse)

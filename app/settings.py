@@ -12,12 +12,18 @@ PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret"}
 
 
 class Phase(StrEnum):
-    """Rollout phase of the migration, read by handlers on every request."""
+    """Rollout phase of the migration, in order. The current one lives in the database
+    (`dualwrite_phase`); `DUALWRITE_PHASE` only seeds it when the migration creates it."""
 
     JSONB_ONLY = "jsonb_only"
     DUAL_WRITE = "dual_write"
     VERIFY_READS = "verify_reads"
     READ_TABLE = "read_table"
+    TABLE_ONLY = "table_only"
+
+    @property
+    def position(self) -> int:
+        return list(Phase).index(self)
 
 
 class Settings(BaseSettings):
@@ -28,7 +34,11 @@ class Settings(BaseSettings):
     # Optional here so that migrations and workers start without it; the API and the token
     # command refuse to start without a real one (`Settings.signing_secret`).
     auth_secret: SecretStr | None = None
+    # Seeds the phase when revision 0005 creates it; after that, `python -m app phase set`.
     dualwrite_phase: Phase = Phase.DUAL_WRITE
+    # Gates of `phase set` and `contract`: how long the current phase must have held.
+    phase_gate_min_seconds: float = Field(default=3600.0, ge=0)
+    contract_min_table_only_seconds: float = Field(default=7 * 86400.0, ge=0)
 
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)

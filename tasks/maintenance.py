@@ -8,7 +8,7 @@ from datetime import timedelta
 from app.jobs import SYNC_CHAT, JobQueue, publish_many_after_commit
 from app.services import reconcile as reconcile_service
 from app.services import sync
-from app.settings import Phase, get_settings
+from app.settings import get_settings
 from tasks import celery
 from tasks.publish import process_publisher
 from tasks.queues import Queue
@@ -31,8 +31,6 @@ def sweep() -> dict[str, int]:
     sends through one producer, kept by this process from one sweep to the next.
     """
     settings = get_settings()
-    if settings.dualwrite_phase is Phase.JSONB_ONLY:
-        return {"behind": 0, "sent": 0, "coalesced": 0, "failed": 0}
     jobs = JobQueue()
     with worker_transaction() as session:
         behind = sync.sweep(
@@ -78,12 +76,16 @@ def reconcile(since_seconds: float | None = None) -> int | None:
     timeouts (`RECONCILE_*_TIMEOUT_MS`), not the worker's, set per transaction."""
     settings = get_settings()
     since = timedelta(seconds=since_seconds) if since_seconds else None
-    report = reconcile_service.reconcile(
-        worker_sessionmaker(),
-        since=since,
-        batch_size=settings.reconcile_batch_size,
-        trigger="beat",
-    )
+    try:
+        report = reconcile_service.reconcile(
+            worker_sessionmaker(),
+            since=since,
+            batch_size=settings.reconcile_batch_size,
+            trigger="beat",
+        )
+    except sync.WrongPhase as wrong:
+        log.info("reconcile: nothing to do: %s", wrong)
+        return None
     if report is None:
         log.info("reconcile: another run holds the lock; nothing done")
         return None

@@ -124,6 +124,23 @@ def sessionmaker(engine):  # type: ignore[no-untyped-def]
     return make_sessionmaker(engine)
 
 
+@pytest.fixture()
+def set_phase(engine):  # type: ignore[no-untyped-def]
+    """`set_phase(name)` puts the database in a rollout phase, as `phase set --force` would,
+    without catching up; the phase goes back to `dual_write` after the test."""
+    from sqlalchemy import text
+
+    def put(phase: str) -> None:
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE dualwrite_phase SET phase = :p, since = now() - interval '1 day'"),
+                {"p": phase},
+            )
+
+    yield put
+    put("dual_write")
+
+
 @pytest.fixture(scope="session")
 def worker() -> Iterator[WorkerProcess]:
     """One real worker process for the session (prefork, two children)."""

@@ -128,6 +128,10 @@ def test_malformed_json_and_bad_ids_are_422(api, auth) -> None:  # type: ignore[
     bad_limit = api.get(f"/chats/{chat_id}/messages?limit=0", headers=auth())
     assert bad_limit.status_code == 422
     assert bad_limit.json()["detail"][0]["loc"] == ["query", "limit"]
+    for before_seq in (2**31, 2**63, -1):  # past what a seq can hold: not a database error
+        page = api.get(f"/chats/{chat_id}/messages?before_seq={before_seq}", headers=auth())
+        assert page.status_code == 422, before_seq
+        assert page.json()["detail"][0]["loc"] == ["query", "before_seq"]
 
 
 def test_body_above_the_request_limit_is_413_before_any_work(api, auth, engine, settings) -> None:  # type: ignore[no-untyped-def]

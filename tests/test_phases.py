@@ -15,14 +15,15 @@ from app.main import create_app
 from app.services import sync
 from app.settings import Phase, Settings
 from tests.conftest import RedisServer, start_worker
-from tests.support import assert_converged, wait_converged
+from tests.support import assert_converged, wait_converged, wait_until
 from tests.test_handlers import message
 
 
 @pytest.fixture()
-def phase_api(request, broker: RedisServer) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    settings = Settings(redis_url=broker.url, dualwrite_phase=request.param)
-    with TestClient(create_app(settings)) as client:
+def phase_api(request, broker: RedisServer, set_phase) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    """An API on the test's own broker, with the database in the phase `request.param`."""
+    set_phase(request.param.value)
+    with TestClient(create_app(Settings(redis_url=broker.url))) as client:
         yield client
 
 
@@ -32,7 +33,7 @@ def shadow(outcome: str) -> float:
 
 @pytest.mark.parametrize("phase_api", [Phase.JSONB_ONLY], indirect=True)
 def test_jsonb_only_enqueues_nothing_and_the_sweep_catches_up_later(
-    phase_api, broker, hooks, auth, engine
+    phase_api, broker, hooks, auth, engine, set_phase
 ) -> None:  # type: ignore[no-untyped-def]
     chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
     for _ in range(3):
@@ -55,7 +56,12 @@ def test_jsonb_only_enqueues_nothing_and_the_sweep_catches_up_later(
     try:
         from tasks.publish import producer
 
-        producer(Settings(redis_url=broker.url)).send_task("chats.sweep")
+        sender = producer(Settings(redis_url=broker.url))
+        sender.send_task("chats.sweep")  # in jsonb_only the sweep sends nothing
+        wait_until(lambda: "sweep" in worker.log() and "succeeded" in worker.log())
+        assert broker.client().llen("dualwrite.sync") == 0
+        set_phase("dual_write")
+        sender.send_task("chats.sweep")
         wait_converged(engine, [chat])
     finally:
         worker.stop()

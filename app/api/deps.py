@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.auth import InvalidToken, User, verify_token
 from app.jobs import JobQueue, publish_after_commit
 from app.services.chats import Context
-from app.settings import Phase, Settings
+from app.settings import Settings
 
 bearer = HTTPBearer(auto_error=False)
 
@@ -62,7 +62,7 @@ AdminUser = Annotated[User, Depends(get_admin)]
 
 def unit_of_work(request: Request, settings: SettingsDep, user: CurrentUser) -> Iterator[Context]:
     """One transaction per request; jobs are published only once it has committed."""
-    queue = JobQueue(enabled=settings.dualwrite_phase is not Phase.JSONB_ONLY)
+    queue = JobQueue()  # the phase, read inside the transaction, may disable it
     with request.app.state.sessionmaker() as session:
         with session.begin():
             yield Context(session=session, jobs=queue, settings=settings, user_id=user.id)

@@ -87,7 +87,7 @@ def read_messages(
     ctx: Ctx,
     chat_id: uuid.UUID,
     limit: Annotated[int, Query()] = 50,
-    before_seq: Annotated[int | None, Query(ge=0)] = None,
+    before_seq: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> schemas.MessagePage:
     return service.read_page(ctx, chat_id, limit=limit, before_seq=before_seq)
 

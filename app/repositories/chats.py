@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 _CHAT_COLUMNS = (
@@ -289,3 +291,36 @@ def count(session: Session, *, since: timedelta | None = None) -> int:
             {"since": since},
         ).scalar_one()
     )
+
+
+def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """Rewrite these chats' JSONB from their live rows (the reverse sync, in `table_only`);
+    returns the version each one now holds (chats that no longer exist are absent).
+
+    The rows and their version are read in the same statement, so the pair is consistent. The
+    write carries `dualwrite.reverse_sync`, which the version triggers skip: this is the JSONB
+    following the rows, not a new change to copy the other way.
+    """
+    if not chat_ids:
+        return {}
+    session.execute(text("SELECT set_config('dualwrite.reverse_sync', 'on', true)"))
+    rows = session.execute(
+        text(
+            """
+            UPDATE copilot_chats c SET
+                messages = coalesce((
+                    SELECT jsonb_agg(m.content ORDER BY m.seq) FROM copilot_chat_messages m
+                    WHERE m.chat_id = c.id AND m.deleted_at IS NULL
+                ), '[]'::jsonb),
+                messages_version = s.wanted_version,
+                active_stream_id = s.active_stream_id,
+                updated_at = now()
+            FROM copilot_chat_sync_state s
+            WHERE c.id = ANY(:ids) AND s.chat_id = c.id
+            RETURNING c.id, s.wanted_version
+            """
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": sorted(chat_ids)},
+    ).all()
+    session.execute(text("SELECT set_config('dualwrite.reverse_sync', 'off', true)"))
+    return {row[0]: int(row[1]) for row in rows}

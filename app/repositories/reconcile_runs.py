@@ -33,12 +33,13 @@ class Run:
     error: str | None
     chats_timed_out: int
     chats_skipped: int
+    chats_behind: int
 
 
 _COLUMNS = (
     "id, started_at, finished_at, since, dry_run, trigger, outcome, chats_scanned, "
     "messages_scanned, bad_elements, inserted, updated, soft_deleted, drift, duration_seconds, "
-    "error, chats_timed_out, chats_skipped"
+    "error, chats_timed_out, chats_skipped, chats_behind"
 )
 
 # True while some session of this database holds the reconcile lock.
@@ -118,6 +119,7 @@ def finish(
                 bad_elements = :bad_elements, inserted = :inserted, updated = :updated,
                 soft_deleted = :soft_deleted, drift = :drift,
                 chats_timed_out = :chats_timed_out, chats_skipped = :chats_skipped,
+                chats_behind = :chats_behind,
                 duration_seconds = :duration_seconds
             WHERE id = :id
             """

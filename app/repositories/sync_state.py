@@ -151,3 +151,32 @@ def count_behind(session: Session) -> int:
             )
         ).scalar_one()
     )
+
+
+def behind_ids(session: Session, *, limit: int) -> dict[uuid.UUID, int]:
+    """Up to `limit` chats that are behind, dead-lettered or not: chat id -> wanted version."""
+    rows = session.execute(
+        text(
+            "SELECT chat_id, wanted_version FROM copilot_chat_sync_state "
+            "WHERE applied_version < wanted_version ORDER BY chat_id LIMIT :limit"
+        ),
+        {"limit": limit},
+    ).all()
+    return {row.chat_id: row.wanted_version for row in rows}
+
+
+def start_table_heads(session: Session) -> None:
+    """Entering `table_only`: each chat's head starts from its JSONB-era state. The next `seq`
+    is recomputed from the rows on first use (appends to the JSONB did not keep it), and the
+    active stream moves here from `copilot_chats`, which table writes never touch."""
+    session.execute(
+        text(
+            """
+            UPDATE copilot_chat_sync_state s
+            SET next_seq = NULL, active_stream_id = c.active_stream_id
+            FROM copilot_chats c
+            WHERE c.id = s.chat_id
+              AND (s.next_seq IS NOT NULL OR s.active_stream_id IS DISTINCT FROM c.active_stream_id)
+            """
+        )
+    )

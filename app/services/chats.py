@@ -1,7 +1,11 @@
-"""The chat operations behind each HTTP route: mutate the JSONB, then record the copy to make.
+"""The chat operations behind each HTTP route: mutate the transcript, then record the copy.
 
 Each function runs inside the caller's unit of work and only records jobs: the boundary commits,
-then publishes. The JSONB stays the source of truth; the jobs name the chat and the version.
+then publishes. The rollout phase, read inside that transaction (a phase change waits for it),
+picks the store that is the source of truth: the JSONB (`app.repositories.chats`) up to
+`read_table`, the rows (`app.repositories.transcript_rows`) in `table_only`. Both have the same
+operations, and the jobs are the same: a sync task keyed on the chat and its version, which the
+worker runs in the direction the phase says.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -18,8 +22,9 @@ from app import jobs, metrics, schemas
 from app.errors import Conflict, Invalid, NotFound, TooLarge
 from app.repositories import chats as chats_repo
 from app.repositories import messages as messages_repo
+from app.repositories import phase as phase_repo
 from app.repositories import shadow as shadow_repo
-from app.repositories import sync_state
+from app.repositories import sync_state, transcript_rows
 from app.settings import Phase, Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,60 @@ class Appended:
     created: bool  # False: the same messages were already there (an idempotent retry)
 
 
+class Store(Protocol):
+    """A transcript store: `app.repositories.chats` (JSONB) or `.transcript_rows` (rows)."""
+
+    def create(
+        self,
+        session: Session,
+        *,
+        user_id: str,
+        title: str | None,
+        model: str,
+        workflow_id: str | None,
+        messages: list[dict[str, Any]],
+    ) -> chats_repo.Chat: ...
+    def get(self, session: Session, chat_id: uuid.UUID, user_id: str) -> chats_repo.Chat | None: ...
+    def get_messages(self, session: Session, chat_id: uuid.UUID) -> Any: ...
+    def find_message(
+        self, session: Session, chat_id: uuid.UUID, message_id: str
+    ) -> dict[str, Any] | None: ...
+    def lock_turn(
+        self, session: Session, chat_id: uuid.UUID, user_id: str
+    ) -> chats_repo.TurnState | None: ...
+    def append(
+        self,
+        session: Session,
+        chat_id: uuid.UUID,
+        user_id: str,
+        elements: list[dict[str, Any]],
+        *,
+        set_active_stream: str | None = None,
+        clear_active_stream: bool = False,
+    ) -> int | None: ...
+    def replace_messages(
+        self, session: Session, chat_id: uuid.UUID, user_id: str, messages: list[dict[str, Any]]
+    ) -> int | None: ...
+    def fork(
+        self, session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: str
+    ) -> chats_repo.Chat | None: ...
+    def delete(self, session: Session, chat_id: uuid.UUID, user_id: str) -> bool: ...
+    def page(
+        self, session: Session, chat_id: uuid.UUID, *, limit: int, before_seq: int | None
+    ) -> list[tuple[int, Any]]: ...
+
+
+def _store(phase: phase_repo.State) -> Store:
+    return transcript_rows if phase.phase is Phase.TABLE_ONLY or phase.contracted else chats_repo
+
+
+def _writer(ctx: Context) -> Store:
+    """The store to write, for a mutation; holds off phase changes until the commit."""
+    phase = phase_repo.for_mutation(ctx.session)
+    ctx.jobs.enabled = ctx.jobs.enabled and phase.phase is not Phase.JSONB_ONLY
+    return _store(phase)
+
+
 def _check_size(settings: Settings, element: dict[str, Any], field: tuple[str | int, ...]) -> None:
     size = len(json.dumps(element, ensure_ascii=False).encode())
     if size > settings.max_message_bytes:
@@ -66,7 +125,7 @@ def _same(stored: dict[str, Any] | None, element: dict[str, Any]) -> bool:
 
 
 def create_chat(ctx: Context, body: schemas.CreateChat) -> chats_repo.Chat:
-    return chats_repo.create(
+    return _writer(ctx).create(
         ctx.session,
         user_id=ctx.user_id,
         title=body.title,
@@ -77,21 +136,23 @@ def create_chat(ctx: Context, body: schemas.CreateChat) -> chats_repo.Chat:
 
 
 def get_chat(ctx: Context, chat_id: uuid.UUID) -> tuple[chats_repo.Chat, Any]:
-    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    store = _store(phase_repo.current(ctx.session))
+    chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
-    return chat, chats_repo.get_messages(ctx.session, chat_id)
+    return chat, store.get_messages(ctx.session, chat_id)
 
 
 def delete_chat(ctx: Context, chat_id: uuid.UUID) -> None:
     """Delete a chat. Its rows go in the same transaction through the foreign key's cascade,
     so there is nothing left for a task to copy."""
-    if not chats_repo.delete(ctx.session, chat_id, ctx.user_id):
+    if not _writer(ctx).delete(ctx.session, chat_id, ctx.user_id):
         raise NotFound("chat not found", field=("path", "chat_id"))
 
 
 def _append(
     ctx: Context,
+    store: Store,
     chat_id: uuid.UUID,
     elements: list[tuple[tuple[str | int, ...], dict[str, Any]]],
     **stream: Any,
@@ -100,17 +161,15 @@ def _append(
     for field, element in elements:
         _check_size(ctx.settings, element, field)
     ids = [element["id"] for _, element in elements]
-    version = chats_repo.append(
-        ctx.session, chat_id, ctx.user_id, [e for _, e in elements], **stream
-    )
+    version = store.append(ctx.session, chat_id, ctx.user_id, [e for _, e in elements], **stream)
     if version is not None:
         ctx.jobs.enqueue(jobs.SYNC_MESSAGES, str(chat_id), ids, version, coalesce_key=str(chat_id))
         return Appended(chat_id, ids, version, created=True)
-    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
     for field, element in elements:
-        stored = chats_repo.find_message(ctx.session, chat_id, element["id"])
+        stored = store.find_message(ctx.session, chat_id, element["id"])
         if not _same(stored, element):
             raise Conflict(
                 f"message id {element['id']!r} is already in this chat with other content"
@@ -125,7 +184,9 @@ def append_user_message(ctx: Context, chat_id: uuid.UUID, body: schemas.AppendMe
     """Append a user message and make its id the chat's active stream (the turn it opens)."""
     message = body.message
     element = message.element(streamId=message.id)
-    return _append(ctx, chat_id, [(("body", "message"), element)], set_active_stream=message.id)
+    return _append(
+        ctx, _writer(ctx), chat_id, [(("body", "message"), element)], set_active_stream=message.id
+    )
 
 
 def complete_turn(
@@ -137,13 +198,14 @@ def complete_turn(
     of a completion that already landed answers like the first.
     """
     element = body.message.element(streamId=user_message_id)
-    turn = chats_repo.lock_turn(ctx.session, chat_id, ctx.user_id)
+    store = _writer(ctx)
+    turn = store.lock_turn(ctx.session, chat_id, ctx.user_id)
     if turn is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
-    stored = chats_repo.find_message(ctx.session, chat_id, element["id"])
+    stored = store.find_message(ctx.session, chat_id, element["id"])
     if stored is not None:
         if _same(stored, element):
-            chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+            chat = store.get(ctx.session, chat_id, ctx.user_id)
             assert chat is not None  # locked above
             return Appended(chat_id, [element["id"]], chat.messages_version, created=False)
         raise Conflict(
@@ -160,13 +222,14 @@ def complete_turn(
             f"message {user_message_id!r} is no longer the last message of the chat",
             field=("path", "user_message_id"),
         )
-    return _append(ctx, chat_id, [(("body", "message"), element)], clear_active_stream=True)
+    return _append(ctx, store, chat_id, [(("body", "message"), element)], clear_active_stream=True)
 
 
 def append_inbox_pair(ctx: Context, chat_id: uuid.UUID, body: schemas.InboxPair) -> Appended:
     """Append a user message and its reply at once (messages from the inbox)."""
     return _append(
         ctx,
+        _writer(ctx),
         chat_id,
         [
             (("body", "user"), body.user.element()),
@@ -177,9 +240,10 @@ def append_inbox_pair(ctx: Context, chat_id: uuid.UUID, body: schemas.InboxPair)
 
 def fork_chat(ctx: Context, chat_id: uuid.UUID, body: schemas.Fork) -> chats_repo.Chat:
     """A new chat with the transcript up to and including `up_to_message_id`."""
-    forked = chats_repo.fork(ctx.session, chat_id, ctx.user_id, body.up_to_message_id)
+    store = _writer(ctx)
+    forked = store.fork(ctx.session, chat_id, ctx.user_id, body.up_to_message_id)
     if forked is None:
-        if chats_repo.get(ctx.session, chat_id, ctx.user_id) is None:
+        if store.get(ctx.session, chat_id, ctx.user_id) is None:
             raise NotFound("chat not found", field=("path", "chat_id"))
         raise Invalid(
             f"message {body.up_to_message_id!r} is not in this chat",
@@ -198,11 +262,12 @@ def replace_messages(ctx: Context, chat_id: uuid.UUID, body: schemas.ReplaceMess
         element = message.element()
         _check_size(ctx.settings, element, ("body", "messages", index))
         elements.append(element)
-    version = chats_repo.replace_messages(ctx.session, chat_id, ctx.user_id, elements)
+    store = _writer(ctx)
+    version = store.replace_messages(ctx.session, chat_id, ctx.user_id, elements)
     if version is not None:
         ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat_id), version, coalesce_key=str(chat_id))
         return version
-    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
     return chat.messages_version  # the snapshot equals what is stored
@@ -215,7 +280,7 @@ def import_chat(ctx: Context, body: schemas.ImportChat) -> chats_repo.Chat:
         element = message.element()
         _check_size(ctx.settings, element, ("body", "messages", index))
         elements.append(element)
-    chat = chats_repo.create(
+    chat = _writer(ctx).create(
         ctx.session,
         user_id=body.user_id,
         title=body.title,
@@ -236,25 +301,32 @@ def read_page(
     """A page of the transcript, newest last, served from where the rollout phase says.
 
     In `verify_reads` the JSONB is served and the table is read too and compared (counted in
-    `dualwrite_shadow_reads_total`). In `read_table` a chat whose copy is behind its JSONB is
-    served from the JSONB.
+    `dualwrite_shadow_reads_total`; a mismatch is also recorded, as evidence for the phase
+    gates). In `read_table` a chat whose copy is behind its JSONB is served from the JSONB. In
+    `table_only` the rows are the transcript.
     """
     if limit < 1 or limit > ctx.settings.max_page_size:
         raise Invalid(
             f"limit must be between 1 and {ctx.settings.max_page_size}", field=("query", "limit")
         )
-    chat = chats_repo.get(ctx.session, chat_id, ctx.user_id)
+    phase = phase_repo.current(ctx.session)
+    store = _store(phase)
+    chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
-    applied = sync_state.versions(ctx.session, [chat_id]).get(chat_id, (0, -1))[1]
-    if ctx.settings.dualwrite_phase is Phase.READ_TABLE and applied >= chat.messages_version:
-        rows = messages_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
-        source: Literal["jsonb", "table"] = "table"
+    source: Literal["jsonb", "table"] = "table"
+    if store is transcript_rows:
+        rows = store.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
     else:
-        rows = chats_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
-        source = "jsonb"
-        if ctx.settings.dualwrite_phase is Phase.VERIFY_READS:
-            _shadow_read(ctx, chat_id, rows, in_sync=applied >= chat.messages_version)
+        applied = sync_state.versions(ctx.session, [chat_id]).get(chat_id, (0, -1))[1]
+        in_sync = applied >= chat.messages_version
+        if phase.phase is Phase.READ_TABLE and in_sync:
+            rows = messages_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
+        else:
+            rows = chats_repo.page(ctx.session, chat_id, limit=limit, before_seq=before_seq)
+            source = "jsonb"
+            if phase.phase is Phase.VERIFY_READS:
+                _shadow_read(ctx, chat_id, rows, in_sync=in_sync)
     seqs = [seq for seq, _ in rows]
     return schemas.MessagePage(
         messages=[element for _, element in rows],
@@ -314,3 +386,6 @@ def _shadow_read(
     metrics.SHADOW_READS.labels(outcome).inc()
     if outcome == "mismatch":
         log.warning("shadow read of chat %s differs between JSONB and table", chat_id)
+        phase_repo.record_mismatch(
+            ctx.session, chat_id, f"positions {first}-{last}: JSONB and table differ"
+        )

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import transaction
 from app.repositories import chats as chats_repo
-from app.repositories import dead_letters, reconcile_runs
+from app.repositories import dead_letters, reconcile_runs, sync_state
 from app.repositories import messages as messages_repo
+from app.repositories import phase as phase_repo
 from app.services import sync
-from app.settings import get_settings
+from app.settings import Phase, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class ReconcileReport:
     soft_deleted: int = 0
     timed_out: int = 0  # chats given up on alone after a lock or statement timeout
     skipped: int = 0  # chats left alone for an open `worker_lost` dead letter
+    # Chats whose JSONB moved on after their copy (live traffic): repaired or left to their
+    # sync, and not drift (`SyncReport.add_checked`).
+    behind: int = 0
     killed_runs: list[int] = field(default_factory=list)  # earlier runs found unfinished
     seconds: float = 0.0
     outcome: str = "running"
@@ -127,6 +131,13 @@ def reconcile(
         limits = Limits(
             statement_timeout_ms=settings.reconcile_statement_timeout_ms,
             lock_timeout_ms=settings.reconcile_lock_timeout_ms,
+        )
+    with transaction(factory) as session:
+        phase = phase_repo.current(session)
+    if phase.phase is Phase.TABLE_ONLY or phase.contracted:
+        raise sync.WrongPhase(
+            "the rows are the source of truth (table_only); the reverse sync and its sweep keep "
+            "the JSONB up to them"
         )
     engine = factory.kw["bind"]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
@@ -200,6 +211,7 @@ def _run(
                 soft_deleted=report.soft_deleted,
                 drift=report.drift,
                 chats_timed_out=report.timed_out,
+                chats_behind=report.behind,
                 chats_skipped=report.skipped,
                 duration_seconds=report.seconds,
             )
@@ -222,9 +234,10 @@ def _check(
         try:
             with _limited(factory, limits) as session:
                 if dry_run:
-                    done = sync.SyncReport()
-                    for counts in messages_repo.diff(session, piece):
-                        done.add(counts)
+                    # Versions first: a copy that claimed to be current before the diff's
+                    # snapshot and still differs in it is drift; a newer JSONB is lag.
+                    recorded = sync_state.versions(session, piece)
+                    done = sync.SyncReport.checked(messages_repo.diff(session, piece), recorded)
                 else:
                     done = sync.resync(session, piece)
         except DBAPIError as exc:
@@ -290,3 +303,4 @@ def _add(report: ReconcileReport, batch: sync.SyncReport) -> None:
     report.inserted += batch.inserted
     report.updated += batch.updated
     report.soft_deleted += batch.removed
+    report.behind += batch.behind

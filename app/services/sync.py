@@ -16,7 +16,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.jobs import SYNC_CHAT
+from app.repositories import chats as chats_repo
 from app.repositories import dead_letters, messages, sync_state
+from app.repositories import phase as phase_repo
+from app.settings import Phase
 
 
 @dataclass(slots=True)
@@ -31,6 +34,10 @@ class SyncReport:
     inserted: int = 0
     updated: int = 0
     removed: int = 0
+    # Chats found merely behind (a newer JSONB version than their copy claims) and the rows in
+    # which they differed: lag under live traffic, not drift. Only reconciles tell them apart.
+    behind: int = 0
+    behind_rows: int = 0
     lag_seconds: list[float] = field(default_factory=list)
 
     def add(self, counts: messages.ChatCounts) -> None:
@@ -41,18 +48,48 @@ class SyncReport:
         self.updated += counts.updated
         self.removed += counts.removed
 
+    def add_checked(self, counts: messages.ChatCounts, applied: int) -> None:
+        """Add a chat that a reconcile compared: differences in a chat whose copy does not
+        claim to be current (`applied` below the version compared) are lag, not drift."""
+        if counts.version > applied:
+            self.chats += 1
+            self.elements += counts.elements
+            self.bad_elements += counts.bad_elements
+            if counts.drift:
+                self.behind += 1
+                self.behind_rows += counts.drift
+        else:
+            self.add(counts)
+
+    @staticmethod
+    def checked(
+        results: Sequence[messages.ChatCounts], applied: dict[uuid.UUID, tuple[int, int]]
+    ) -> SyncReport:
+        report = SyncReport()
+        for counts in results:
+            report.add_checked(counts, applied.get(counts.chat_id, (0, -1))[1])
+        return report
+
 
 def sync_chats(
     session: Session, wanted: dict[uuid.UUID, int], *, task: str = SYNC_CHAT
 ) -> SyncReport:
-    """Converge the chats in `wanted` (chat id -> version the caller saw) to their JSONB.
+    """Bring the follower store of the chats in `wanted` (chat id -> version the caller saw) up
+    to the source of truth, in the direction the phase says: the rows up to the JSONB, or in
+    `table_only` the JSONB up to the rows. After the contract there is nothing to follow.
 
-    Chats whose applied version already covers the wanted one are skipped; a chat that no longer
-    exists is counted as missing and otherwise ignored (its rows went with it). Elements that
-    cannot be copied are skipped, and each chat that has some gets a dead letter saying so.
+    The phase is read first, with a lock that a phase change waits for, so a sync never runs
+    in a direction the phase has just left. Chats whose applied version already covers the
+    wanted one are skipped; a chat that no longer exists is counted as missing and otherwise
+    ignored (its rows went with it). Elements that cannot be copied are skipped, and each chat
+    that has some gets a dead letter saying so.
     """
     report = SyncReport()
     if not wanted:
+        return report
+    phase = phase_repo.for_mutation(session)
+    if phase.contracted:
+        report.skipped = len(wanted)
         return report
     sync_state.lock_chats(session, list(wanted))
     # Tasks coalesce: one may stand for later changes than its own version, which the chat's
@@ -64,6 +101,13 @@ def sync_chats(
         if applied < max(version, wanted_now):
             todo.append(chat)
     report.skipped = len(wanted) - len(todo)
+    if phase.phase is Phase.TABLE_ONLY:
+        written = chats_repo.write_from_rows(session, todo)
+        report.chats = len(written)
+        report.missing = len(todo) - len(written)
+        sync_state.mark_applied(session, written)
+        dead_letters.resolve(session, list(wanted), list(written))
+        return report
     results = messages.converge(session, todo)
     now = datetime.now(UTC)
     for counts in results:
@@ -75,15 +119,26 @@ def sync_chats(
     return report
 
 
+class WrongPhase(Exception):
+    """The operation has no meaning in the current phase; nothing was changed."""
+
+
 def resync(session: Session, chat_ids: Sequence[uuid.UUID]) -> SyncReport:
-    """Converge these chats whatever their recorded state (reconcile and repair)."""
-    report = SyncReport()
+    """Converge these chats' rows to their JSONB whatever their recorded state (reconcile and
+    repair). Refused once the rows are the source of truth."""
     if not chat_ids:
-        return report
+        return SyncReport()
+    phase = phase_repo.for_mutation(session)
+    if phase.phase is Phase.TABLE_ONLY or phase.contracted:
+        raise WrongPhase(
+            "the rows are the source of truth (table_only): copying the JSONB over them would "
+            "undo writes; the reverse sync keeps the JSONB up to them"
+        )
     sync_state.lock_chats(session, chat_ids)
+    # Under the locks no sync moves these; a handler's newer version shows up as lag.
+    recorded = sync_state.versions(session, chat_ids)
     results = messages.converge(session, chat_ids)
-    for counts in results:
-        report.add(counts)
+    report = SyncReport.checked(results, recorded)
     report.missing = len(chat_ids) - len(results)
     _settle(session, results, task=SYNC_CHAT, synced=[c.chat_id for c in results])
     return report
@@ -118,9 +173,14 @@ def _settle(
 
 def sweep(session: Session, *, grace: timedelta, limit: int) -> list[sync_state.Behind]:
     """Chats whose copy is behind for longer than `grace`: the caller enqueues a sync for each,
-    coalesced per chat with any sync already waiting.
+    coalesced per chat with any sync already waiting. Nothing in `jsonb_only` (no copy is
+    made yet) or after the contract (nothing follows the rows any more).
 
     This is what makes a lost publish harmless: the handler's commit recorded the wanted
-    version in the same transaction, whatever happened to its task.
+    version in the same transaction, whatever happened to its task. The same holds in
+    `table_only`, where the follower is the JSONB.
     """
+    phase = phase_repo.current(session)
+    if phase.phase is Phase.JSONB_ONLY or phase.contracted:
+        return []
     return sync_state.list_behind(session, grace=grace, limit=limit)

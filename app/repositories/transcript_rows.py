@@ -1,0 +1,350 @@
+"""SQL on `copilot_chat_messages` as the source of truth (phase `table_only`, and after the
+contract). Same operations, names and results as `app.repositories.chats`, the JSONB store.
+
+A chat's head (its version, the next `seq`, its active stream) is its row in
+`copilot_chat_sync_state`. Each write locks that row first, so concurrent appends to one chat
+take consecutive `seq` values, and bumps `wanted_version` so that the reverse sync brings the
+JSONB up to the rows. Nothing here writes `copilot_chats` after the insert that creates a chat:
+the reverse sync holds that row while it rewrites a transcript, and an append must not wait for
+it. Rows follow the mapping of the forward copy, so that a step back finds them as it left them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict
+from app.repositories import chats, messages
+from app.repositories.chats import Chat, TurnState
+
+# One element (`e.elem`, position `e.ord`, 1-based) of chat `c` as a row, at version `:version`.
+_ROW = """
+    e.elem ->> 'id',
+    coalesce(e.elem ->> 'role', 'unknown'),
+    CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string'
+              AND octet_length(e.elem ->> 'streamId') <= 1024
+         THEN e.elem ->> 'streamId' END,
+    CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string' THEN e.elem ->> 'model' END,
+    coalesce(copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at),
+    e.elem
+"""
+_ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
+
+_META = """
+    SELECT c.id, c.user_id, c.workflow_id, c.title, c.model, s.wanted_version,
+           s.active_stream_id, c.created_at, c.updated_at
+    FROM copilot_chats c JOIN copilot_chat_sync_state s ON s.chat_id = c.id
+"""
+
+
+def _jsonb(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def create(
+    session: Session,
+    *,
+    user_id: str,
+    title: str | None,
+    model: str,
+    workflow_id: str | None,
+    messages: list[dict[str, Any]],
+) -> Chat:
+    """Insert a chat and its rows; one with a transcript starts at version 1."""
+    version = 1 if messages else 0
+    chat_id = session.execute(
+        text(
+            f"""
+            WITH c AS (
+                INSERT INTO copilot_chats (user_id, title, model, workflow_id)
+                VALUES (:user_id, :title, :model, :workflow_id)
+                RETURNING id, created_at
+            ),
+            copied AS (
+                INSERT INTO copilot_chat_messages
+                    (chat_id, seq, source_version, {_ROW_COLUMNS})
+                SELECT c.id, (e.ord - 1)::int, :version, {_ROW}
+                FROM c CROSS JOIN LATERAL jsonb_array_elements(CAST(:messages AS jsonb))
+                    WITH ORDINALITY AS e(elem, ord)
+                RETURNING 1
+            ),
+            head AS (
+                INSERT INTO copilot_chat_sync_state AS s
+                    (chat_id, wanted_version, applied_version, dirty_since, next_seq)
+                SELECT c.id, :version, 0, now(), :count FROM c
+                ON CONFLICT (chat_id) DO UPDATE SET
+                    wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
+                    dirty_since = now()
+                RETURNING 1
+            )
+            SELECT id FROM c
+            """
+        ),
+        {
+            "user_id": user_id,
+            "title": title,
+            "model": model,
+            "workflow_id": workflow_id,
+            "messages": _jsonb(messages),
+            "version": version,
+            "count": len(messages),
+        },
+    ).scalar_one()
+    chat = get(session, chat_id, user_id)
+    assert chat is not None
+    return chat
+
+
+def get(session: Session, chat_id: uuid.UUID, user_id: str) -> Chat | None:
+    row = session.execute(
+        text(f"{_META} WHERE c.id = :id AND c.user_id = :user_id"),
+        {"id": chat_id, "user_id": user_id},
+    ).one_or_none()
+    return Chat(*row) if row else None
+
+
+def get_messages(session: Session, chat_id: uuid.UUID) -> Any:
+    """The live rows' elements, in order: the transcript."""
+    return session.execute(
+        text(
+            "SELECT coalesce(jsonb_agg(content ORDER BY seq), '[]'::jsonb) "
+            "FROM copilot_chat_messages WHERE chat_id = :id AND deleted_at IS NULL"
+        ),
+        {"id": chat_id},
+    ).scalar_one()
+
+
+def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = session.execute(
+        text(
+            "SELECT content FROM copilot_chat_messages "
+            "WHERE chat_id = :id AND message_id = :message_id AND deleted_at IS NULL"
+        ),
+        {"id": chat_id, "message_id": message_id},
+    ).scalar_one_or_none()
+    return found
+
+
+def _lock_head(session: Session, chat_id: uuid.UUID, user_id: str) -> tuple[int, int] | None:
+    """Lock the chat's head against every other writer of it; (version, next seq)."""
+    row = session.execute(
+        text(
+            """
+            SELECT s.wanted_version,
+                   coalesce(s.next_seq, (
+                       SELECT max(m.seq) + 1 FROM copilot_chat_messages m
+                       WHERE m.chat_id = s.chat_id AND m.deleted_at IS NULL
+                   ), 0)
+            FROM copilot_chat_sync_state s JOIN copilot_chats c ON c.id = s.chat_id
+            WHERE s.chat_id = :id AND c.user_id = :user_id
+            FOR UPDATE OF s
+            """
+        ),
+        {"id": chat_id, "user_id": user_id},
+    ).one_or_none()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+def lock_turn(session: Session, chat_id: uuid.UUID, user_id: str) -> TurnState | None:
+    """The head's row lock serializes turn completion with every other writer of the chat."""
+    if _lock_head(session, chat_id, user_id) is None:
+        return None
+    row = session.execute(
+        text(
+            """
+            SELECT s.active_stream_id, (
+                SELECT m.message_id FROM copilot_chat_messages m
+                WHERE m.chat_id = s.chat_id AND m.deleted_at IS NULL
+                ORDER BY m.seq DESC LIMIT 1
+            )
+            FROM copilot_chat_sync_state s WHERE s.chat_id = :id
+            """
+        ),
+        {"id": chat_id},
+    ).one()
+    return TurnState(*row)
+
+
+def append(
+    session: Session,
+    chat_id: uuid.UUID,
+    user_id: str,
+    elements: list[dict[str, Any]],
+    *,
+    set_active_stream: str | None = None,
+    clear_active_stream: bool = False,
+) -> int | None:
+    """Insert the elements as the chat's next rows; the new version, or None when they are all
+    there already (a retry). Some there and some not is a conflict."""
+    head = _lock_head(session, chat_id, user_id)
+    if head is None:
+        return None
+    version, next_seq = head
+    stream_sql = "s.active_stream_id"
+    if set_active_stream is not None:
+        stream_sql = "CAST(:stream AS text)"
+    elif clear_active_stream:
+        stream_sql = "NULL"
+    inserted, new_version = session.execute(
+        text(
+            f"""
+            WITH c AS (SELECT id, created_at FROM copilot_chats WHERE id = :id),
+            added AS (
+                INSERT INTO copilot_chat_messages AS m
+                    (chat_id, seq, source_version, {_ROW_COLUMNS})
+                SELECT c.id, :next_seq + (e.ord - 1)::int, :version, {_ROW}
+                FROM c CROSS JOIN LATERAL jsonb_array_elements(CAST(:elements AS jsonb))
+                    WITH ORDINALITY AS e(elem, ord)
+                ON CONFLICT (chat_id, message_id) DO UPDATE SET
+                    -- A message removed by a snapshot replace comes back.
+                    seq = EXCLUDED.seq, role = EXCLUDED.role, content = EXCLUDED.content,
+                    stream_id = EXCLUDED.stream_id, model = EXCLUDED.model,
+                    created_at = EXCLUDED.created_at, deleted_at = NULL, updated_at = now(),
+                    source_version = EXCLUDED.source_version
+                WHERE m.deleted_at IS NOT NULL
+                RETURNING 1
+            ),
+            head AS (
+                UPDATE copilot_chat_sync_state s SET
+                    wanted_version = :version,
+                    next_seq = :next_seq + :count,
+                    active_stream_id = {stream_sql},
+                    dirty_since = CASE WHEN s.applied_version >= s.wanted_version
+                                       THEN now() ELSE s.dirty_since END
+                WHERE s.chat_id = :id AND (SELECT count(*) FROM added) = :count
+                RETURNING s.wanted_version
+            )
+            SELECT (SELECT count(*) FROM added), (SELECT wanted_version FROM head)
+            """
+        ),
+        {
+            "id": chat_id,
+            "elements": _jsonb(elements),
+            "next_seq": next_seq,
+            "version": version + 1,
+            "count": len(elements),
+            "stream": set_active_stream,
+        },
+    ).one()
+    if inserted == 0:
+        return None
+    if new_version is None:
+        # The unit of work rolls back the rows this statement did insert.
+        raise Conflict("some of these messages are already in this chat, not all", field=("body",))
+    return int(new_version)
+
+
+def replace_messages(
+    session: Session, chat_id: uuid.UUID, user_id: str, messages: list[dict[str, Any]]
+) -> int | None:
+    """Make the live rows exactly `messages`, in order; the new version, or None when the chat
+    is absent or nothing changed. Set-based: one upsert, one soft-delete."""
+    head = _lock_head(session, chat_id, user_id)
+    if head is None:
+        return None
+    version, _ = head
+    changed, new_version = session.execute(
+        text(
+            f"""
+            WITH c AS (SELECT id, created_at FROM copilot_chats WHERE id = :id),
+            src AS (
+                SELECT c.id AS chat_id, (e.ord - 1)::int AS seq, {_ROW}
+                FROM c CROSS JOIN LATERAL jsonb_array_elements(CAST(:messages AS jsonb))
+                    WITH ORDINALITY AS e(elem, ord)
+            ),
+            upserted AS (
+                INSERT INTO copilot_chat_messages AS m
+                    (chat_id, seq, source_version, {_ROW_COLUMNS})
+                SELECT chat_id, seq, :version, {_ROW_COLUMNS} FROM src
+                ORDER BY 1, 2
+                ON CONFLICT (chat_id, message_id) DO UPDATE SET
+                    seq = EXCLUDED.seq, role = EXCLUDED.role, content = EXCLUDED.content,
+                    stream_id = EXCLUDED.stream_id, model = EXCLUDED.model,
+                    created_at = EXCLUDED.created_at, deleted_at = NULL, updated_at = now(),
+                    source_version = EXCLUDED.source_version
+                WHERE m.deleted_at IS NOT NULL OR m.seq <> EXCLUDED.seq
+                   OR m.content <> EXCLUDED.content OR m.created_at <> EXCLUDED.created_at
+                RETURNING 1
+            ),
+            removed AS (
+                UPDATE copilot_chat_messages m
+                SET deleted_at = now(), updated_at = now(), source_version = :version
+                WHERE m.chat_id = :id AND m.deleted_at IS NULL
+                  AND m.message_id NOT IN (SELECT message_id FROM src)
+                RETURNING 1
+            ),
+            head AS (
+                UPDATE copilot_chat_sync_state s SET
+                    wanted_version = :version,
+                    next_seq = (SELECT count(*) FROM src),
+                    dirty_since = CASE WHEN s.applied_version >= s.wanted_version
+                                       THEN now() ELSE s.dirty_since END
+                WHERE s.chat_id = :id
+                  AND (SELECT count(*) FROM upserted) + (SELECT count(*) FROM removed) > 0
+                RETURNING s.wanted_version
+            )
+            SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM removed),
+                   (SELECT wanted_version FROM head)
+            """
+        ),
+        {"id": chat_id, "messages": _jsonb(messages), "version": version + 1},
+    ).one()
+    return int(new_version) if changed else None
+
+
+def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: str) -> Chat | None:
+    """A new chat holding the live rows up to and including that message: INSERT ... SELECT."""
+    new_id = session.execute(
+        text(
+            f"""
+            WITH cut AS (
+                SELECT m.seq FROM copilot_chat_messages m
+                JOIN copilot_chats c ON c.id = m.chat_id
+                WHERE m.chat_id = :id AND c.user_id = :user_id
+                  AND m.message_id = :message_id AND m.deleted_at IS NULL
+            ),
+            c AS (
+                INSERT INTO copilot_chats (user_id, workflow_id, title, model)
+                SELECT user_id, workflow_id, title, model FROM copilot_chats
+                WHERE id = :id AND EXISTS (SELECT 1 FROM cut)
+                RETURNING id, created_at
+            ),
+            copied AS (
+                INSERT INTO copilot_chat_messages
+                    (chat_id, seq, source_version, {_ROW_COLUMNS})
+                SELECT c.id, (row_number() OVER (ORDER BY m.seq) - 1)::int, 1,
+                       m.message_id, m.role, m.stream_id, m.model, m.created_at, m.content
+                FROM c, copilot_chat_messages m
+                WHERE m.chat_id = :id AND m.deleted_at IS NULL
+                  AND m.seq <= (SELECT seq FROM cut)
+                RETURNING 1
+            ),
+            head AS (
+                INSERT INTO copilot_chat_sync_state AS s
+                    (chat_id, wanted_version, applied_version, dirty_since, next_seq)
+                SELECT c.id, 1, 0, now(), (SELECT count(*) FROM copied) FROM c
+                ON CONFLICT (chat_id) DO UPDATE SET
+                    wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
+                    dirty_since = now()
+                RETURNING 1
+            )
+            SELECT id FROM c
+            """
+        ),
+        {"id": chat_id, "user_id": user_id, "message_id": up_to_message_id},
+    ).scalar_one_or_none()
+    return get(session, new_id, user_id) if new_id is not None else None
+
+
+def page(
+    session: Session, chat_id: uuid.UUID, *, limit: int, before_seq: int | None
+) -> list[tuple[int, Any]]:
+    return list(messages.page(session, chat_id, limit=limit, before_seq=before_seq))
+
+
+delete = chats.delete
