@@ -24,14 +24,14 @@ from app.repositories.chats import Chat, TurnState
 
 # One element (`e.elem`, position `e.ord`, 1-based) of chat `c` as a row, at version `:version`.
 _ROW = """
-    e.elem ->> 'id',
-    coalesce(e.elem ->> 'role', 'unknown'),
+    e.elem ->> 'id' AS message_id,
+    coalesce(e.elem ->> 'role', 'unknown') AS role,
     CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string'
               AND octet_length(e.elem ->> 'streamId') <= 1024
-         THEN e.elem ->> 'streamId' END,
-    CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string' THEN e.elem ->> 'model' END,
-    coalesce(copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at),
-    e.elem
+         THEN e.elem ->> 'streamId' END AS stream_id,
+    CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string' THEN e.elem ->> 'model' END AS model,
+    coalesce(copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at) AS created_at,
+    e.elem AS content
 """
 _ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
 
