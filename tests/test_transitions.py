@@ -287,3 +287,32 @@ def test_table_only_seq_is_race_free_under_concurrent_appends_to_one_chat(  # ty
         ).scalars()
         assert list(seqs) == list(range(60))
     assert len(set(ids)) == 60
+
+
+def test_table_only_appends_never_wait_for_the_chat_row(  # type: ignore[no-untyped-def]
+    api, auth, engine, set_phase
+) -> None:
+    """The reverse sync holds the chat's `copilot_chats` row while it rewrites a transcript
+    (~200 ms for 5,000 messages); an append in table_only must not queue behind it."""
+    chat = api.post("/chats", json={}, headers=auth()).json()["id"]
+    set_phase("table_only")
+    done: list[int] = []
+    with engine.connect() as holder:
+        holder.execute(  # what the reverse sync's UPDATE locks, held open
+            text("UPDATE copilot_chats SET updated_at = now() WHERE id = :id"), {"id": chat}
+        )
+
+        def append() -> None:
+            response = api.post(
+                f"/chats/{chat}/messages", json={"message": element("user")}, headers=auth()
+            )
+            done.append(response.status_code)
+
+        thread = threading.Thread(target=append)
+        thread.start()
+        try:
+            wait_until(lambda: done, timeout=20)  # while the row is still locked
+        finally:
+            holder.rollback()
+            thread.join(30)
+    assert done == [201]
