@@ -275,7 +275,7 @@ def main() -> int:
     processes: list[infra.Process] = []
     try:
         with infra.database("cdw_lag") as database_url:
-            env = infra.service_env(database_url, broker.url, DUALWRITE_PHASE="dual_write")
+            env = infra.service_env(database_url, broker.url)
             os.environ.update(env)
             from app.auth import issue_token
             from bench.tasks import CREATE_TABLE

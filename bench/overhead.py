@@ -1,6 +1,8 @@
 """Request overhead of the dual-write: the same append workload through the API in phase
 `jsonb_only` and in `dual_write`, alternating over several runs, with a worker running in both;
-latency per phase and the ratio dual_write / jsonb_only against the targets.
+latency per phase and the ratio dual_write / jsonb_only against the targets. A third variant,
+`no_trigger` (`jsonb_only` with the version triggers disabled: the application before this
+service), gives the cost of the triggers themselves.
 
     .venv/bin/python bench/overhead.py [--requests 2000] [--chats 300] [--runs 3]
                                        [--clients 1,4] [--quick]
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import infra
 
-PHASES = ("jsonb_only", "dual_write")
+PHASES = ("no_trigger", "jsonb_only", "dual_write")
 # latencies (s), failures, wall seconds, CPU seconds by process group, publish counters
 Measured = tuple[list[float], int, float, dict[str, float], dict[str, float]]
 PUBLISH_METRICS = {
@@ -147,8 +149,8 @@ def main() -> int:
                 for phase in PHASES if run % 2 == 0 else PHASES[::-1]:
                     if api is not None:
                         api.stop()
-                    env = {**base_env, "DUALWRITE_PHASE": phase}
-                    api = infra.start_api(env, port, name=f"api-{phase}")
+                    put_phase(database_url, phase)
+                    api = infra.start_api(base_env, port, name=f"api-{phase}")
                     warm = create_chats(base, headers, max(1, min(args.chats, 50)))
                     append_load(base, headers, warm, args.warmup, max(concurrencies))
                     for clients in concurrencies:
@@ -187,6 +189,19 @@ def main() -> int:
 
     report(results, concurrencies, args)
     return 0
+
+
+def put_phase(database_url: str, phase: str) -> None:
+    """The phase lives in the database; `no_trigger` is `jsonb_only` without the triggers."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute(
+            "UPDATE dualwrite_phase SET phase = %s",
+            ("jsonb_only" if phase == "no_trigger" else phase,),
+        )
+        state = "DISABLE" if phase == "no_trigger" else "ENABLE"
+        connection.execute(f"ALTER TABLE copilot_chats {state} TRIGGER USER")
 
 
 def report(
@@ -285,6 +300,19 @@ def report(
                 ]
             )
     cpu_report(results)
+    trigger = [
+        [
+            clients,
+            key,
+            medians[("no_trigger", clients)][key] * ms,
+            medians[("jsonb_only", clients)][key] * ms,
+            medians[("jsonb_only", clients)][key] / medians[("no_trigger", clients)][key],
+        ]
+        for clients in concurrencies
+        for key in TARGETS
+    ]
+    print("\nthe version triggers' cost: jsonb_only / no_trigger (medians over runs)\n")
+    print(infra.table(["clients", "latency", "no_trigger ms", "jsonb_only ms", "ratio"], trigger))
     print("\ndual_write / jsonb_only (medians over runs), measured in this run\n")
     print(
         infra.table(
