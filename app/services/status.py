@@ -21,7 +21,8 @@ def phase_state(session: Session) -> dict[str, Any]:
         if following is not None
         else []
     )
-    behind = sync_state.count_behind(session)
+    # In table_only the JSONB follows the rows; after the contract nothing follows them.
+    reverse = state.phase is Phase.TABLE_ONLY and not state.contracted
     return {
         "phase": state.phase.value,
         "phases": [p.value for p in Phase],
@@ -30,16 +31,20 @@ def phase_state(session: Session) -> dict[str, Any]:
         "pending": state.pending.value if state.pending else None,
         "next": following.value if following else None,
         "gates": [{"name": g.name, "ok": g.ok, "detail": g.detail} for g in gates],
-        "reverse_backlog": behind if state.phase is Phase.TABLE_ONLY else 0,
+        "reverse_backlog": sync_state.count_behind(session) if reverse else 0,
     }
 
 
 def database_gauges(session: Session) -> dict[str, Any]:
     last = reconcile_runs.last_finished(session)
+    phase = phase_state(session)
+    # After the contract nothing follows the rows: the sync state's versions still move with
+    # every write, but no copy is behind, and a lag gauge must not grow for ever.
+    following = not phase["contracted"]
     return {
-        "phase": phase_state(session),
-        "chats_behind": sync_state.count_behind(session),
-        "oldest_behind_seconds": sync_state.oldest_behind_seconds(session),
+        "phase": phase,
+        "chats_behind": sync_state.count_behind(session) if following else 0,
+        "oldest_behind_seconds": sync_state.oldest_behind_seconds(session) if following else 0.0,
         "dead_letters_open": dead_letters.count_open(session),
         "last_reconcile": (
             {"drift": last.drift, "finished_at": last.finished_at, "outcome": last.outcome}
