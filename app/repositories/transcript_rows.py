@@ -35,6 +35,10 @@ _ROW = """
 """
 _ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
 
+# After the contract nothing follows the rows: a write is applied as soon as it is made, so no
+# chat ever shows as behind. Before it, the JSONB (version 0 for a new chat) follows.
+_FOLLOWED = "(SELECT contracted_at IS NULL FROM dualwrite_phase)"
+
 _META = """
     SELECT c.id, c.user_id, c.workflow_id, c.title, c.model, s.wanted_version,
            s.active_stream_id, c.created_at, c.updated_at
@@ -76,10 +80,12 @@ def create(
             head AS (
                 INSERT INTO copilot_chat_sync_state AS s
                     (chat_id, wanted_version, applied_version, dirty_since, next_seq)
-                SELECT c.id, :version, 0, now(), :count FROM c
+                SELECT c.id, :version, CASE WHEN {_FOLLOWED} THEN 0 ELSE :version END, now(),
+                       :count
+                FROM c
                 ON CONFLICT (chat_id) DO UPDATE SET
                     wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
-                    dirty_since = now()
+                    applied_version = EXCLUDED.applied_version, dirty_since = now()
                 RETURNING 1
             )
             SELECT id FROM c
@@ -212,6 +218,8 @@ def append(
             head AS (
                 UPDATE copilot_chat_sync_state s SET
                     wanted_version = :version,
+                    applied_version = CASE WHEN {_FOLLOWED} THEN s.applied_version
+                                           ELSE :version END,
                     next_seq = :next_seq + :count,
                     active_stream_id = {stream_sql},
                     dirty_since = CASE WHEN s.applied_version >= s.wanted_version
@@ -281,6 +289,8 @@ def replace_messages(
             head AS (
                 UPDATE copilot_chat_sync_state s SET
                     wanted_version = :version,
+                    applied_version = CASE WHEN {_FOLLOWED} THEN s.applied_version
+                                           ELSE :version END,
                     next_seq = (SELECT count(*) FROM src),
                     dirty_since = CASE WHEN s.applied_version >= s.wanted_version
                                        THEN now() ELSE s.dirty_since END
@@ -327,10 +337,12 @@ def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: s
             head AS (
                 INSERT INTO copilot_chat_sync_state AS s
                     (chat_id, wanted_version, applied_version, dirty_since, next_seq)
-                SELECT c.id, 1, 0, now(), (SELECT count(*) FROM copied) FROM c
+                SELECT c.id, 1, CASE WHEN {_FOLLOWED} THEN 0 ELSE 1 END, now(),
+                       (SELECT count(*) FROM copied)
+                FROM c
                 ON CONFLICT (chat_id) DO UPDATE SET
                     wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
-                    dirty_since = now()
+                    applied_version = EXCLUDED.applied_version, dirty_since = now()
                 RETURNING 1
             )
             SELECT id FROM c

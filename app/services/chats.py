@@ -101,7 +101,9 @@ def _store(phase: phase_repo.State) -> Store:
 def _writer(ctx: Context) -> Store:
     """The store to write, for a mutation; holds off phase changes until the commit."""
     phase = phase_repo.for_mutation(ctx.session)
-    ctx.jobs.enabled = ctx.jobs.enabled and phase.phase is not Phase.JSONB_ONLY
+    # Nothing to copy before the dual-write starts, nor once the JSONB is gone.
+    copying = phase.phase is not Phase.JSONB_ONLY and not phase.contracted
+    ctx.jobs.enabled = ctx.jobs.enabled and copying
     return _store(phase)
 
 

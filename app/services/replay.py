@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 
 from app.jobs import SYNC_CHAT, JobQueue
 from app.repositories import dead_letters, sync_state
+from app.repositories import phase as phase_repo
 from app.services import sync
+from app.settings import Phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,16 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
     letters = dead_letters.get_open(session, ids)
     recorded = sync_state.versions(session, [d.chat_id for d in letters])
     wanted = {chat: versions[0] for chat, versions in recorded.items()}
+    phase = phase_repo.current(session)
+    if phase.phase is Phase.TABLE_ONLY or phase.contracted:
+        # The rows are the source of truth: elements the table could not hold are no longer
+        # part of the transcript, and the reverse sync writes the JSONB without them.
+        moot = [d for d in letters if d.reason == dead_letters.Reason.BAD_ELEMENTS]
+        letters = [d for d in letters if d.reason != dead_letters.Reason.BAD_ELEMENTS]
+        dead_letters.close(session, [d.id for d in moot])
+        closed = [Replayed(d, "closed: the rows are the source of truth now") for d in moot]
+    else:
+        closed = []
     bad = sorted(
         {
             d.chat_id
@@ -70,4 +82,4 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
             done.append(Replayed(letter, "enqueued"))
     dead_letters.close(session, gone)
     dead_letters.mark_replayed(session, [d.letter.id for d in done])
-    return done
+    return closed + done
