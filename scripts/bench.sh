@@ -5,7 +5,7 @@
 # scripts work, and its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALL="overhead lag drain reconcile reads memory chaos migration"
+ALL="overhead lag drain reconcile reads memory chaos migration cutover"
 name=${1:?usage: scripts/bench.sh NAME|all [--quick] (NAME: $ALL)}
 shift
 scripts/setup.sh

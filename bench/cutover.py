@@ -1,0 +1,272 @@
+"""The cutover in one run, on one database and one API and worker process: appends to a
+5,000-message chat (request time; WAL per append, the worker's copies included) in `dual_write`,
+`table_only` and after the contract, and last-50 reads of it in `read_table`, `table_only` and
+after the contract. The phase moves with `python -m app phase set` (a reconcile before
+`read_table`), then `python -m app contract --yes`.
+
+    .venv/bin/python bench/cutover.py [--messages 5000] [--appends 200] [--reads 300] [--quick]
+
+WAL is `pg_current_wal_lsn()` before and after a whole series, each taken with the sync backlog
+empty; it is the server's, so other databases written meanwhile add to it. Targets: appends in
+`table_only` >= 50x faster than in `dual_write` (p50); WAL per append after the contract >= 100x
+less than in `dual_write`; reads in `table_only` and after it no slower than in `read_table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import dataset, infra
+
+USER = "bench-cutover"
+PAGE = 50
+# (figure, state) -> target ratio to the figure's reference state (the first one measured).
+TARGETS = {
+    ("append p50 ms", "table_only"): 50.0,
+    ("WAL bytes per append", "contracted"): 100.0,
+    ("read last 50 p50 ms", "table_only"): 1.0,
+    ("read last 50 p50 ms", "contracted"): 1.0,
+}
+# The states measured, in order, and the commands that move the database into each.
+STEPS = {
+    "dual_write": [],
+    "read_table": ["phase set verify_reads", "reconcile", "phase set read_table"],
+    "table_only": ["phase set table_only"],
+    "contracted": ["contract --yes"],
+}
+BEHIND = "SELECT count(*) FROM copilot_chat_sync_state WHERE applied_version < wanted_version"
+
+
+def cli(env: dict[str, str], command: str) -> None:
+    """`python -m app COMMAND` against the bench's database; stops the run if it fails."""
+    argv = [sys.executable, "-m", "app", *command.split()]
+    done = subprocess.run(argv, cwd=infra.ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"python -m app {command} failed:\n{done.stdout}{done.stderr}")
+    print(f"python -m app {command}: {done.stdout.strip().splitlines()[-1]}", file=sys.stderr)
+
+
+def scalar(url: str, sql: str) -> object:
+    with psycopg.connect(url, autocommit=True) as connection:
+        row = connection.execute(sql).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def settle(url: str, broker: infra.RedisServer, contracted: bool) -> None:
+    """Wait for the queue to empty and every chat's copy to catch up. After the contract no sync
+    copies anything, so only the queue counts (its tasks return at once)."""
+    queue = broker.client()
+    infra.wait_until(
+        lambda: infra.queue_length(queue) == 0 and (contracted or scalar(url, BEHIND) == 0),
+        300,
+        "an empty sync backlog",
+    )
+    if contracted:
+        time.sleep(0.5)  # tasks the worker had already reserved
+
+
+def client(env: dict[str, str], port: int) -> httpx.Client:
+    """An HTTP client of the API with an admin token (it imports chats) of `USER`."""
+    from app.auth import issue_token
+
+    token = issue_token(env["AUTH_SECRET"], USER, admin=True)
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=300)
+
+
+def load_chats(http: httpx.Client, messages: int, scale: float) -> str:
+    """Import the background chats (the data set's shape at `scale`) and the measured chat of
+    `messages` realistic elements; the measured chat's id."""
+    for chat in dataset.chats(dataset.shape(scale)):
+        body = {"user_id": chat.user_id, "title": chat.title, "messages": chat.messages}
+        http.post("/admin/chats/import", json=body).raise_for_status()
+    rng = random.Random(dataset.SEED)
+    transcript = dataset.transcript(rng, messages, datetime(2026, 1, 1, tzinfo=UTC))
+    body = {"user_id": USER, "title": "cutover", "messages": transcript}
+    response = http.post("/admin/chats/import", json=body)
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def append_series(http: httpx.Client, chat: str, count: int, rng: random.Random) -> list[float]:
+    """`count` user messages appended one after another; seconds per request."""
+    out = []
+    for _ in range(count):
+        body = {"message": dataset.element(rng, "user", datetime.now(UTC))}
+        started = time.perf_counter()
+        response = http.post(f"/chats/{chat}/messages", json=body)
+        out.append(time.perf_counter() - started)
+        if response.status_code != 201:
+            raise SystemExit(f"append answered {response.status_code}: {response.text[:300]}")
+    return out
+
+
+def measure_appends(
+    http: httpx.Client, url: str, broker: infra.RedisServer, chat: str, count: int, state: str
+) -> tuple[list[float], float]:
+    """Request seconds of `count` appends and the WAL bytes per append, the copies included."""
+    rng = random.Random(state)  # new message ids in each state
+    contracted = state == "contracted"
+    append_series(http, chat, 5, rng)  # warm-up: connections, prepared statements
+    settle(url, broker, contracted)
+    start = scalar(url, "SELECT pg_current_wal_lsn()")
+    latencies = append_series(http, chat, count, rng)
+    settle(url, broker, contracted)
+    wal = scalar(url, f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')")
+    return latencies, float(wal) / count  # type: ignore[arg-type]
+
+
+def timed_gets(
+    http: httpx.Client, path: str, count: int, ok: Callable[[httpx.Response], bool]
+) -> list[float]:
+    """Seconds per GET of `path`, after 20 unmeasured; every answer must pass `ok`."""
+    out = []
+    for i in range(count + 20):
+        started = time.perf_counter()
+        response = http.get(path)
+        elapsed = time.perf_counter() - started
+        if not ok(response):
+            raise SystemExit(f"GET {path} answered {response.status_code}: {response.text[:300]}")
+        if i >= 20:
+            out.append(elapsed)
+    return out
+
+
+def served(response: httpx.Response) -> bool:
+    """A page of the last 50 messages, served from the table."""
+    page = response.json() if response.status_code == 200 else {}
+    return len(page.get("messages", [])) == PAGE and page["source"] == "table"
+
+
+def versus(name: str, state: str, base: float, value: float, reference: str) -> list[str]:
+    """Reference, ratio, target and verdict of one figure: appends and WAL as "x less" than
+    the reference, reads as a ratio to it."""
+    less = name.startswith(("append", "WAL"))
+    ratio = base / value if less else value / base
+    shown = [f"{base:,.3f} ({reference})" if base < 100 else f"{base:,.0f} ({reference})"]
+    shown.append(f"{ratio:,.2f}x less" if less else f"{ratio:.2f}x")
+    target = TARGETS.get((name, state))
+    if target is None:
+        return [*shown, "", ""]
+    if less:
+        return [*shown, f">= {target:g}x less", infra.verdict(target / ratio, 1.0)]
+    return [*shown, f"<= {target:g}x", infra.verdict(ratio, target)]
+
+
+@dataclass
+class Measured:
+    """Per state: request seconds of the appends, WAL bytes per append, read and floor seconds."""
+
+    appends: dict[str, list[float]] = field(default_factory=dict)
+    wal: dict[str, float] = field(default_factory=dict)
+    reads: dict[str, list[float]] = field(default_factory=dict)
+    floors: dict[str, list[float]] = field(default_factory=dict)
+
+
+def measure(
+    env: dict[str, str], broker: infra.RedisServer, http: httpx.Client, args: argparse.Namespace
+) -> Measured:
+    """Load the chats, then move through the states, measuring each."""
+    out, url = Measured(), env["DATABASE_URL"]
+    chat = load_chats(http, args.messages, args.scale)
+    page = f"/chats/{chat}/messages?limit={PAGE}"
+    # The request path alone: authenticated, one transaction, no chat to read.
+    missing = f"/chats/{uuid.uuid4()}/messages?limit={PAGE}"
+    for state, steps in STEPS.items():
+        for command in steps:
+            cli(env, command)
+        if state != "read_table":
+            out.appends[state], out.wal[state] = measure_appends(
+                http, url, broker, chat, args.appends, state
+            )
+            out.floors[state] = timed_gets(
+                http, missing, args.reads, lambda r: r.status_code == 404
+            )
+        if state != "dual_write":
+            out.reads[state] = timed_gets(http, page, args.reads, served)
+    print(f"chats behind after the contract: {scalar(url, BEHIND)}", file=sys.stderr)
+    return out
+
+
+def report(measured: Measured, args: argparse.Namespace) -> None:
+    """One table: each figure per state, against its reference state, with the targets."""
+
+    def ms(series: dict[str, list[float]], p: float) -> dict[str, float]:
+        return {state: infra.percentile(values, p) * 1e3 for state, values in series.items()}
+
+    figures = {  # name -> value per state; the first state is the others' reference
+        "append p50 ms": ms(measured.appends, 50),
+        "append p99 ms": ms(measured.appends, 99),
+        "WAL bytes per append": measured.wal,
+        "read last 50 p50 ms": ms(measured.reads, 50),
+        "request floor p50 ms": ms(measured.floors, 50),
+    }
+    rows: list[list[object]] = []
+    for name, values in figures.items():
+        reference, base = next(iter(values.items()))
+        rows.append([f"{name}, {reference}", base, "", "", "", ""])
+        rows += [
+            [f"{name}, {state}", value, *versus(name, state, base, value, reference)]
+            for state, value in list(values.items())[1:]
+        ]
+    print(
+        f"\ncutover: one chat of {args.messages:,} messages (+ background chats), "
+        f"{args.appends} appends and {args.reads} reads per state\n"
+    )
+    print(infra.table(["figure", "measured", "reference", "ratio", "target", "verdict"], rows))
+    bound = figures["append p50 ms"]["dual_write"] / figures["request floor p50 ms"]["table_only"]
+    print(
+        "\nrequest floor: an authenticated GET of a missing chat (404; one transaction, no row). "
+        f"The append ratio in table_only cannot exceed dual_write's p50 / this floor: {bound:.1f}x"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5_000, help="the measured chat's size")
+    parser.add_argument("--appends", type=int, default=200, help="appends per state")
+    parser.add_argument("--reads", type=int, default=300, help="reads per state")
+    parser.add_argument("--scale", type=float, default=0.005, help="background chats' data set")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps this working")
+    args = parser.parse_args()
+    if args.quick:
+        args.messages, args.appends, args.reads, args.scale = 500, 20, 30, 0.001
+    infra.exit_on_sigterm()
+    infra.services_up()
+    broker = infra.RedisServer().start()
+    processes: list[infra.Process] = []
+    try:
+        with infra.database("cdw_cutover") as url:
+            env = infra.service_env(
+                url, broker.url, PHASE_GATE_MIN_SECONDS="0", CONTRACT_MIN_TABLE_ONLY_SECONDS="0"
+            )
+            processes.append(infra.worker(env).start())
+            port = infra.free_port()
+            processes.append(infra.start_api(env, port))
+            with client(env, port) as http:
+                measured = measure(env, broker, http, args)
+    finally:
+        for process in processes:
+            process.stop()
+        broker.stop()
+    report(measured, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
