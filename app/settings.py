@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     publish_max_retries: int = Field(default=1, ge=0)
     publish_retry_interval_seconds: float = Field(default=0.05, ge=0)
     # While a sync of a chat waits in the queue, further changes of that chat send no new task.
-    coalesce_ttl_seconds: int = Field(default=300, gt=0)
+    # The marker expires after this, so a task lost with its worker (its message stays unacked
+    # until the visibility timeout) delays its chat at most this long: the sweep resends it.
+    coalesce_ttl_seconds: int = Field(default=120, gt=0)
     # Producers' task-sent events (Flower's "sent" state); costly on the request path.
     task_sent_events: bool = False
 

@@ -233,6 +233,9 @@ def main() -> int:
                 broker.url,
                 SWEEP_INTERVAL_SECONDS="5",
                 SWEEP_GRACE_SECONDS="3",
+                # A task lost with its worker keeps its chat's coalescing marker until this
+                # expires; the sweep resends it then. Short here, so the run converges quickly.
+                COALESCE_TTL_SECONDS="10",
                 RETRY_BACKOFF_BASE_SECONDS="0.5",
                 RETRY_BACKOFF_MAX_SECONDS="10",
             )
