@@ -48,8 +48,16 @@ class Settings(BaseSettings):
     max_message_depth: int = Field(default=64, ge=1, le=250)
     max_page_size: int = Field(default=500, gt=0)
 
-    # The enqueue after a commit must never hold a request up for long: connect, socket and
-    # retry budget are all bounded, and their sum stays well under a second.
+    # The API publishes after the commit from a background thread (`app.publisher`), never in
+    # the request: a buffer of committed jobs, sent in batches. A full buffer drops (and counts)
+    # jobs rather than block a request; the sweep repairs those chats. At shutdown the buffer
+    # is drained for at most `publish_drain_seconds`.
+    publish_buffer_size: int = Field(default=10_000, gt=0)
+    publish_batch_size: int = Field(default=500, gt=0)
+    publish_drain_seconds: float = Field(default=5.0, ge=0)
+    # Each send gives up quickly, so that a broker that is down or hung stalls a batch (and the
+    # sweep's or the CLI's publish) for well under a second: connect, socket and retry budget
+    # are all bounded.
     publish_connect_timeout_seconds: float = Field(default=0.2, gt=0)
     publish_socket_timeout_seconds: float = Field(default=0.2, gt=0)
     publish_max_retries: int = Field(default=1, ge=0)
@@ -58,7 +66,7 @@ class Settings(BaseSettings):
     # The marker expires after this, so a task lost with its worker (its message stays unacked
     # until the visibility timeout) delays its chat at most this long: the sweep resends it.
     coalesce_ttl_seconds: int = Field(default=120, gt=0)
-    # Producers' task-sent events (Flower's "sent" state); costly on the request path.
+    # Producers' task-sent events (Flower's "sent" state); they double the cost of a send.
     task_sent_events: bool = False
 
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
@@ -87,9 +95,12 @@ class Settings(BaseSettings):
     migration_lock_timeout_ms: int = Field(default=2000, gt=0)
     migration_lock_attempts: int = Field(default=30, gt=0)
     backfill_batch_size: int = Field(default=200, gt=0)
-    backfill_max_batch_size: int = Field(default=5000, gt=0)
-    backfill_batch_seconds: float = Field(default=1.0, gt=0)
-    backfill_pause_seconds: float = Field(default=0.05, ge=0)
+    # At most this many chats per batch: each takes a per-chat advisory lock, and PostgreSQL's
+    # shared lock table holds max_locks_per_transaction x max_connections of them (6,400 by
+    # default) for every session together.
+    backfill_max_batch_size: int = Field(default=1000, gt=0, le=4000)
+    backfill_batch_seconds: float = Field(default=2.0, gt=0)
+    backfill_pause_seconds: float = Field(default=0.02, ge=0)
     backfill_log_interval_seconds: float = Field(default=5.0, ge=0)
 
     # The sweep: re-enqueue chats whose copy is behind (a lost publish, a lost task).

@@ -176,9 +176,9 @@ _BATCH = text(
 @dataclass(frozen=True, slots=True)
 class Config:
     batch_size: int = 200
-    max_batch_size: int = 5000
-    batch_seconds: float = 1.0
-    pause_seconds: float = 0.05
+    max_batch_size: int = 1000
+    batch_seconds: float = 2.0
+    pause_seconds: float = 0.02
     lock_timeout_ms: int = 2000
     log_interval_seconds: float = 5.0
 
