@@ -397,3 +397,29 @@ def test_old_application_writes_reach_the_table_through_the_sweep_alone(
     assert any(mismatch(engine, c) is not None for c in every_chat)
     # No task was published for any of these writes; no reconcile runs: the sweep alone.
     sweep_until_converged(broker, old.url, every_chat)
+
+
+def test_an_upgrade_killed_after_the_operator_tables_runs_again(legacy: Legacy) -> None:
+    """Revision 0003 commits its tables before building its index concurrently and records
+    itself after: a kill in between leaves the tables and, at worst, an invalid index."""
+    alembic(legacy.url, "upgrade", "0002")
+    with psycopg.connect(legacy.url, autocommit=True) as connection:
+        connection.execute(
+            "CREATE TABLE dualwrite_dead_letters (id bigserial PRIMARY KEY, task text NOT NULL, "
+            "chat_id uuid NOT NULL, args jsonb NOT NULL, reason text NOT NULL, error text NOT "
+            "NULL, attempts int NOT NULL DEFAULT 1, first_seen timestamptz NOT NULL DEFAULT "
+            "now(), last_seen timestamptz NOT NULL DEFAULT now(), replayed_at timestamptz, "
+            "resolved_at timestamptz)"
+        )
+        connection.execute("CREATE INDEX copilot_chats_updated_at_idx ON copilot_chats (id)")
+        connection.execute(  # what a killed CONCURRENTLY build leaves: an invalid index
+            "UPDATE pg_index SET indisvalid = false "
+            "WHERE indexrelid = 'copilot_chats_updated_at_idx'::regclass"
+        )
+    alembic(legacy.url, "upgrade", "head")
+    with psycopg.connect(legacy.url) as connection:
+        valid = connection.execute(
+            "SELECT indisvalid, pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indexrelid = 'copilot_chats_updated_at_idx'::regclass"
+        ).fetchone()
+    assert valid is not None and valid[0] and "(updated_at)" in valid[1]
