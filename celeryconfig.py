@@ -5,16 +5,15 @@ from __future__ import annotations
 from celery.schedules import crontab
 from kombu.entity import Queue as KombuQueue
 
-from app.jobs import SYNC_CHAT, SYNC_MESSAGES
 from app.settings import get_settings
-from tasks.queues import Queue
+from app.task_names import RECONCILE, ROUTES, SWEEP, Queue
 
 _settings = get_settings()
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
 # Workers and beat ride out a slow broker; the API's publishes are bounded much tighter by the
-# producer of `tasks/publish.py`, which overrides these timeouts.
+# producer of `app/broker.py`, which overrides these timeouts.
 broker_connection_timeout = 5
 broker_transport_options = {
     # A message not acked within this time is delivered again; it must exceed every time limit
@@ -47,12 +46,7 @@ task_send_sent_event = _settings.task_sent_events
 
 task_default_queue = Queue.SYNC.value
 task_queues = [KombuQueue(q.value, routing_key=q.value) for q in Queue]  # type: ignore[no-untyped-call]
-task_routes = {
-    SYNC_MESSAGES: {"queue": Queue.SYNC.value},
-    SYNC_CHAT: {"queue": Queue.SYNC.value},
-    "chats.sweep": {"queue": Queue.MAINTENANCE.value},
-    "chats.reconcile": {"queue": Queue.MAINTENANCE.value},
-}
+task_routes = {task: {"queue": queue.value} for task, queue in ROUTES.items()}
 
 # Standard crontab field order; celery's `crontab()` takes them in another positional order.
 _CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
@@ -60,13 +54,13 @@ _CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week"
 beat_schedule = {
     # Re-enqueue chats whose copy is behind; a run that could not start in time is dropped.
     "sweep": {
-        "task": "chats.sweep",
+        "task": SWEEP,
         "schedule": _settings.sweep_interval_seconds,
         "options": {"expires": _settings.sweep_interval_seconds},
     },
     # Every chat, nightly.
     "reconcile-nightly": {
-        "task": "chats.reconcile",
+        "task": RECONCILE,
         "schedule": crontab(
             **dict(zip(_CRON_FIELDS, _settings.reconcile_crontab.split(), strict=True))
         ),
@@ -74,7 +68,7 @@ beat_schedule = {
     },
     # Chats changed recently, often: drift is found while it is fresh.
     "reconcile-recent": {
-        "task": "chats.reconcile",
+        "task": RECONCILE,
         "schedule": _settings.reconcile_recent_interval_seconds,
         "kwargs": {"since_seconds": _settings.reconcile_recent_window_seconds},
         "options": {"expires": _settings.reconcile_recent_interval_seconds},

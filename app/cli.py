@@ -221,7 +221,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         jobs = JobQueue()
         with transaction(factory) as session:
             done = replay.replay(session, jobs, None if args.all else args.ids)
-        from tasks.publish import bounded_publisher
+        from app.broker import bounded_publisher
 
         failed = publish_after_commit(jobs, bounded_publisher(get_settings()))
     for item in done:
@@ -237,18 +237,18 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.inspect import queue_lengths, workers_seen
+    from app.broker import queue_lengths, workers_seen
 
     with _sessions() as factory, transaction(factory) as session:
         gauges = status.database_gauges(session)
         runs = reconcile_runs.recent(session, limit=5)
-    waiting, unacked = queue_lengths()
+    waiting, unacked = queue_lengths(get_settings())
     print(
         "queues: "
         + ", ".join(f"{name} {count} waiting" for name, count in waiting.items())
         + f"; {unacked} delivered, not acked"
     )
-    workers = workers_seen(timeout=1.0)
+    workers = workers_seen(get_settings(), timeout=1.0)
     print(f"workers seen: {len(workers)}" + (f" ({', '.join(workers)})" if workers else ""))
     phase = gauges["phase"]
     print(

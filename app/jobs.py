@@ -1,8 +1,9 @@
 """Deferred work: tasks recorded during a unit of work and published only after its commit.
 
 A handler never talks to the broker inside a database transaction. It records its jobs on the
-unit of work; once the commit is durable the boundary publishes them, bounded in time, and a
-failure is logged and counted, never raised: the sweep finds the chat through its sync state.
+unit of work; once the commit is durable the boundary hands them to the process's background
+publisher (`app.publisher`), which sends them off the request's path. A job that cannot be sent
+is logged and counted, never raised: the sweep finds the chat through its sync state.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app import metrics
+from app.task_names import SYNC_CHAT as SYNC_CHAT
+from app.task_names import SYNC_MESSAGES as SYNC_MESSAGES
 
 log = logging.getLogger(__name__)
-
-
-# Task names, shared by the producers (handlers, sweep) and the task definitions in `tasks/`.
-SYNC_MESSAGES = "chats.sync_messages"
-SYNC_CHAT = "chats.sync_chat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +28,21 @@ class Job:
     # Jobs with the same key coalesce: while one is waiting in the queue, another is not sent
     # (the waiting one will read the newest JSONB when it runs).
     coalesce_key: str | None = None
+    # Seconds the broker holds the task before a worker runs it (`send_task(countdown=...)`).
+    # Keep it well below the broker's visibility timeout: a worker holds a delayed task unacked
+    # until it is due, and one held past the timeout is delivered a second time.
+    countdown: float | None = None
 
 
 # Sends one job to the broker, unless it coalesces with one already waiting (returns False
 # then). May block up to the broker's timeouts and may raise: unsafe to call inside a
-# transaction or without catching; `publish_after_commit` is the only caller.
+# transaction or without catching; `publish_after_commit` (the CLI's) is the only caller.
 UnsafePublish = Callable[[Job], bool]
 
 # Sends many jobs at once (the sweep): one outcome per job, in order: True sent, False coalesced
 # with a waiting one, or the exception that kept it from being sent. Unsafe like `UnsafePublish`;
-# `publish_many_after_commit` is the only caller.
+# `publish_many_after_commit` (the sweep's) and `app.publisher.BackgroundPublisher` (the API's)
+# are the only callers.
 UnsafePublishMany = Callable[[Sequence[Job]], Sequence[bool | Exception]]
 
 
@@ -59,9 +62,15 @@ class JobQueue:
     enabled: bool = True
     jobs: list[Job] = field(default_factory=list)
 
-    def enqueue(self, task: str, *args: Any, coalesce_key: str | None = None) -> None:
+    def enqueue(
+        self,
+        task: str,
+        *args: Any,
+        coalesce_key: str | None = None,
+        countdown: float | None = None,
+    ) -> None:
         if self.enabled:
-            self.jobs.append(Job(task, args, coalesce_key))
+            self.jobs.append(Job(task, args, coalesce_key, countdown))
 
     def clear(self) -> None:
         self.jobs.clear()
@@ -98,6 +107,25 @@ def publish_many_after_commit(queue: JobQueue, publish_many: UnsafePublishMany) 
         outcomes = list(publish_many(jobs))
     except Exception as exc:  # any broker failure: the next sweep tries again
         outcomes = [exc] * len(jobs)
+    published, first_error = count_outcomes(jobs, outcomes)
+    if first_error is not None:
+        job, error = first_error
+        log.warning(
+            "enqueue of %d of %d jobs failed; the first, %s%r: %s",
+            published.failed,
+            len(jobs),
+            job.task,
+            job.args,
+            error,
+        )
+    return published
+
+
+def count_outcomes(
+    jobs: Sequence[Job], outcomes: Sequence[bool | Exception]
+) -> tuple[Published, tuple[Job, Exception] | None]:
+    """Count each job's outcome in the publish metrics; returns the totals and the first
+    failure, for the caller to log as it sees fit."""
     sent = coalesced = failed = 0
     first_error: tuple[Job, Exception] | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -111,14 +139,4 @@ def publish_many_after_commit(queue: JobQueue, publish_many: UnsafePublishMany) 
         else:
             coalesced += 1
             metrics.COALESCED.labels(job.task).inc()
-    if first_error is not None:
-        job, error = first_error
-        log.warning(
-            "enqueue of %d of %d jobs failed; the first, %s%r: %s",
-            failed,
-            len(jobs),
-            job.task,
-            job.args,
-            error,
-        )
-    return Published(sent=sent, coalesced=coalesced, failed=failed)
+    return Published(sent=sent, coalesced=coalesced, failed=failed), first_error

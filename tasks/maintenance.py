@@ -5,19 +5,16 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from app.jobs import SYNC_CHAT, JobQueue, publish_many_after_commit
+from app.jobs import JobQueue, publish_many_after_commit
 from app.services import reconcile as reconcile_service
 from app.services import sync
 from app.settings import get_settings
+from app.task_names import RECONCILE, SWEEP, SYNC_CHAT, Queue
 from tasks import celery
 from tasks.publish import process_publisher
-from tasks.queues import Queue
 from tasks.runtime import worker_sessionmaker, worker_transaction
 
 log = logging.getLogger(__name__)
-
-SWEEP = "chats.sweep"
-RECONCILE = "chats.reconcile"
 
 
 @celery.task(name=SWEEP, queue=Queue.MAINTENANCE.value, ignore_result=True, max_retries=0)

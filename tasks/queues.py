@@ -1,10 +1,7 @@
-"""The queue names, used by the task definitions and by `celeryconfig.py` alike."""
+"""The queue names, defined with the task names in `app.task_names` (kept importable here)."""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from app.task_names import Queue
 
-
-class Queue(StrEnum):
-    SYNC = "dualwrite.sync"  # per-chat copies enqueued by handlers and the sweep
-    MAINTENANCE = "dualwrite.maintenance"  # sweep and reconcile
+__all__ = ["Queue"]

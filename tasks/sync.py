@@ -22,14 +22,13 @@ import redis
 from celery import Task
 
 from app import metrics
-from app.jobs import SYNC_CHAT, SYNC_MESSAGES
+from app.broker import pending_key
 from app.repositories import dead_letters
 from app.retry import RetryPolicy
 from app.services import sync
 from app.settings import get_settings
+from app.task_names import SYNC_CHAT, SYNC_MESSAGES, Queue
 from tasks import celery
-from tasks.publish import pending_key
-from tasks.queues import Queue
 from tasks.runtime import broker_redis, worker_transaction
 
 log = logging.getLogger(__name__)
