@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -18,7 +20,8 @@ from app import metrics
 from app.api.routes import router
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
-from app.jobs import UnsafePublish
+from app.jobs import UnsafePublishMany
+from app.publisher import background_publisher
 from app.services import status
 from app.settings import Settings, get_settings
 
@@ -104,19 +107,30 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return errors
 
 
-def create_app(settings: Settings | None = None, publish: UnsafePublish | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, send_many: UnsafePublishMany | None = None
+) -> FastAPI:
+    """The API. Its background publisher sends the requests' jobs through `send_many`, by
+    default a `BoundedPublisher` of these settings; it runs for the app's lifespan."""
     settings = settings or get_settings()
     settings.signing_secret  # noqa: B018 - refuse to start without a real secret
     engine = make_engine(settings)
-    api = FastAPI(title="chat-dualwrite", version="0.1.0")
+    publisher = background_publisher(settings, send_many)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        publisher.start()
+        try:
+            yield
+        finally:
+            # Blocks for up to `publish_drain_seconds`: not on the event loop.
+            await anyio.to_thread.run_sync(publisher.close)
+
+    api = FastAPI(title="chat-dualwrite", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings
     api.state.engine = engine
     api.state.sessionmaker = make_sessionmaker(engine)
-    if publish is None:
-        from tasks.publish import bounded_publisher
-
-        publish = bounded_publisher(settings)
-    api.state.publish = publish
+    api.state.publisher = publisher
     api.include_router(router)
 
     @api.exception_handler(ServiceError)
@@ -181,6 +195,7 @@ def create_app(settings: Settings | None = None, publish: UnsafePublish | None =
     shared = CollectorRegistry()
     shared.register(metrics.WorkerMetricsCollector(broker))
     shared.register(metrics.DatabaseCollector(read_gauges))
+    shared.register(metrics.PublisherCollector(publisher.pending))
 
     @api.get("/metrics")
     def prometheus_metrics() -> PlainTextResponse:

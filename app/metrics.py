@@ -24,6 +24,12 @@ ENQUEUE_FAILURES = Counter(
     "After-commit publishes that failed or timed out (the sweep repairs those chats).",
     ["task"],
 )
+PUBLISH_DROPPED = Counter(
+    "dualwrite_publish_dropped_total",
+    "Jobs the API's background publisher dropped without trying to send them: its buffer was "
+    "full (buffer_full), or it was shutting down (shutdown). The sweep repairs those chats.",
+    ["reason"],
+)
 ENQUEUED = Counter("dualwrite_enqueued_total", "Tasks published after a commit.", ["task"])
 COALESCED = Counter(
     "dualwrite_coalesced_total",
@@ -32,7 +38,7 @@ COALESCED = Counter(
 )
 PUBLISH_SECONDS = Histogram(
     "dualwrite_publish_seconds",
-    "Time spent publishing the tasks of one request after its commit.",
+    "Time the API's background publisher spent sending one batch of jobs (markers and sends).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 SHADOW_READS = Counter(
@@ -79,6 +85,21 @@ class WorkerMetrics:
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not record worker metrics: %s", exc)
+
+
+class PublisherCollector(Collector):
+    """The API's background publisher, read at scrape time: jobs waiting to be sent."""
+
+    def __init__(self, pending: Callable[[], int]) -> None:
+        self._pending = pending
+
+    def collect(self) -> Iterator[Any]:
+        buffered = GaugeMetricFamily(
+            "dualwrite_publish_buffered",
+            "Jobs committed but not yet sent by this API process's background publisher.",
+        )
+        buffered.add_metric([], self._pending())
+        yield buffered
 
 
 class WorkerMetricsCollector(Collector):

@@ -350,7 +350,10 @@ def cpu_report(results: dict[tuple[str, int], list[Measured]]) -> None:
                     int(publish.get("coalesced", 0)),
                 ]
             )
-    print("\nthe publish inside the request (the API's dualwrite_publish_seconds), per request\n")
+    print(
+        "\nthe API's publish (dualwrite_publish_seconds: its background publisher's batches, "
+        "after the responses), per request\n"
+    )
     print(infra.table(["phase", "clients", "run", "publish ms", "tasks sent", "coalesced"], rows))
 
 

@@ -1,13 +1,21 @@
-"""Publishing after commit: coalescing per chat, counted failures, the time bound."""
+"""Publishing after commit: the API's background publisher (off the request's path, bounded
+buffer, batches, shutdown), coalescing per chat, counted failures, the time bound."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
 import time
 
 import fakeredis
 import pytest
 import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import text
 
+from app import broker as app_broker
 from app import metrics
 from app.jobs import (
     SYNC_CHAT,
@@ -18,11 +26,14 @@ from app.jobs import (
     publish_after_commit,
     publish_many_after_commit,
 )
+from app.main import create_app
+from app.publisher import BackgroundPublisher
 from app.settings import Settings
-from tasks import publish
+from tasks import publish as sweep_publisher
 from tests.conftest import start_worker
-from tests.support import wait_converged
-from tests.test_handlers import message
+from tests.support import wait_converged, wait_until
+from tests.test_faults import run_sweep_and_wait
+from tests.test_handlers import message, new_chat
 
 
 @pytest.fixture()
@@ -35,15 +46,15 @@ def memory_publisher(monkeypatch):  # type: ignore[no-untyped-def]
         classmethod(lambda cls, *a, **k: fakeredis.FakeRedis(server=server)),
     )
     sent: list[tuple[str, tuple[object, ...]]] = []
-    real_producer = publish.producer
+    real_producer = app_broker.producer
 
     def recording_producer(settings: Settings):  # type: ignore[no-untyped-def]
         app = real_producer(settings)
         app.send_task = lambda name, args, **kw: sent.append((name, tuple(args)))  # type: ignore[method-assign]
         return app
 
-    monkeypatch.setattr(publish, "producer", recording_producer)
-    return publish.bounded_publisher(Settings(redis_url="memory://")), sent, server
+    monkeypatch.setattr(app_broker, "producer", recording_producer)
+    return app_broker.bounded_publisher(Settings(redis_url="memory://")), sent, server
 
 
 def test_jobs_of_one_chat_coalesce_until_its_task_starts(memory_publisher) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +69,7 @@ def test_jobs_of_one_chat_coalesce_until_its_task_starts(memory_publisher) -> No
     assert metrics.COALESCED.labels(SYNC_MESSAGES)._value.get() - before == 2
 
     # The task deletes the marker when it starts; the next change sends a task again.
-    fakeredis.FakeRedis(server=server).delete(publish.pending_key("chat-a"))
+    fakeredis.FakeRedis(server=server).delete(app_broker.pending_key("chat-a"))
     queue.enqueue(SYNC_MESSAGES, "chat-a", ["m"], 4, coalesce_key="chat-a")
     publish_after_commit(queue, publisher)
     assert sent[-1] == (SYNC_MESSAGES, ("chat-a", ["m"], 4))
@@ -92,7 +103,7 @@ def test_a_failing_publish_is_counted_not_raised() -> None:
 
 
 def test_publish_to_a_dead_port_gives_up_within_its_bound(settings) -> None:  # type: ignore[no-untyped-def]
-    publisher = publish.bounded_publisher(Settings(redis_url="redis://127.0.0.1:1/0"))
+    publisher = app_broker.bounded_publisher(Settings(redis_url="redis://127.0.0.1:1/0"))
     queue = JobQueue()
     queue.enqueue(SYNC_CHAT, "chat-a", 1, coalesce_key="chat-a")
     started = time.perf_counter()
@@ -109,6 +120,7 @@ def test_appends_while_a_task_waits_send_no_new_task(
     for _ in range(5):
         fault_api.post(f"/chats/{chat}/messages", json={"message": message()}, headers=auth())
     fault_api.post(f"/chats/{other}/messages", json={"message": message()}, headers=auth())
+    wait_until(lambda: fault_api.app.state.publisher.pending() == 0, timeout=10)
     assert broker.client().llen("dualwrite.sync") == 2
     worker = start_worker(broker, hooks, "coalesce")
     try:
@@ -119,7 +131,7 @@ def test_appends_while_a_task_waits_send_no_new_task(
 
 def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory_publisher) -> None:  # type: ignore[no-untyped-def]
     _, _, server = memory_publisher  # its fake Redis holds the markers
-    real_producer = publish.producer
+    real_producer = app_broker.producer
 
     def refusing_producer(settings: Settings):  # type: ignore[no-untyped-def]
         app = real_producer(settings)
@@ -130,13 +142,13 @@ def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory
         app.send_task = refuse  # type: ignore[method-assign]
         return app
 
-    monkeypatch.setattr(publish, "producer", refusing_producer)
-    failing = publish.bounded_publisher(Settings(redis_url="memory://"))
+    monkeypatch.setattr(app_broker, "producer", refusing_producer)
+    failing = app_broker.bounded_publisher(Settings(redis_url="memory://"))
     queue = JobQueue()
     queue.enqueue(SYNC_MESSAGES, "chat-f", ["m"], 1, coalesce_key="chat-f")
     assert publish_after_commit(queue, failing) == 1
     # The marker is gone, so the next change is sent (or fails) rather than held back.
-    assert fakeredis.FakeRedis(server=server).get(publish.pending_key("chat-f")) is None
+    assert fakeredis.FakeRedis(server=server).get(app_broker.pending_key("chat-f")) is None
 
 
 def test_a_bulk_publish_sets_all_markers_in_one_round_trip_and_sends_through_one_producer(
@@ -194,8 +206,8 @@ def test_a_bulk_publish_stops_at_the_first_failed_send_and_releases_those_not_se
     assert all(isinstance(o, ConnectionError) for o in outcomes[1:])
     assert attempts == ["chat-0", "chat-1"]  # no timeout waited out per remaining job
     markers = fakeredis.FakeRedis(server=server)
-    assert markers.get(publish.pending_key("chat-0")) is not None  # its task waits
-    assert [markers.get(publish.pending_key(f"chat-{n}")) for n in (1, 2, 3)] == [None] * 3
+    assert markers.get(app_broker.pending_key("chat-0")) is not None  # its task waits
+    assert [markers.get(app_broker.pending_key(f"chat-{n}")) for n in (1, 2, 3)] == [None] * 3
 
 
 def test_a_bulk_publish_counts_each_outcome_and_never_raises() -> None:
@@ -220,6 +232,255 @@ def test_a_bulk_publish_counts_each_outcome_and_never_raises() -> None:
 
 
 def test_the_sweep_reuses_one_publisher_per_process() -> None:
-    first = publish.process_publisher()
-    assert publish.process_publisher() is first
-    assert first.app is publish.process_publisher().app
+    first = sweep_publisher.process_publisher()
+    assert sweep_publisher.process_publisher() is first
+    assert first.app is sweep_publisher.process_publisher().app
+
+
+def test_a_countdown_is_passed_to_the_send_and_its_marker_outlives_it(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+    publisher, _, server = memory_publisher
+    options: list[dict[str, object]] = []
+    publisher.app.send_task = lambda name, args, **kwargs: options.append(kwargs)
+    queue = JobQueue()
+    queue.enqueue(SYNC_CHAT, "chat-d", 1, coalesce_key="chat-d", countdown=90.5)
+    queue.enqueue(SYNC_CHAT, "chat-e", 1, coalesce_key="chat-e")
+    assert queue.jobs[0] == Job(SYNC_CHAT, ("chat-d", 1), "chat-d", 90.5)
+    assert publish_after_commit(queue, publisher) == 0
+    assert [o["countdown"] for o in options] == [90.5, None]
+    markers = fakeredis.FakeRedis(server=server)
+    ttl = publisher.settings.coalesce_ttl_seconds
+    assert markers.ttl(app_broker.pending_key("chat-d")) == ttl + 91
+    assert markers.ttl(app_broker.pending_key("chat-e")) == ttl
+
+
+# ---------------------------------------------------------------------------------------------
+# The API's background publisher (`app.publisher`).
+
+
+class Gate:
+    """A `send_many` that holds its first batch until released, then sends through `send`."""
+
+    def __init__(self, send):  # type: ignore[no-untyped-def]
+        self.send = send
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.batches: list[list[Job]] = []
+
+    def __call__(self, jobs):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        if not self.released.wait(60):
+            raise TimeoutError("the test never released the gate")
+        self.batches.append(list(jobs))
+        return self.send(jobs)
+
+
+def dropped(reason: str) -> float:
+    return float(metrics.PUBLISH_DROPPED.labels(reason)._value.get())
+
+
+def append(client: TestClient, auth, chat_id: str) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth()
+    )
+    assert response.status_code == 201, response.text
+
+
+def behind(engine, chat_ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    with engine.connect() as connection:
+        return sorted(
+            str(chat)
+            for (chat,) in connection.execute(
+                text(
+                    "SELECT chat_id FROM copilot_chat_sync_state "
+                    "WHERE chat_id = ANY(CAST(:ids AS uuid[])) AND applied_version < wanted_version"
+                ),
+                {"ids": chat_ids},
+            )
+        )
+
+
+def test_the_response_is_sent_while_the_publish_is_blocked(
+    settings, auth, engine, converged
+) -> None:  # type: ignore[no-untyped-def]
+    gate = Gate(app_broker.BoundedPublisher(settings).many)
+    app = create_app(settings, send_many=gate)
+    try:
+        with TestClient(app) as client:
+            chat = new_chat(client, auth)
+            append(client, auth, chat)
+            wait_until(gate.entered.is_set, timeout=10)
+            # The publisher is stuck in its send; requests go on answering.
+            append(client, auth, chat)
+            assert gate.batches == []
+            assert app.state.publisher.pending() == 2
+            assert behind(engine, [chat]) == [chat]
+            gate.released.set()
+            converged(chat)
+            assert app.state.publisher.pending() == 0
+            assert sum(len(batch) for batch in gate.batches) == 2
+    finally:
+        gate.released.set()
+        app.state.engine.dispose()
+
+
+def test_a_full_buffer_drops_and_counts_and_the_sweep_converges_the_chats(  # type: ignore[no-untyped-def]
+    broker, fault_worker, auth, engine, caplog
+) -> None:
+    settings = Settings(redis_url=broker.url, publish_buffer_size=2, publish_batch_size=1)
+    gate = Gate(app_broker.BoundedPublisher(settings).many)
+    app = create_app(settings, send_many=gate)
+    before = dropped("buffer_full")
+    try:
+        with TestClient(app) as client, caplog.at_level(logging.WARNING, "app.publisher"):
+            chats = [new_chat(client, auth) for _ in range(5)]
+            append(client, auth, chats[0])
+            wait_until(gate.entered.is_set, timeout=10)  # its job is taken: the buffer is empty
+            for chat in chats[1:]:
+                append(client, auth, chat)  # two fit, two are dropped; every request succeeds
+            assert dropped("buffer_full") - before == 2
+            scraped = client.get("/metrics").text
+            assert "dualwrite_publish_buffered 3.0" in scraped  # one being sent, two waiting
+            assert 'dualwrite_publish_dropped_total{reason="buffer_full"}' in scraped
+            full = [r for r in caplog.records if "publish buffer full" in r.getMessage()]
+            assert len(full) == 1  # once per burst, not once per job
+            gate.released.set()
+            wait_until(lambda: app.state.publisher.pending() == 0, timeout=10)
+            wait_converged(engine, chats[:3])
+            assert behind(engine, chats) == sorted(chats[3:])
+        run_sweep_and_wait(broker, fault_worker)
+        wait_converged(engine, chats)
+    finally:
+        gate.released.set()
+        app.state.engine.dispose()
+
+
+def test_shutdown_sends_the_jobs_still_buffered(settings, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+    gate = Gate(app_broker.BoundedPublisher(settings).many)
+    app = create_app(settings, send_many=gate)
+    publisher = app.state.publisher
+    before = dropped("shutdown")
+
+    def release_once_closing() -> None:
+        wait_until(lambda: publisher.closing, timeout=30)
+        gate.released.set()
+
+    releaser = threading.Thread(target=release_once_closing)
+    try:
+        with TestClient(app) as client:
+            chats = [new_chat(client, auth) for _ in range(3)]
+            append(client, auth, chats[0])
+            wait_until(gate.entered.is_set, timeout=10)
+            for chat in chats[1:]:
+                append(client, auth, chat)
+            assert publisher.pending() == 3  # one being sent, two buffered
+            releaser.start()
+        # The lifespan's end waited for all three.
+        assert publisher.pending() == 0
+        assert dropped("shutdown") == before
+        assert sorted(job.args[0] for batch in gate.batches for job in batch) == sorted(chats)
+        converged(*chats)
+    finally:
+        gate.released.set()
+        if releaser.is_alive():
+            releaser.join()
+        app.state.engine.dispose()
+
+
+def test_shutdown_with_a_hung_broker_returns_within_its_bound_and_counts_the_dropped(  # type: ignore[no-untyped-def]
+    broker, auth, engine
+) -> None:
+    # Timeouts far beyond the drain bound: only the bound can end the shutdown in time.
+    settings = Settings(
+        redis_url=broker.url,
+        publish_drain_seconds=0.5,
+        publish_connect_timeout_seconds=30,
+        publish_socket_timeout_seconds=30,
+    )
+    app = create_app(settings)
+    publisher = app.state.publisher
+    before = dropped("shutdown")
+    client = TestClient(app)
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        client.__enter__()
+        try:
+            chats = [new_chat(client, auth) for _ in range(3)]
+            for chat in chats:
+                append(client, auth, chat)
+            assert publisher.pending() == 3
+        finally:
+            started = time.monotonic()
+            client.__exit__(None, None, None)
+            took = time.monotonic() - started
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+        app.state.engine.dispose()
+    assert took < settings.publish_drain_seconds + 2.0, f"shutdown took {took:.1f}s"
+    assert dropped("shutdown") - before == 3
+    assert publisher.pending() == 0
+    assert behind(engine, chats) == sorted(chats)  # recorded: the sweep repairs them
+    # Jobs handed over after the shutdown are dropped and counted too.
+    publisher.submit([Job(SYNC_CHAT, (chats[0], 1), chats[0])])
+    assert dropped("shutdown") - before == 4
+
+
+def test_jobs_buffered_during_a_send_go_out_in_batches_with_one_marker_round_trip_each(
+    memory_publisher,
+) -> None:  # type: ignore[no-untyped-def]
+    bounded, sent, _ = memory_publisher
+    round_trips: list[int] = []
+    pipeline = bounded.markers.pipeline
+
+    def counting_pipeline(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+        pipe.execute = lambda: round_trips.append(len(pipe.command_stack)) or execute()
+        return pipe
+
+    bounded.markers.pipeline = counting_pipeline
+    gate = Gate(bounded.many)
+    background = BackgroundPublisher(gate, buffer_size=100, batch_size=25, drain_seconds=5)
+    try:
+        background.submit([Job(SYNC_MESSAGES, ("chat-first", ["m"], 1), "chat-first")])
+        wait_until(gate.entered.is_set, timeout=10)
+        for n in range(40):  # one job per request, as the handlers hand them over
+            background.submit([Job(SYNC_MESSAGES, (f"chat-{n}", ["m"], 1), f"chat-{n}")])
+        gate.released.set()
+        wait_until(lambda: background.pending() == 0, timeout=10)
+    finally:
+        gate.released.set()
+        background.close()
+    assert [len(batch) for batch in gate.batches] == [1, 25, 15]
+    assert round_trips == [1, 25, 15]  # one pipelined round trip per batch
+    assert [args[0] for _, args in sent] == ["chat-first", *(f"chat-{n}" for n in range(40))]
+
+
+def test_a_failing_broker_is_counted_per_job_and_logged_once_per_burst(caplog) -> None:  # type: ignore[no-untyped-def]
+    down = threading.Event()
+    down.set()
+
+    def send(jobs):  # type: ignore[no-untyped-def]
+        if down.is_set():
+            raise ConnectionError("broker down")
+        return [True] * len(jobs)
+
+    background = BackgroundPublisher(send, buffer_size=100, batch_size=10, drain_seconds=5)
+    failures = metrics.ENQUEUE_FAILURES.labels(SYNC_CHAT)
+    sent = metrics.ENQUEUED.labels(SYNC_CHAT)
+    failed_before, sent_before = failures._value.get(), sent._value.get()
+    try:
+        with caplog.at_level(logging.WARNING, "app.publisher"):
+            for n in range(30):
+                background.submit([Job(SYNC_CHAT, (f"chat-{n}", 1))])
+                wait_until(lambda: background.pending() == 0, timeout=10)
+            assert failures._value.get() - failed_before == 30
+            down.clear()
+            background.submit([Job(SYNC_CHAT, ("chat-up", 1))])
+            wait_until(lambda: sent._value.get() - sent_before == 1, timeout=10)
+    finally:
+        background.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "not sent" in m]) == 1
+    assert [m for m in messages if "sending again" in m] == [
+        "publish: sending again; 30 jobs had failed"
+    ]

@@ -1,7 +1,8 @@
 """Request dependencies: settings, the current user, and the unit of work of a request.
 
 The unit of work is the request's only transaction: it commits after the handler returns and
-before the response is sent, then publishes the jobs the handler recorded.
+before the response is sent, then hands the jobs the handler recorded to the process's background
+publisher (`app.publisher`), which sends them after the response, off the request's path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import InvalidToken, User, verify_token
-from app.jobs import JobQueue, publish_after_commit
+from app.jobs import JobQueue
+from app.publisher import BackgroundPublisher
 from app.services.chats import Context
 from app.settings import Settings
 
@@ -61,12 +63,13 @@ AdminUser = Annotated[User, Depends(get_admin)]
 
 
 def unit_of_work(request: Request, settings: SettingsDep, user: CurrentUser) -> Iterator[Context]:
-    """One transaction per request; jobs are published only once it has committed."""
+    """One transaction per request; its jobs go to the publisher only once it has committed
+    (a rollback drops them)."""
     queue = JobQueue()  # the phase, read inside the transaction, may disable it
-    with request.app.state.sessionmaker() as session:
-        with session.begin():
-            yield Context(session=session, jobs=queue, settings=settings, user_id=user.id)
-        publish_after_commit(queue, request.app.state.publish)
+    with request.app.state.sessionmaker() as session, session.begin():
+        yield Context(session=session, jobs=queue, settings=settings, user_id=user.id)
+    publisher: BackgroundPublisher = request.app.state.publisher
+    publisher.submit(queue.jobs)  # never blocks on the broker, never raises
 
 
 # `scope="function"`: the commit runs when the handler returns, before the response is sent, so
