@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/services.sh
-.venv/bin/ruff check app tasks migrations tests bench celeryconfig.py
+.venv/bin/ruff check app tasks migrations tests bench harness celeryconfig.py
 .venv/bin/mypy
 set +e
 .venv/bin/python -m pytest "$@"

@@ -1,21 +1,20 @@
-"""Test helpers: an independent model of the element-to-row mapping, waits, a worker process."""
+"""Test helpers: an independent model of the element-to-row mapping and waits on it; the process
+launchers come from `harness.processes`."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
+
+from harness.processes import WorkerProcess as WorkerProcess
+from harness.processes import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,18 +119,6 @@ def assert_converged(engine: Engine, chat_ids: Iterable[uuid.UUID | str]) -> Non
         assert problem is None, f"chat {chat_id}: {problem}"
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy; fail with its last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s (last: {value!r})")
-        time.sleep(interval)
-
-
 def wait_converged(
     engine: Engine, chat_ids: Iterable[uuid.UUID | str], timeout: float = 30.0
 ) -> None:
@@ -168,79 +155,6 @@ def snapshot(engine: Engine, chat_id: uuid.UUID | str) -> dict[str, Any]:
             .one()
         )
     return dict(row)
-
-
-# ---------------------------------------------------------------------------------------------
-# A real Celery worker in its own process group.
-
-
-class WorkerProcess:
-    """`celery -A tasks worker` in a subprocess, started in its own session so it can be killed
-    as a group with `os.killpg` (never `kill -TERM -PID` through a shell)."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, name: str, *args: str) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.name = name
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> WorkerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "--loglevel=INFO",
-                "-n",
-                f"{self.name}@%h",
-                "-Q",
-                "dualwrite.sync,dualwrite.maintenance",
-                "--without-gossip",
-                "--without-mingle",
-                *self.args,
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        wait_until(self._ready, timeout=timeout, interval=0.1)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_bytes()[self._offset :].decode(errors="replace")
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-        return " ready." in self.log()
-
-    def child_pids(self) -> list[int]:
-        assert self.proc is not None
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
-        ).stdout
-        return [int(p) for p in out.split()]
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
 
 
 def dumps(value: Any) -> str:

@@ -1,0 +1,1 @@
+"""What the tests and the benches share: the service's processes started as subprocesses."""
