@@ -4,7 +4,7 @@
 after the contract. The phase moves with `python -m app phase set` (a reconcile before
 `read_table`), then `python -m app contract --yes`.
 
-    .venv/bin/python bench/cutover.py [--messages 5000] [--appends 200] [--reads 300] [--quick]
+    .venv/bin/python -m bench.cutover [--messages 5000] [--appends 200] [--reads 300] [--quick]
 
 WAL is `pg_current_wal_lsn()` before and after a whole series, each taken with the sync backlog
 empty; it is the server's, so other databases written meanwhile add to it. Targets: appends in
@@ -23,12 +23,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
-import psycopg
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import dataset, infra
 
@@ -60,33 +56,16 @@ def cli(env: dict[str, str], command: str) -> None:
     print(f"python -m app {command}: {done.stdout.strip().splitlines()[-1]}", file=sys.stderr)
 
 
-def scalar(url: str, sql: str) -> object:
-    with psycopg.connect(url, autocommit=True) as connection:
-        row = connection.execute(sql).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def settle(url: str, broker: infra.RedisServer, contracted: bool) -> None:
+def settle(running: infra.Stack, contracted: bool) -> None:
     """Wait for the queue to empty and every chat's copy to catch up. After the contract no sync
     copies anything, so only the queue counts (its tasks return at once)."""
-    queue = broker.client()
     infra.wait_until(
-        lambda: infra.queue_length(queue) == 0 and (contracted or scalar(url, BEHIND) == 0),
+        lambda: running.queue() == 0 and (contracted or infra.scalar(running.url, BEHIND) == 0),
         300,
-        "an empty sync backlog",
+        what="an empty sync backlog",
     )
     if contracted:
         time.sleep(0.5)  # tasks the worker had already reserved
-
-
-def client(env: dict[str, str], port: int) -> httpx.Client:
-    """An HTTP client of the API with an admin token (it imports chats) of `USER`."""
-    from app.auth import issue_token
-
-    token = issue_token(env["AUTH_SECRET"], USER, admin=True)
-    headers = {"Authorization": f"Bearer {token}"}
-    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=300)
 
 
 def load_chats(http: httpx.Client, messages: int, scale: float) -> str:
@@ -117,17 +96,17 @@ def append_series(http: httpx.Client, chat: str, count: int, rng: random.Random)
 
 
 def measure_appends(
-    http: httpx.Client, url: str, broker: infra.RedisServer, chat: str, count: int, state: str
+    http: httpx.Client, running: infra.Stack, chat: str, count: int, state: str
 ) -> tuple[list[float], float]:
     """Request seconds of `count` appends and the WAL bytes per append, the copies included."""
     rng = random.Random(state)  # new message ids in each state
     contracted = state == "contracted"
     append_series(http, chat, 5, rng)  # warm-up: connections, prepared statements
-    settle(url, broker, contracted)
-    start = scalar(url, "SELECT pg_current_wal_lsn()")
+    settle(running, contracted)
+    start = infra.scalar(running.url, "SELECT pg_current_wal_lsn()")
     latencies = append_series(http, chat, count, rng)
-    settle(url, broker, contracted)
-    wal = scalar(url, f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')")
+    settle(running, contracted)
+    wal = infra.scalar(running.url, f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')")
     return latencies, float(wal) / count  # type: ignore[arg-type]
 
 
@@ -178,11 +157,9 @@ class Measured:
     floors: dict[str, list[float]] = field(default_factory=dict)
 
 
-def measure(
-    env: dict[str, str], broker: infra.RedisServer, http: httpx.Client, args: argparse.Namespace
-) -> Measured:
+def measure(running: infra.Stack, http: httpx.Client, args: argparse.Namespace) -> Measured:
     """Load the chats, then move through the states, measuring each."""
-    out, url = Measured(), env["DATABASE_URL"]
+    out, env, url = Measured(), running.env, running.url
     chat = load_chats(http, args.messages, args.scale)
     page = f"/chats/{chat}/messages?limit={PAGE}"
     # The request path alone: authenticated, one transaction, no chat to read.
@@ -192,14 +169,14 @@ def measure(
             cli(env, command)
         if state != "read_table":
             out.appends[state], out.wal[state] = measure_appends(
-                http, url, broker, chat, args.appends, state
+                http, running, chat, args.appends, state
             )
             out.floors[state] = timed_gets(
                 http, missing, args.reads, lambda r: r.status_code == 404
             )
         if state != "dual_write":
             out.reads[state] = timed_gets(http, page, args.reads, served)
-    print(f"chats behind after the contract: {scalar(url, BEHIND)}", file=sys.stderr)
+    print(f"chats behind after the contract: {infra.scalar(url, BEHIND)}", file=sys.stderr)
     return out
 
 
@@ -246,24 +223,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.messages, args.appends, args.reads, args.scale = 500, 20, 30, 0.001
-    infra.exit_on_sigterm()
-    infra.services_up()
-    broker = infra.RedisServer().start()
-    processes: list[infra.Process] = []
-    try:
-        with infra.database("cdw_cutover") as url:
-            env = infra.service_env(
-                url, broker.url, PHASE_GATE_MIN_SECONDS="0", CONTRACT_MIN_TABLE_ONLY_SECONDS="0"
-            )
-            processes.append(infra.worker(env).start())
-            port = infra.free_port()
-            processes.append(infra.start_api(env, port))
-            with client(env, port) as http:
-                measured = measure(env, broker, http, args)
-    finally:
-        for process in processes:
-            process.stop()
-        broker.stop()
+    gates = {"PHASE_GATE_MIN_SECONDS": "0", "CONTRACT_MIN_TABLE_ONLY_SECONDS": "0"}
+    with infra.stack("cdw_cutover", **gates) as running:
+        running.worker()
+        base, headers = running.api().base, running.headers(USER, admin=True)  # admin: imports
+        with httpx.Client(base_url=base, headers=headers, timeout=300) as http:
+            measured = measure(running, http, args)
     report(measured, args)
     return 0
 

@@ -2,7 +2,7 @@
 skewed like production (median 57, max 4,900 messages per chat, ~0.9 KB per message), loaded into
 `copilot_chats` with COPY. The other bench scripts import it; run alone it prints the shape.
 
-    .venv/bin/python bench/dataset.py [--scale 1.0] [--seed 5] [--load]
+    .venv/bin/python -m bench.dataset [--scale 1.0] [--seed 5] [--load]
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import infra
 
@@ -262,21 +259,6 @@ def load(database_url: str, s: Shape, *, version: int = 1) -> Loaded:
     return Loaded(n, total, size, time.perf_counter() - started)
 
 
-def describe(s: Shape) -> list[list[Any]]:
-    counts = sizes(s)
-    size = sum(len(dumps(c.messages).encode()) for c in chats(s))
-    return [
-        ["chats", len(counts)],
-        ["messages", sum(counts)],
-        ["messages per chat: median", statistics.median(counts)],
-        ["messages per chat: p99", infra.percentile([float(c) for c in counts], 99)],
-        ["messages per chat: max", max(counts)],
-        ["messages per chat: min", min(counts)],
-        ["JSON bytes total", size],
-        ["bytes per message", round(size / sum(counts))],
-    ]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0)
@@ -284,22 +266,24 @@ def main() -> int:
     parser.add_argument("--load", action="store_true", help="also COPY it into a fresh database")
     parser.add_argument("--quick", action="store_true", help="scale 0.01")
     args = parser.parse_args()
-    if args.quick:
-        args.scale = 0.01
-    s = shape(args.scale, args.seed)
-    started = time.perf_counter()
-    rows = describe(s)
-    rows.append(["seconds to generate", round(time.perf_counter() - started, 1)])
+    s = shape(0.01 if args.quick else args.scale, args.seed)
+    counts, size = sizes(s), sum(len(dumps(c.messages).encode()) for c in chats(s))
+    p99 = infra.percentile(counts, 99)
+    rows: list[list[Any]] = [
+        ["chats", len(counts)],
+        ["messages", sum(counts)],
+        [
+            "messages per chat: min, median, p99, max",
+            ", ".join(f"{v:g}" for v in (min(counts), statistics.median(counts), p99, max(counts))),
+        ],
+        ["JSON bytes total; per message", f"{size:,}; {size / sum(counts):.0f}"],
+    ]
     if args.load:
         infra.services_up()
         with infra.database("cdw_dataset") as url:
             loaded = load(url, s)
-            with psycopg.connect(url) as connection:
-                on_disk = connection.execute(
-                    "SELECT pg_total_relation_size('copilot_chats')"
-                ).fetchone()
-            rows.append(["seconds to COPY", round(loaded.seconds, 1)])
-            rows.append(["copilot_chats on disk (bytes)", on_disk[0] if on_disk else 0])
+            on_disk = infra.scalar(url, "SELECT pg_total_relation_size('copilot_chats')")
+            rows += [["seconds to COPY", round(loaded.seconds, 1)], ["bytes on disk", on_disk]]
     print(infra.table(["shape", "value"], rows))
     return 0
 

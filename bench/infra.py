@@ -1,43 +1,38 @@
-"""What the bench scripts share: a database and a Redis server of their own, and the service's
-processes (API, worker, beat) started against them as subprocesses."""
+"""What the benches share: a database and a broker of their own with the service's processes
+(launched by `harness.processes`), and the glue of every report: samples, stats, tables."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import signal
-import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness.processes import (
+    ROOT,
+    ApiProcess,
+    BeatProcess,
+    Process,
+    RedisServer,
+    WorkerProcess,
+)
+from harness.processes import wait_until as wait_until
+
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 OUT = ROOT / "bench" / "out"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+CONTENT_BYTES = 850  # with id, role and timestamp: ~0.9 KB per element
 
 
 def exit_on_sigterm() -> None:
@@ -51,200 +46,275 @@ def services_up() -> None:
         raise SystemExit(check.stdout.strip())
 
 
+def admin(sql: str) -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as connection:
+        connection.execute(sql)
+
+
 @contextmanager
 def database(prefix: str, revision: str = "head") -> Iterator[str]:
     """A new database built by `alembic upgrade REVISION`; dropped afterwards."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
+    admin(f'CREATE DATABASE "{name}"')
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     try:
-        subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", revision],
-            cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": url},
-            check=True,
-            capture_output=True,
-        )
+        env = {**os.environ, "DATABASE_URL": url}
+        argv = [sys.executable, "-m", "alembic", "upgrade", revision]
+        subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
         yield url
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-class Process:
-    """A subprocess in its own session, so that it and its children stop together."""
+def scalar(url: str, sql: str, params: Any = None) -> Any:
+    with psycopg.connect(url, autocommit=True) as connection:
+        cursor = connection.execute(sql, params)
+        row = cursor.fetchone() if cursor.description else None
+    return row[0] if row else None
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], ready: str | None) -> None:
-        self.name, self.argv, self.env, self.ready = name, argv, env, ready
-        OUT.mkdir(parents=True, exist_ok=True)
-        self.log_path = OUT / f"{name}-{os.getpid()}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> Process:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if self.ready:
-            marker = self.ready
-            wait_until(
-                lambda: (
-                    self._alive()
-                    and marker in self.log_path.read_bytes()[offset:].decode(errors="replace")
-                ),
-                timeout,
-                f"{self.name} to start (see {self.log_path})",
-            )
+@dataclass
+class Stack:
+    """A database, a redis-server and the service's environment; `worker`, `api` and `beat`
+    start processes that stop with the stack."""
+
+    url: str
+    broker: RedisServer
+    env: dict[str, str]
+    processes: list[Process] = field(default_factory=list)
+
+    def _start(self, process: Any) -> Any:
+        self.processes.append(process)
+        return process.start()
+
+    def worker(self, name: str = "worker", *args: str) -> WorkerProcess:
+        log = OUT / f"{name}-{os.getpid()}.log"
+        return self._start(WorkerProcess(self.env, log, f"{name}-{os.getpid()}", *args))
+
+    def api(self, name: str = "api", port: int | None = None) -> ApiProcess:
+        return self._start(ApiProcess(self.env, OUT / f"{name}-{os.getpid()}.log", port))
+
+    def beat(self) -> BeatProcess:
+        return self._start(BeatProcess(self.env, OUT / f"beat-{os.getpid()}.log"))
+
+    def headers(self, user: str = "bench", admin: bool = False) -> dict[str, str]:
+        from app.auth import issue_token
+
+        return {
+            "Authorization": f"Bearer {issue_token(self.env['AUTH_SECRET'], user, admin=admin)}"
+        }
+
+    def queue(self) -> int:
+        return queue_length(self.broker.client())
+
+
+@contextmanager
+def stack(prefix: str, **extra: str) -> Iterator[Stack]:
+    """Services checked, SIGTERM made an exit, a database and a broker of the bench's own; the
+    environment (also in `os.environ`, for the service's code run in-process) points at them."""
+    services_up()
+    exit_on_sigterm()
+    OUT.mkdir(parents=True, exist_ok=True)
+    broker = RedisServer().start()
+    try:
+        with database(prefix) as url:
+            env = {
+                **os.environ,
+                "DATABASE_URL": url,
+                "REDIS_URL": broker.url,
+                "AUTH_SECRET": os.environ.get("AUTH_SECRET") or secrets.token_hex(32),
+                **extra,
+            }
+            os.environ.update(env)
+            running = Stack(url, broker, env)
+            try:
+                yield running
+            finally:
+                for process in reversed(running.processes):
+                    process.stop()
+    finally:
+        broker.stop()
+
+
+def message(message_id: str, role: str = "user", size: int = CONTENT_BYTES) -> dict[str, str]:
+    """One ~0.9 KB element, timestamped now."""
+    from datetime import UTC, datetime
+
+    content = ("lorem ipsum dolor sit amet " * 40)[:size]
+    now = datetime.now(UTC).isoformat(timespec="microseconds")
+    return {"id": message_id, "role": role, "content": content, "timestamp": now}
+
+
+def create_chats(base: str, headers: dict[str, str], count: int) -> list[str]:
+    import httpx
+
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
+        return [
+            http.post("/chats", json={"title": f"bench {i}"}).raise_for_status().json()["id"]
+            for i in range(count)
+        ]
+
+
+class Poller:
+    """Calls `sample()` every `every` seconds in a thread, from `start()` until `stop()`;
+    `samples` holds (seconds since start, value)."""
+
+    def __init__(self, sample: Callable[[], Any], every: float) -> None:
+        self.sample, self.every = sample, every
+        self.samples: list[tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.perf_counter()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self.started, self.sample()))
+            self._stop.wait(self.every)
+
+    def start(self) -> Poller:
+        self._thread.start()
         return self
 
-    def _alive(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise SystemExit(f"{self.name} exited; see {self.log_path}")
-        return True
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def children(self) -> list[int]:
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.pid)], capture_output=True, text=True
-        ).stdout
-        return [int(p) for p in out.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the whole group: a crashed container."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._stop.set()
+        self._thread.join()
+
+    def values(self) -> list[Any]:
+        return [value for _, value in self.samples]
 
 
-class RedisServer(Process):
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        super().__init__(
-            "redis",
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-            ],
-            dict(os.environ),
-            "Ready to accept connections",
-        )
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+# Kombu's Redis transport keeps one list per queue and priority step (0 has the bare name).
+_PRIORITY_SEP = "\x06\x16"
 
 
-def service_env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
+def queue_length(client: redis.Redis, queue: str = "dualwrite.sync") -> int:
+    """Messages waiting in a queue (not counting those a worker has reserved)."""
+    pipe = client.pipeline(transaction=False)
+    for key in [queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))]:
+        pipe.llen(key)
+    return int(sum(pipe.execute()))
+
+
+def task_outcomes(client: redis.Redis) -> dict[str, int]:
+    """Task executions the workers counted, by "task|outcome"."""
+    from app.metrics import WORKER_KEY
+
+    raw = client.hgetall(WORKER_KEY)
     return {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "AUTH_SECRET": os.environ.get("AUTH_SECRET") or secrets.token_hex(32),
-        **extra,
+        k.decode().split("|", 1)[1]: int(float(v))
+        for k, v in raw.items()
+        if k.decode().startswith("tasks|")
     }
 
 
-def worker(env: dict[str, str], name: str = "worker", concurrency: int = 2, *args: str) -> Process:
-    return Process(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks",
-            "worker",
-            "--loglevel=INFO",
-            "-n",
-            f"{name}-{os.getpid()}@%h",
-            "-c",
-            str(concurrency),
-            "-Q",
-            "dualwrite.sync,dualwrite.maintenance",
-            "--without-gossip",
-            "--without-mingle",
-            *args,
-        ],
-        env,
-        " ready.",
-    )
+def state(url: str) -> tuple[int, int, int]:
+    """(rows of drift, chats behind, open dead letters), by the service's own checkers."""
+    from app.db import make_engine, make_sessionmaker, transaction
+    from app.repositories import dead_letters, sync_state
+    from app.services.drift import find_drift
+    from app.settings import Settings
+
+    engine = make_engine(Settings(database_url=url), pool_size=1)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            drift = sum(c.drift for c in find_drift(session))
+            letters = sum(dead_letters.count_open(session).values())
+            return drift, sync_state.count_behind(session), letters
+    finally:
+        engine.dispose()
 
 
-def beat(env: dict[str, str]) -> Process:
-    return Process(
-        "beat",
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks",
-            "beat",
-            "--loglevel=INFO",
-            "-s",
-            str(OUT / f"beat-schedule-{os.getpid()}"),
-        ],
-        env,
-        "beat: Starting",
-    )
+def proc_status(pid: int, field: str = "VmRSS") -> int | None:
+    """A KiB line of /proc/PID/status (VmRSS, RssAnon), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
 
 
-def api(env: dict[str, str], port: int) -> Process:
-    return Process(
-        "api",
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        env,
-        None,
-    )
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used (all its threads), or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def percentile(values: list[float], p: float) -> float:
+class CpuMeter:
+    """CPU seconds used between `start()` and `stop()` by the processes of a stack, by group:
+    API, worker (main and pool), Redis, the database backends, and the bench's own client.
+    A process that appears in between counts from zero; one that exits in between is lost."""
+
+    def __init__(self, running: Stack) -> None:
+        self.running = running
+        self._start: dict[int, float] = {}
+
+    def groups(self) -> dict[str, list[int]]:
+        found = {"bench client": [os.getpid()], "redis": [self.running.broker.pid]}
+        for process in self.running.processes:
+            kind = {ApiProcess: "api", WorkerProcess: "worker"}.get(type(process))
+            if kind and process.alive():
+                found.setdefault(kind, []).extend([process.pid, *process.child_pids()])
+        with psycopg.connect(self.running.url, autocommit=True) as connection:
+            for pid, name in connection.execute(
+                "SELECT pid, application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ):
+                group = f"db ({name.removeprefix('chat-dualwrite-') or 'bench'})"
+                found.setdefault(group, []).append(pid)
+        return found
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for group, pids in self.groups().items():
+            for pid in pids:
+                if (used := cpu_seconds(pid)) is not None:
+                    out[pid] = (group, used)
+        return out
+
+    def start(self) -> None:
+        self._start = {pid: used for pid, (_, used) in self._snapshot().items()}
+
+    def stop(self) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for pid, (group, used) in self._snapshot().items():
+            spent[group] = spent.get(group, 0.0) + used - self._start.get(pid, 0.0)
+        return spent
+
+
+def percentile(values: list[Any], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+
+STATS = ["n", "min", "p50", "p99", "max", "mean"]
+
+
+def stats(values: list[float], scale: float = 1.0) -> list[Any]:
+    """n, min, p50, p99, max, mean of a sample (multiplied by `scale`), in the order of STATS."""
+    if not values:
+        return [0, *[float("nan")] * 5]
+    shown = [min(values), percentile(values, 50), percentile(values, 99), max(values)]
+    return [len(values), *(v * scale for v in shown), statistics.fmean(values) * scale]
+
+
+def verdict(value: float, limit: float) -> str:
+    return "met" if value <= limit else f"MISSED by {value / limit:.2f}x"
+
+
+def at_least(value: float, floor: float) -> str:
+    return "met" if value >= floor else f"MISSED by {floor / value:.2f}x"
+
+
+FIGURE = ["figure", "measured", "reference (same run)", "target", "verdict"]
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -260,154 +330,22 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-# Helpers for the measurement benches (overhead, lag, memory).
+def show(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    print(f"\n{title}\n\n{table(headers, rows)}")
 
 
-def answers(base: str) -> bool:
-    """Whether the API at `base` answers its health check."""
-    import httpx
+def plot(path: Path, draw: Callable[[Any], None]) -> None:
+    """A figure drawn by `draw(axes)`, saved to `path`."""
+    import matplotlib
 
-    try:
-        return httpx.get(base + "/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def start_api(env: dict[str, str], port: int, name: str = "api") -> Process:
-    """The API started and answering `/healthz`."""
-    process = Process(name, api(env, port).argv, env, None).start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: process._alive() and answers(base), 60, f"{name} to answer")
-    except BaseException:
-        process.stop()
-        raise
-    return process
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int | None:
-    """Resident set size of a process in KiB, or None when it is gone. `field` is a line of
-    /proc/PID/status: VmRSS (all resident pages), RssAnon (heap and stacks: what a leak grows),
-    RssFile (mapped files, which the kernel may drop and read back)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-# Kombu's Redis transport keeps one list per queue and priority step (0 has the bare name).
-_PRIORITY_SEP = "\x06\x16"
-
-
-def queue_length(client: redis.Redis, queue: str = "dualwrite.sync") -> int:
-    """Messages waiting in a queue (not counting those a worker has reserved)."""
-    pipe = client.pipeline(transaction=False)
-    for key in [queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))]:
-        pipe.llen(key)
-    return int(sum(pipe.execute()))
-
-
-def worker_tasks_done(client: redis.Redis) -> int:
-    """Task executions the workers counted (every outcome: applied, skipped, retry, ...)."""
-    from app.metrics import WORKER_KEY
-
-    raw = client.hgetall(WORKER_KEY)
-    return int(sum(float(v) for k, v in raw.items() if k.decode().startswith("tasks|")))
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    """n, min, p50, p99, max, mean of a sample."""
-    if not values:
-        nan = float("nan")
-        return {"n": 0, "min": nan, "p50": nan, "p99": nan, "max": nan, "mean": nan}
-    return {
-        "n": len(values),
-        "min": min(values),
-        "p50": percentile(values, 50),
-        "p99": percentile(values, 99),
-        "max": max(values),
-        "mean": sum(values) / len(values),
-    }
-
-
-def verdict(value: float, limit: float) -> str:
-    return "met" if value <= limit else f"MISSED by {value / limit:.2f}x"
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used (all its threads), or None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-
-
-def database_backends(database_url: str) -> dict[str, list[int]]:
-    """PostgreSQL backend pids connected to this database, by application name."""
-    groups: dict[str, list[int]] = {}
-    with psycopg.connect(database_url, autocommit=True) as connection:
-        for pid, name in connection.execute(
-            "SELECT pid, application_name FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ):
-            groups.setdefault(f"db ({name.removeprefix('chat-dualwrite-') or 'bench'})", []).append(
-                pid
-            )
-    return groups
-
-
-class CpuMeter:
-    """CPU seconds used by groups of processes between `start()` and `stop()`.
-
-    `groups` names the processes to watch (called at both ends, so a process that appears in
-    between is counted from zero; one that exits in between is lost).
-    """
-
-    def __init__(self, groups: Callable[[], dict[str, list[int]]]) -> None:
-        self.groups = groups
-        self._start: dict[int, float] = {}
-
-    def _snapshot(self) -> dict[int, tuple[str, float]]:
-        out = {}
-        for group, pids in self.groups().items():
-            for pid in pids:
-                used = cpu_seconds(pid)
-                if used is not None:
-                    out[pid] = (group, used)
-        return out
-
-    def start(self) -> None:
-        self._start = {pid: used for pid, (_, used) in self._snapshot().items()}
-
-    def stop(self) -> dict[str, float]:
-        spent: dict[str, float] = {}
-        for pid, (group, used) in self._snapshot().items():
-            spent[group] = spent.get(group, 0.0) + used - self._start.get(pid, 0.0)
-        return spent
-
-
-def service_cpu_groups(
-    database_url: str, broker: Process, api_process: Process | None, worker_process: Process | None
-) -> Callable[[], dict[str, list[int]]]:
-    """The processes of a bench run: API, worker (main and pool), Redis, their database
-    backends, and the bench's own process (its client threads)."""
-
-    def groups() -> dict[str, list[int]]:
-        found: dict[str, list[int]] = {"bench client": [os.getpid()], "redis": [broker.pid]}
-        if api_process is not None:
-            found["api"] = [api_process.pid]
-        if worker_process is not None:
-            found["worker"] = [worker_process.pid, *worker_process.children()]
-        found.update(database_backends(database_url))
-        return found
-
-    return groups
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path.relative_to(ROOT)}")

@@ -2,7 +2,7 @@
 duplicate deliveries, deleted chats) through a prefork worker (-c 2, as deployed), sampling the
 resident set size of the main process and of each pool child every second.
 
-    .venv/bin/python bench/memory.py [--tasks 200000] [--chats 300] [--quick]
+    .venv/bin/python -m bench.memory [--tasks 200000] [--chats 300] [--quick]
 
 The producer writes the JSONB with the service's repositories and publishes with its bounded
 publisher (coalescing per chat, as the API does), paced so that the queue stays short and nearly
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import statistics
 import sys
@@ -22,15 +21,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import infra
 
-CONTENT_BYTES = 850
 USER = "bench"
 TOLERANCE_PCT = 2.0  # growth after warm-up within this is reported as noise, not growth
 
@@ -46,7 +40,7 @@ class Producer:
     """Mutates chats with the service's repositories, one transaction each, and publishes the
     sync the API would publish after that commit."""
 
-    def __init__(self, database_url: str, broker: infra.RedisServer, chats: int, seed: int) -> None:
+    def __init__(self, database_url: str, broker: Any, chats: int, seed: int) -> None:
         from sqlalchemy import create_engine
 
         from app.db import make_sessionmaker
@@ -85,12 +79,8 @@ class Producer:
         return ChatState(chat.id)
 
     def _element(self, role: str) -> dict[str, str]:
-        return {
-            "id": f"{role[0]}-{uuid.uuid4().hex[:16]}",
-            "role": role,
-            "content": ("lorem ipsum dolor sit amet " * 40)[: self.rng.randint(600, CONTENT_BYTES)],
-            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
+        size = self.rng.randint(600, infra.CONTENT_BYTES)
+        return infra.message(f"{role[0]}-{uuid.uuid4().hex[:16]}", role, size)
 
     def _job(self, task: str, *args: Any, coalesce: str | None) -> None:
         from app.jobs import Job
@@ -169,47 +159,19 @@ class Producer:
 
 @dataclass
 class Sample:
-    t: float
-    done: int
+    done: int  # tasks the worker has run
     # KiB per process ("main" or the pool child's pid): VmRSS and RssAnon.
     rss: dict[str, int]
     anon: dict[str, int]
 
 
-class Sampler:
-    """RSS of the worker's main process and each pool child, every `every` seconds."""
-
-    def __init__(self, worker: infra.Process, broker: infra.RedisServer, every: float) -> None:
-        self.worker, self.redis, self.every = worker, broker.client(), every
-        self.samples: list[Sample] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.started = time.monotonic()
-
-    def sample(self) -> Sample:
-        pids = {"main": self.worker.pid, **{f"child {p}": p for p in self.worker.children()}}
-        rss = {name: infra.rss_kib(pid) for name, pid in pids.items()}
-        anon = {name: infra.rss_kib(pid, "RssAnon") for name, pid in pids.items()}
-        sample = Sample(
-            time.monotonic() - self.started,
-            infra.worker_tasks_done(self.redis),
-            {name: kib for name, kib in rss.items() if kib is not None},
-            {name: kib for name, kib in anon.items() if kib is not None},
-        )
-        self.samples.append(sample)
-        return sample
-
-    def _loop(self) -> None:
-        while not self.stop.wait(self.every):
-            self.sample()
-
-    def __enter__(self) -> Sampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+def sample(worker: Any, redis: Any) -> Sample:
+    """RSS of the worker's main process and each pool child."""
+    pids = {"main": worker.pid, **{f"child {p}": p for p in worker.child_pids()}}
+    sizes = {k: {n: infra.proc_status(p, k) for n, p in pids.items()} for k in ("VmRSS", "RssAnon")}
+    done = sum(infra.task_outcomes(redis).values())
+    rss, anon = ({n: kib for n, kib in sizes[k].items() if kib} for k in ("VmRSS", "RssAnon"))
+    return Sample(done, rss, anon)
 
 
 def main() -> int:
@@ -224,53 +186,59 @@ def main() -> int:
     if args.quick:
         args.tasks, args.warmup, args.chats = 600, 200, 30
 
-    infra.services_up()
-    broker = infra.RedisServer().start()
-    worker: infra.Process | None = None
     stop = threading.Event()
-    try:
-        with infra.database("cdw_memory") as database_url:
-            env = infra.service_env(database_url, broker.url)
-            os.environ.update(env)
-            worker = infra.worker(env, "worker", 2).start()
-            producer = Producer(database_url, broker, args.chats, seed=1)
-            started = time.monotonic()
-            try:
-                with Sampler(worker, broker, args.every) as sampler:
-                    thread = threading.Thread(
-                        target=producer.run, args=(args.tasks, args.queue_cap, stop)
-                    )
-                    thread.start()
-                    last_report = time.monotonic()
-                    while thread.is_alive():
-                        thread.join(1)
-                        if time.monotonic() - last_report > 30 and sampler.samples:
-                            last = sampler.samples[-1]
-                            print(
-                                f"{last.t:5.0f}s  {last.done:,} tasks done  "
-                                f"RSS {sum(last.rss.values()) / 1024:.1f} MiB",
-                                file=sys.stderr,
-                            )
-                            last_report = time.monotonic()
-                    infra.wait_until(
-                        lambda: infra.worker_tasks_done(sampler.redis) >= producer.sent,
-                        300,
-                        "the worker to run every task",
-                    )
-                    finished = time.monotonic()
-                    time.sleep(3 * args.every)  # a few samples of the idle worker at the end
-                    sampler.sample()
-                outcomes = broker.client().hgetall("dualwrite:metrics")
-            finally:
-                stop.set()
-                producer.close()
-    finally:
-        if worker is not None:
-            worker.stop()
-        broker.stop()
-
-    report(sampler.samples, producer, outcomes, finished - started, args)
+    with infra.stack("cdw_memory") as running:
+        worker, redis = running.worker("worker", "-c", "2"), running.broker.client()
+        producer = Producer(running.url, running.broker, args.chats, seed=1)
+        sampler = infra.Poller(lambda: sample(worker, redis), args.every).start()
+        try:
+            producer.run(args.tasks, args.queue_cap, stop)
+            infra.wait_until(
+                lambda: sum(infra.task_outcomes(redis).values()) >= producer.sent,
+                300,
+                what="the worker to run every task",
+            )
+            finished = time.perf_counter() - sampler.started
+            time.sleep(3 * args.every)  # a few samples of the idle worker at the end
+        finally:
+            stop.set()
+            sampler.stop()
+            producer.close()
+        outcomes = redis.hgetall("dualwrite:metrics")
+    samples = [s for _, s in sampler.samples]
+    report(samples, producer, outcomes, finished, args)
     return 0
+
+
+def growth(points: list[tuple[int, int]], warmup: int) -> list[float]:
+    """KiB: first, start, min, median, peak, end; growth (KiB, %), over the second half, and
+    KiB per 10,000 tasks (least squares), once `warmup` tasks have run. A cache filling up grows
+    early and then stops; a leak keeps growing: the second half tells them apart."""
+    warm = [(d, kib) for d, kib in points if d >= warmup] or points[-1:]
+    values = [kib for _, kib in warm]
+    start, end = statistics.median(values[:5]), statistics.median(values[-5:])
+    half = [kib for d, kib in warm if d >= (warm[0][0] + warm[-1][0]) / 2] or values
+    xs = [float(d) for d, _ in warm]
+    mx, my = statistics.fmean(xs), statistics.fmean(values)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, values, strict=True)) / var if var else 0
+    kib = [points[0][1], start, min(values), statistics.median(values), max(values), end]
+    return [
+        *kib,
+        end - start,
+        100 * (end - start) / start,
+        end - statistics.median(half[:5]),
+        slope * 1e4,
+    ]
+
+
+def series(samples: list[Sample], kind: str) -> dict[str, list[tuple[int, int]]]:
+    """(tasks done, KiB) for each process and their total."""
+    names = sorted({n for s in samples for n in getattr(s, kind)}, key=lambda n: n != "main")
+    out = {
+        n: [(s.done, getattr(s, kind)[n]) for s in samples if n in getattr(s, kind)] for n in names
+    }
+    return {**out, "total": [(s.done, sum(getattr(s, kind).values())) for s in samples]}
 
 
 def report(
@@ -280,150 +248,67 @@ def report(
     seconds: float,
     args: argparse.Namespace,
 ) -> None:
-    mib = 1 / 1024
     done = samples[-1].done
-    print(
-        f"\nworker RSS (MiB), prefork -c 2, no max_tasks_per_child: {done:,} tasks in "
-        f"{seconds:.0f}s ({done / seconds:.0f}/s), sampled every {args.every:g}s\n"
+    print(f"\nworker RSS, prefork -c 2, no max_tasks_per_child: {done:,} tasks in {seconds:.0f}s")
+    infra.show(
+        "producer operations",
+        ["operation", "count"],
+        [list(kv) for kv in sorted(producer.ops.items())],
     )
     tasks = sorted(
         (k.decode().split("|", 1)[1], int(float(v)))
         for k, v in outcomes.items()
         if k.startswith(b"tasks|")
     )
-    print(
-        infra.table(
-            ["producer operation", "count"], [[k, v] for k, v in sorted(producer.ops.items())]
-        )
-    )
-    print()
-    print(infra.table(["task | outcome", "count"], [[k, v] for k, v in tasks]))
-
-    growth_pct: dict[str, float] = {}
-    for kind in ("rss", "anon"):
-        label = {"rss": "VmRSS", "anon": "RssAnon"}[kind]
-        series = _series(samples, kind)
-        rows = []
-        for name, points in series:
-            warm = [(d, kib) for d, kib in points if d >= args.warmup] or points[-1:]
-            values = [kib for _, kib in warm]
-            start = statistics.median(values[:5])
-            end = statistics.median(values[-5:])
-            growth = end - start
-            # A cache filling up grows early and then stops; a leak keeps growing. The second
-            # half of the run after warm-up tells them apart.
-            half = [kib for d, kib in warm if d >= (warm[0][0] + warm[-1][0]) / 2] or values
-            late = end - statistics.median(half[:5])
-            rows.append(
-                [
-                    name,
-                    points[0][1] * mib,
-                    start * mib,
-                    min(values) * mib,
-                    statistics.median(values) * mib,
-                    max(values) * mib,
-                    end * mib,
-                    growth * mib,
-                    100 * growth / start,
-                    late * mib,
-                    _slope(warm) * 10_000,
-                ]
-            )
-            if name == "total":
-                growth_pct[f"{label}, end vs start"] = 100 * growth / start
-                growth_pct[f"{label}, second half"] = 100 * late / start
-        print(
-            f"\n{label} (MiB); start = median of the first 5 samples once {args.warmup:,} tasks"
-            " had run (warm-up), end = median of the last 5; 2nd half = growth over the second"
-            " half of the tasks after warm-up\n"
-        )
-        print(
-            infra.table(
-                [
-                    "process",
-                    "first",
-                    "start",
-                    "min",
-                    "median",
-                    "peak",
-                    "end",
-                    "growth",
-                    "growth %",
-                    "2nd half",
-                    "KiB/10k tasks",
-                ],
-                rows,
-            )
-        )
-    print("\ntarget, measured in this run\n")
-    print(
-        infra.table(
-            ["target", "measured", "limit", "result"],
+    infra.show("tasks run", ["task | outcome", "count"], [list(kv) for kv in tasks])
+    targets = []
+    for kind, label in (("rss", "VmRSS"), ("anon", "RssAnon")):
+        rows = [
+            [name, *growth(points, args.warmup)] for name, points in series(samples, kind).items()
+        ]
+        infra.show(
+            f"{label} (KiB); start = median of the first 5 samples once {args.warmup:,} tasks "
+            "had run (warm-up), end = median of the last 5; 2nd half = growth over its second half",
             [
+                "process",
+                "first",
+                "start",
+                "min",
+                "median",
+                "peak",
+                "end",
+                "growth",
+                "growth %",
+                "2nd half",
+                "per 10k tasks",
+            ],
+            rows,
+        )
+        total = rows[-1]
+        for name, pct in (("end vs start", total[8]), ("second half", 100 * total[9] / total[2])):
+            targets.append(
                 [
-                    f"worker {label} (total) does not grow after warm-up",
+                    f"worker {label} (total), {name}",
                     f"{pct:+.2f}%",
+                    "after warm-up",
                     f"<= {TOLERANCE_PCT:.1f}% (noise)",
                     infra.verdict(max(pct, 0.0), TOLERANCE_PCT),
                 ]
-                for label, pct in growth_pct.items()
-            ],
-        )
-    )
-    series = _series(samples, "rss")
-    write_outputs(samples, series, args)
-
-
-def _series(samples: list[Sample], kind: str) -> list[tuple[str, list[tuple[int, int]]]]:
-    """(process, [(tasks done, KiB)]) for each process and their total."""
-    names = sorted({name for s in samples for name in getattr(s, kind)}, key=lambda n: n != "main")
-    series = [
-        (name, [(s.done, getattr(s, kind)[name]) for s in samples if name in getattr(s, kind)])
-        for name in names
-    ]
-    series.append(("total", [(s.done, sum(getattr(s, kind).values())) for s in samples]))
-    return series
-
-
-def _slope(points: list[tuple[int, int]]) -> float:
-    """Least-squares KiB per task."""
-    if len(points) < 2:
-        return 0.0
-    xs = [float(d) for d, _ in points]
-    ys = [float(k) for _, k in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
-
-
-def write_outputs(
-    samples: list[Sample], series: list[tuple[str, list[tuple[int, int]]]], args: argparse.Namespace
-) -> None:
-    infra.OUT.mkdir(parents=True, exist_ok=True)
+            )
+    infra.show("target: the worker does not grow after warm-up", infra.FIGURE, targets)
     with (infra.OUT / "memory_rss.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["seconds", "tasks_done", "process", "vmrss_kib", "rssanon_kib"])
-        for s in samples:
-            for name, kib in sorted(s.rss.items()):
-                out.writerow([f"{s.t:.1f}", s.done, name, kib, s.anon.get(name, "")])
+        rows = [
+            [s.done, n, kib, s.anon.get(n, "")] for s in samples for n, kib in sorted(s.rss.items())
+        ]
+        csv.writer(f).writerows([["tasks_done", "process", "vmrss_kib", "rssanon_kib"], *rows])
 
-    import matplotlib
+    def draw(ax: Any) -> None:
+        for name, points in series(samples, "rss").items():
+            ax.plot([d for d, _ in points], [k / 1024 for _, k in points], label=name)
+        ax.axvline(args.warmup, color="grey", linestyle=":", label="end of warm-up")
+        ax.set(xlabel="tasks run", ylabel="VmRSS (MiB)", title="Celery worker RSS, prefork -c 2")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, points in series:
-        ax.plot([d for d, _ in points], [k / 1024 for _, k in points], label=name)
-    ax.axvline(args.warmup, color="grey", linestyle=":", label="end of warm-up")
-    ax.set_xlabel("tasks run")
-    ax.set_ylabel("VmRSS (MiB)")
-    ax.set_title("Celery worker RSS, prefork -c 2")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(infra.OUT / "memory_rss.png", dpi=110)
-    plt.close(fig)
-    print(f"\nwrote {infra.OUT / 'memory_rss.png'} and memory_rss.csv")
+    infra.plot(infra.OUT / "memory_rss.png", draw)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 Targets: longest client statement during (b) <= 1 s; (b) <= 1.3 x (a).
 
-    .venv/bin/python bench/migration.py [--scale 1.0] [--quick]
+    .venv/bin/python -m bench.migration [--scale 1.0] [--quick]
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from pathlib import Path
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench import dataset, infra
 from migrations.backfill import INLINE
 
@@ -39,14 +37,8 @@ REVISION = infra.ROOT / "migrations" / "versions" / "0002_copilot_chat_messages.
 
 
 def clone(template: str, name: str) -> str:
-    with psycopg.connect(infra.ADMIN_DSN, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    infra.admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-
-def drop(name: str) -> None:
-    with psycopg.connect(infra.ADMIN_DSN, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def inline_backfill(url: str) -> float:
@@ -125,13 +117,11 @@ def upgrade(url: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def backfilled(url: str) -> tuple[int, int]:
-    with psycopg.connect(url, autocommit=True) as connection:
-        if not connection.execute("SELECT to_regclass('dualwrite_backfill')").fetchone()[0]:  # type: ignore[index]
-            return 0, 1
-        row = connection.execute(
-            "SELECT chats_done, total_chats FROM dualwrite_backfill"
-        ).fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 1)
+    """Chats done and in all by the online backfill, from its progress table."""
+    if not infra.scalar(url, "SELECT to_regclass('dualwrite_backfill')"):
+        return 0, 1
+    done = infra.scalar(url, "SELECT array[chats_done, total_chats] FROM dualwrite_backfill")
+    return (int(done[0]), int(done[1])) if done else (0, 1)
 
 
 def main() -> int:
@@ -140,7 +130,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="scale 0.01")
     args = parser.parse_args()
     scale = 0.01 if args.quick else args.scale
-    out = infra.ROOT / "bench" / "out"
+    out = infra.OUT
     out.mkdir(parents=True, exist_ok=True)
 
     infra.services_up()
@@ -163,9 +153,12 @@ def main() -> int:
                 raise SystemExit((out / "migration-online.log").read_text())
 
             process = upgrade(resume_url, out / "migration-killed.log")
-            infra.wait_until(
-                lambda: (lambda d, t: d >= t / 2)(*backfilled(resume_url)), 600, "halfway"
-            )
+
+            def halfway() -> bool:
+                done, total = backfilled(resume_url)
+                return done >= total / 2
+
+            infra.wait_until(halfway, 600, what="the backfill halfway")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             done, total = backfilled(resume_url)
@@ -176,7 +169,7 @@ def main() -> int:
             resumed = time.perf_counter() - started
         finally:
             for name in names:
-                drop(name)
+                infra.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     longest = max(during)
     print(

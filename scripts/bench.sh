@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs one benchmark, or all of them: scripts/bench.sh NAME|all [--quick] [options]
-# NAME is one of: overhead lag drain reconcile reads memory chaos migration. Each prints its figures
-# (and writes plots and raw data to bench/out/). --quick runs tiny sizes: it checks that the
-# scripts work, and its figures mean nothing.
+# NAME is one of the modules of bench/ below. Each prints its figures, each with its reference
+# measured in the same run and its verdict (and writes plots and raw data to bench/out/).
+# --quick runs tiny sizes: it checks that the scripts work, and its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ALL="overhead lag drain reconcile reads memory chaos migration cutover"
@@ -13,8 +13,8 @@ scripts/services.sh
 if [ "$name" = all ]; then
     for bench in $ALL; do
         echo "== $bench"
-        .venv/bin/python "bench/$bench.py" "$@"
+        .venv/bin/python -m "bench.$bench" "$@"
     done
 else
-    exec .venv/bin/python "bench/$name.py" "$@"
+    exec .venv/bin/python -m "bench.$name" "$@"
 fi
