@@ -61,6 +61,8 @@ class JobQueue:
 
     enabled: bool = True
     jobs: list[Job] = field(default_factory=list)
+    # The countdown of jobs enqueued without one of their own (set from the phase).
+    delay: float | None = None
 
     def enqueue(
         self,
@@ -70,7 +72,8 @@ class JobQueue:
         countdown: float | None = None,
     ) -> None:
         if self.enabled:
-            self.jobs.append(Job(task, args, coalesce_key, countdown))
+            wait = countdown if countdown is not None else self.delay
+            self.jobs.append(Job(task, args, coalesce_key, wait))
 
     def clear(self) -> None:
         self.jobs.clear()

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
     retry_jitter: bool = True
+    # A sync task also converges up to this many other chats that are behind and that no other
+    # sync holds, in the same statement: under a backlog, one task does the work of many.
+    sync_batch_extra: int = Field(default=25, ge=0, le=1000)
+    # In table_only, how long a chat's reverse sync waits before it rewrites the JSONB from the
+    # rows: the appends of that moment share one rewrite.
+    reverse_sync_delay_seconds: float = Field(default=2.0, ge=0)
     # A task whose worker died under it (SIGKILL, OOM) is delivered again at most this often.
     max_redeliveries: int = Field(default=3, ge=0)
 

@@ -91,6 +91,24 @@ def _dead_letter(
     METRICS.task(task.name, f"dead_letter_{reason.value}")
 
 
+def _sync(task: Task[Any, Any], chat: uuid.UUID, version: int, *, batch: bool) -> sync.SyncReport:
+    """Sync the task's chat, and with `batch` up to `SYNC_BATCH_EXTRA` other chats behind. If
+    that fails, the task's chat alone is tried at once: another chat of the batch must not make
+    this one wait for a retry (nor a retry carry other chats: a failing chat goes alone)."""
+    extra = SETTINGS.sync_batch_extra if batch else 0
+    try:
+        with worker_transaction() as session:
+            return sync.sync_chats(session, {chat: version}, task=task.name, extra=extra)
+    except Exception as error:
+        if not extra:
+            raise
+        log.warning(
+            "%s for %s with other chats failed, trying it alone: %s", task.name, chat, error
+        )
+    with worker_transaction() as session:
+        return sync.sync_chats(session, {chat: version}, task=task.name)
+
+
 def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> None:
     request = task.request
     try:
@@ -107,8 +125,7 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
         _dead_letter(task, chat, args, dead_letters.Reason.WORKER_LOST, error, deliveries - 1)
         return
     try:
-        with worker_transaction() as session:
-            report = sync.sync_chats(session, {chat: version}, task=task.name)
+        report = _sync(task, chat, version, batch=request.retries == 0)
     except Exception as error:
         retries = request.retries
         if POLICY.should_retry(error, retries):

@@ -226,6 +226,9 @@ def start_worker(broker: RedisServer, hooks: Path, name: str, **env: str) -> Wor
             "RETRY_BACKOFF_BASE_SECONDS": "0.2",
             "RETRY_BACKOFF_MAX_SECONDS": "1",
             "SWEEP_GRACE_SECONDS": "0",
+            # One chat per sync: a fault test follows the chats it broke, and no other sync
+            # repairs them behind its back (batching has tests of its own).
+            "SYNC_BATCH_EXTRA": "0",
             **env,
         },
         LOG_DIR / f"{name}-{RUN_ID}.log",

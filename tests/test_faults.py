@@ -202,7 +202,12 @@ def test_terminated_backends_are_retried_within_the_policy(
     killer = threading.Thread(target=terminate)
     killer.start()
     try:
-        wait_until(lambda: "retry 1 of" in fault_worker.log(), timeout=30)
+        # A sync that fails with other chats is tried alone at once; one that fails alone is
+        # retried by the policy. Either shows a terminated backend was retried.
+        wait_until(
+            lambda: "retry 1 of" in fault_worker.log() or "trying it alone" in fault_worker.log(),
+            timeout=30,
+        )
     finally:
         for chat_id in chats[:3]:
             (hooks / f"slow-{chat_id}").unlink(missing_ok=True)

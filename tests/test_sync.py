@@ -233,8 +233,11 @@ def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-unty
     worker = start_worker(broker, hooks, "backlog")
     try:
         wait_converged(engine, chats, timeout=60)
+        done = rf"Task {SYNC_CHAT}\[[0-9a-f-]+\] succeeded"
+        wait_until(lambda: len(re.findall(done, worker.log())) >= 40, timeout=60)
         received = re.findall(rf"Task {SYNC_CHAT}\[[0-9a-f-]+\] received", worker.log())
         assert len(received) == 40  # one sync per chat, not one per sweep
+        assert broker.client().llen(Queue.SYNC.value) == 0
     finally:
         worker.stop()
     # Each task released its chat when it started: nothing is behind, nothing is held.
@@ -278,3 +281,83 @@ def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, cle
         assert len(behind) == 2 and {b.chat_id for b in behind} <= set(chats)
         with transaction(sessionmaker) as session:
             assert sync_state.oldest_behind_seconds(session) >= 600
+
+
+# ---------------------------------------------------------------------------------------------
+# One task, many chats: a sync also converges other chats behind, never waiting for one.
+
+
+@pytest.fixture()
+def batch_worker(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+    worker = start_worker(broker, hooks, "batch", SYNC_BATCH_EXTRA="25")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def sync_one(broker, chat: uuid.UUID) -> str:  # type: ignore[no-untyped-def]
+    return str(
+        producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=[str(chat), 1]).id
+    )
+
+
+def test_one_task_converges_other_chats_behind_in_the_same_statement(  # type: ignore[no-untyped-def]
+    broker, batch_worker, sessionmaker, engine, clean
+) -> None:
+    chats = behind_chats(sessionmaker, 12)
+    task_id = sync_one(broker, chats[0])
+    wait_until(lambda: f"[{task_id}] succeeded" in batch_worker.log(), timeout=30)
+    wait_converged(engine, chats, timeout=5)  # no other task was sent
+    received = re.findall(rf"Task {SYNC_CHAT}\[[0-9a-f-]+\] received", batch_worker.log())
+    assert len(received) == 1
+
+
+def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(  # type: ignore[no-untyped-def]
+    broker, batch_worker, sessionmaker, engine, clean
+) -> None:
+    own, held = behind_chats(sessionmaker, 2)
+    with engine.connect() as holder:  # as a running sync of `held` would
+        holder.execute(
+            text("SELECT pg_advisory_xact_lock(:cls, hashtext(:id))"),
+            {"cls": sync_state.SYNC_LOCK_CLASS, "id": str(held)},
+        )
+        task_id = sync_one(broker, own)
+        wait_until(lambda: f"[{task_id}] succeeded" in batch_worker.log(), timeout=30)
+        assert_converged(engine, [own])
+        with engine.connect() as connection:
+            applied = connection.execute(
+                text("SELECT applied_version FROM copilot_chat_sync_state WHERE chat_id = :id"),
+                {"id": held},
+            ).scalar_one()
+        assert applied == -1  # not copied, not waited for
+        holder.rollback()
+
+
+def test_a_chat_whose_copy_fails_does_not_fail_the_task_that_picked_it(  # type: ignore[no-untyped-def]
+    broker, batch_worker, sessionmaker, engine, clean
+) -> None:
+    own, poison = behind_chats(sessionmaker, 2)
+    with engine.begin() as connection:  # every write of this chat's rows fails
+        connection.execute(
+            text(
+                f"""
+                CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.chat_id = '{poison}' THEN RAISE EXCEPTION 'poison chat'; END IF;
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER test_poison BEFORE INSERT ON copilot_chat_messages
+                FOR EACH ROW EXECUTE FUNCTION test_poison();
+                """
+            )
+        )
+    try:
+        task_id = sync_one(broker, own)
+        wait_until(lambda: f"[{task_id}] succeeded" in batch_worker.log(), timeout=30)
+        assert f"for {own} with other chats failed, trying it alone" in batch_worker.log()
+        assert_converged(engine, [own])
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER test_poison ON copilot_chat_messages"))
+            connection.execute(text("DROP FUNCTION test_poison()"))

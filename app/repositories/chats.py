@@ -294,33 +294,48 @@ def count(session: Session, *, since: timedelta | None = None) -> int:
 
 
 def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
-    """Rewrite these chats' JSONB from their live rows (the reverse sync, in `table_only`);
-    returns the version each one now holds (chats that no longer exist are absent).
+    """Rewrite these chats' JSONB from their live rows (the reverse sync, in `table_only`) and
+    record the version each one now holds as applied; returns it (chats that no longer exist
+    are absent). The caller must hold the chats' sync locks.
 
     The rows and their version are read in the same statement, so the pair is consistent. The
-    write carries `dualwrite.reverse_sync`, which the version triggers skip: this is the JSONB
-    following the rows, not a new change to copy the other way.
+    write carries `dualwrite.reverse_sync` (transaction-local, set before any row is written),
+    which the version triggers skip: this is the JSONB following the rows, not a new change to
+    copy the other way.
     """
     if not chat_ids:
         return {}
-    session.execute(text("SELECT set_config('dualwrite.reverse_sync', 'on', true)"))
     rows = session.execute(
         text(
             """
-            UPDATE copilot_chats c SET
-                messages = coalesce((
-                    SELECT jsonb_agg(m.content ORDER BY m.seq) FROM copilot_chat_messages m
-                    WHERE m.chat_id = c.id AND m.deleted_at IS NULL
-                ), '[]'::jsonb),
-                messages_version = s.wanted_version,
-                active_stream_id = s.active_stream_id,
-                updated_at = now()
-            FROM copilot_chat_sync_state s
-            WHERE c.id = ANY(:ids) AND s.chat_id = c.id
-            RETURNING c.id, s.wanted_version
+            WITH marker AS MATERIALIZED (
+                SELECT set_config('dualwrite.reverse_sync', 'on', true) AS flag
+            ),
+            written AS (
+                UPDATE copilot_chats c SET
+                    messages = coalesce((
+                        SELECT jsonb_agg(m.content ORDER BY m.seq) FROM copilot_chat_messages m
+                        WHERE m.chat_id = c.id AND m.deleted_at IS NULL
+                    ), '[]'::jsonb),
+                    messages_version = s.wanted_version,
+                    active_stream_id = s.active_stream_id,
+                    updated_at = now()
+                FROM copilot_chat_sync_state s
+                WHERE c.id = ANY(:ids) AND s.chat_id = c.id
+                  AND (SELECT flag FROM marker) = 'on'
+                RETURNING c.id, s.wanted_version
+            ),
+            marked AS (
+                UPDATE copilot_chat_sync_state s
+                SET applied_version = greatest(s.applied_version, w.wanted_version),
+                    synced_at = now()
+                FROM written w WHERE s.chat_id = w.id
+                RETURNING s.chat_id
+            )
+            SELECT w.id, w.wanted_version FROM written w
+            WHERE (SELECT count(*) FROM marked) >= 0
             """
         ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
         {"ids": sorted(chat_ids)},
     ).all()
-    session.execute(text("SELECT set_config('dualwrite.reverse_sync', 'off', true)"))
     return {row[0]: int(row[1]) for row in rows}

@@ -18,6 +18,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
+from app.repositories.dead_letters import RESOLVED_BY_SYNC
+
 # The element-to-row mapping. Must match the backfill rules of migration 0002.
 _MAPPING = """
 target AS (
@@ -129,6 +131,27 @@ removed AS (
     JOIN target t ON t.id = x.chat_id
     WHERE m.id = x.id AND m.source_version <= t.messages_version
     RETURNING m.chat_id
+),
+-- Not referenced below, so PostgreSQL runs these two after the rest of the statement: the
+-- sync state rows (which handlers' version triggers also write) are locked only from here to
+-- the commit, not for the whole convergence.
+marked AS (
+    INSERT INTO copilot_chat_sync_state AS s
+        (chat_id, wanted_version, applied_version, synced_at)
+    SELECT id, messages_version, messages_version, now() FROM target ORDER BY id
+    ON CONFLICT (chat_id) DO UPDATE SET
+        applied_version = greatest(s.applied_version, EXCLUDED.applied_version),
+        wanted_version = greatest(s.wanted_version, EXCLUDED.applied_version),
+        synced_at = now()
+),
+resolved AS (
+    -- A clean copy closes what the chat's failures left open; its skipped elements' letter
+    -- only once none is skipped any more.
+    UPDATE dualwrite_dead_letters d SET resolved_at = now()
+    WHERE d.resolved_at IS NULL AND d.chat_id IN (SELECT id FROM target)
+      AND (d.reason = ANY(:resolved_by_sync)
+           OR (d.reason = 'bad_elements'
+               AND d.chat_id NOT IN (SELECT chat_id FROM element_counts WHERE bad > 0)))
 )
 SELECT
     t.id,
@@ -138,7 +161,8 @@ SELECT
     coalesce(e.bad, 0),
     coalesce(u.inserted, 0),
     coalesce(u.updated, 0),
-    coalesce(r.removed, 0)
+    coalesce(r.removed, 0),
+    clock_timestamp()
 FROM target t
 LEFT JOIN element_counts e ON e.chat_id = t.id
 LEFT JOIN (
@@ -164,7 +188,8 @@ SELECT
     coalesce(e.bad, 0),
     coalesce(c.missing, 0),
     coalesce(c.stale, 0),
-    coalesce(x.extra, 0)
+    coalesce(x.extra, 0),
+    clock_timestamp()
 FROM target t
 LEFT JOIN element_counts e ON e.chat_id = t.id
 LEFT JOIN (
@@ -191,6 +216,7 @@ class ChatCounts:
     inserted: int  # missing rows (in a diff: rows that would be inserted)
     updated: int  # stale or soft-deleted rows brought back in line
     removed: int  # live rows whose message left the array
+    done_at: datetime  # the end of the statement (`clock_timestamp()`), for exact lag
 
     @property
     def drift(self) -> int:
@@ -202,10 +228,19 @@ def _counts(rows: Sequence[Any]) -> list[ChatCounts]:
 
 
 def converge(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
-    """Make the rows of these chats equal to their JSONB; one row of counts per existing chat."""
+    """Make the rows of these chats equal to their JSONB; one row of counts per existing chat.
+
+    The same statement records each chat's copied version as applied and closes the dead
+    letters that a clean copy resolves (see `dead_letters.RESOLVED_BY_SYNC`). The caller must
+    hold the chats' sync locks (`sync_state.lock_chats` or `sync_state.claim`)."""
     if not chat_ids:
         return []
-    return _counts(session.execute(_CONVERGE, {"chat_ids": sorted(chat_ids)}).all())
+    return _counts(
+        session.execute(
+            _CONVERGE,
+            {"chat_ids": sorted(chat_ids), "resolved_by_sync": list(RESOLVED_BY_SYNC)},
+        ).all()
+    )
 
 
 def diff(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 from app.repositories.dead_letters import BLOCKING
@@ -60,33 +60,6 @@ def versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
         {"ids": list(chat_ids)},
     ).all()
     return {row.chat_id: (row.wanted_version, row.applied_version) for row in rows}
-
-
-def mark_applied(session: Session, versions: dict[uuid.UUID, int]) -> None:
-    """Record the versions just copied; never moves a chat's applied version backwards."""
-    if not versions:
-        return
-    ids = sorted(versions)
-    session.execute(
-        text(
-            """
-            INSERT INTO copilot_chat_sync_state AS s
-                (chat_id, wanted_version, applied_version, synced_at)
-            SELECT v.chat_id, v.version, v.version, now()
-            FROM unnest(:ids, :versions) AS v(chat_id, version)
-            JOIN copilot_chats c ON c.id = v.chat_id
-            ORDER BY v.chat_id
-            ON CONFLICT (chat_id) DO UPDATE SET
-                applied_version = greatest(s.applied_version, EXCLUDED.applied_version),
-                wanted_version = greatest(s.wanted_version, EXCLUDED.applied_version),
-                synced_at = now()
-            """
-        ).bindparams(
-            bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
-            bindparam("versions", type_=ARRAY(BIGINT)),
-        ),
-        {"ids": ids, "versions": [versions[i] for i in ids]},
-    )
 
 
 def list_behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
@@ -179,4 +152,96 @@ def start_table_heads(session: Session) -> None:
               AND (s.next_seq IS NOT NULL OR s.active_stream_id IS DISTINCT FROM c.active_stream_id)
             """
         )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A chat a sync holds, with its versions as the claim read them."""
+
+    chat_id: uuid.UUID
+    wanted_version: int
+    applied_version: int
+    own: bool  # named by the task (waited for), not picked up from the backlog
+    exists: bool  # False: deleted before the sync got to it
+    open_letters: bool  # it has an open dead letter
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    phase: str
+    contracted: bool
+    chats: list[Claimed]
+
+
+_CLAIM = text(
+    """
+    WITH phase AS MATERIALIZED (
+        -- First: a phase change takes this row FOR UPDATE, then the sync locks below.
+        SELECT phase, contracted_at IS NOT NULL AS contracted FROM dualwrite_phase FOR SHARE
+    ),
+    own AS MATERIALIZED (
+        -- Waits for a sync of the task's own chats already running: that one's snapshot may
+        -- predate the write this task stands for.
+        SELECT o.id, pg_advisory_xact_lock(:cls, hashtext(o.id::text)) IS NULL AS waited
+        FROM unnest(CAST(:own AS uuid[])) AS o(id), phase
+        ORDER BY hashtext(o.id::text)
+    ),
+    candidates AS MATERIALIZED (
+        -- Other chats behind, oldest first, without an open dead letter (a chat that makes its
+        -- syncs fail must not make a whole batch fail).
+        SELECT b.chat_id FROM copilot_chat_sync_state b
+        WHERE b.applied_version < b.wanted_version
+          AND b.chat_id <> ALL(CAST(:own AS uuid[]))
+          AND (SELECT count(*) FROM own) >= 0
+          AND NOT EXISTS (
+              SELECT 1 FROM dualwrite_dead_letters d
+              WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
+          )
+        ORDER BY b.dirty_since
+        LIMIT :extra
+    ),
+    picked AS MATERIALIZED (
+        -- Never waits: a chat another sync holds is that sync's.
+        SELECT chat_id AS id FROM candidates
+        WHERE pg_try_advisory_xact_lock(:cls, hashtext(chat_id::text))
+    ),
+    claimed AS MATERIALIZED (
+        SELECT id, true AS own FROM own UNION ALL SELECT id, false FROM picked
+    ),
+    held AS MATERIALIZED (
+        -- A delete waits for this; a chat deleted before it is simply missing.
+        SELECT c.id FROM copilot_chats c WHERE c.id IN (SELECT id FROM claimed)
+        ORDER BY c.id FOR KEY SHARE OF c
+    )
+    SELECT cl.id, coalesce(s.wanted_version, -1), coalesce(s.applied_version, -1), cl.own,
+           cl.id IN (SELECT id FROM held),
+           EXISTS (SELECT 1 FROM dualwrite_dead_letters d
+                   WHERE d.chat_id = cl.id AND d.resolved_at IS NULL),
+           (SELECT phase FROM phase), (SELECT contracted FROM phase)
+    FROM claimed cl
+    LEFT JOIN copilot_chat_sync_state s ON s.chat_id = cl.id
+    ORDER BY cl.id
+    """
+)
+
+
+def claim(session: Session, own: Sequence[uuid.UUID], *, extra: int) -> Claim:
+    """Lock the task's own chats (waiting for any sync of them), and up to `extra` other chats
+    that are behind and not held by another sync (never waiting): one round trip, before the
+    convergence takes its snapshot. Reads the phase under the lock that a phase change waits
+    for, and each chat's versions."""
+    rows = session.execute(
+        _CLAIM,
+        {"cls": SYNC_LOCK_CLASS, "own": [str(c) for c in own], "extra": extra},
+    ).all()
+    if not rows:  # no chat: read the phase alone
+        state = session.execute(
+            text("SELECT phase, contracted_at IS NOT NULL FROM dualwrite_phase FOR SHARE")
+        ).one()
+        return Claim(state[0], state[1], [])
+    return Claim(
+        rows[0][6],
+        rows[0][7],
+        [Claimed(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5]) for r in rows],
     )

@@ -104,6 +104,11 @@ def _writer(ctx: Context) -> Store:
     # Nothing to copy before the dual-write starts, nor once the JSONB is gone.
     copying = phase.phase is not Phase.JSONB_ONLY and not phase.contracted
     ctx.jobs.enabled = ctx.jobs.enabled and copying
+    if phase.phase is Phase.TABLE_ONLY:
+        # The reverse sync rewrites a whole transcript (about 5 MB of WAL at 5,000 messages):
+        # held back a moment, it takes in every append of that moment at once (the chat's
+        # coalescing marker holds back their tasks meanwhile).
+        ctx.jobs.delay = ctx.settings.reverse_sync_delay_seconds
     return _store(phase)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,7 @@ class SyncReport:
     # which they differed: lag under live traffic, not drift. Only reconciles tell them apart.
     behind: int = 0
     behind_rows: int = 0
+    picked: int = 0  # other chats behind that this sync converged too
     lag_seconds: list[float] = field(default_factory=list)
 
     def add(self, counts: messages.ChatCounts) -> None:
@@ -72,50 +73,62 @@ class SyncReport:
 
 
 def sync_chats(
-    session: Session, wanted: dict[uuid.UUID, int], *, task: str = SYNC_CHAT
+    session: Session,
+    wanted: dict[uuid.UUID, int],
+    *,
+    task: str = SYNC_CHAT,
+    extra: int = 0,
 ) -> SyncReport:
     """Bring the follower store of the chats in `wanted` (chat id -> version the caller saw) up
     to the source of truth, in the direction the phase says: the rows up to the JSONB, or in
     `table_only` the JSONB up to the rows. After the contract there is nothing to follow.
 
-    The phase is read first, with a lock that a phase change waits for, so a sync never runs
-    in a direction the phase has just left. Chats whose applied version already covers the
-    wanted one are skipped; a chat that no longer exists is counted as missing and otherwise
-    ignored (its rows went with it). Elements that cannot be copied are skipped, and each chat
-    that has some gets a dead letter saying so.
+    With `extra`, up to that many other chats that are behind, and that no other sync holds,
+    are converged in the same statement: under a backlog one task does the work of many (their
+    own tasks then find them applied and return at once). Three round trips in all: the claim
+    (phase, locks, versions), the convergence (which also records what it applied), the commit.
+
+    Chats whose applied version already covers the wanted one are skipped; a chat that no longer
+    exists is counted as missing and otherwise ignored (its rows went with it). Elements that
+    cannot be copied are skipped, and each chat that has some gets a dead letter saying so.
     """
     report = SyncReport()
     if not wanted:
         return report
-    phase = phase_repo.for_mutation(session)
-    if phase.contracted:
+    claim = sync_state.claim(session, list(wanted), extra=extra)
+    if claim.contracted:
         report.skipped = len(wanted)
         return report
-    sync_state.lock_chats(session, list(wanted))
-    # Tasks coalesce: one may stand for later changes than its own version, which the chat's
-    # recorded wanted version includes.
-    recorded = sync_state.versions(session, list(wanted))
-    todo = []
-    for chat, version in wanted.items():
-        wanted_now, applied = recorded.get(chat, (version, -1))
-        if applied < max(version, wanted_now):
-            todo.append(chat)
-    report.skipped = len(wanted) - len(todo)
-    if phase.phase is Phase.TABLE_ONLY:
+    todo: list[uuid.UUID] = []
+    settled: list[uuid.UUID] = []  # in sync already, with a dead letter to close
+    for chat in claim.chats:
+        if not chat.exists:
+            report.missing += chat.own
+            continue
+        # Tasks coalesce: one may stand for later changes than its own version, which the
+        # chat's recorded wanted version includes.
+        version = max(wanted.get(chat.chat_id, -1), chat.wanted_version)
+        if chat.applied_version < version:
+            todo.append(chat.chat_id)
+        else:
+            report.skipped += chat.own
+            if chat.open_letters:
+                settled.append(chat.chat_id)
+    report.picked = sum(1 for c in claim.chats if not c.own and c.chat_id in todo)
+    if claim.phase == Phase.TABLE_ONLY.value:
         written = chats_repo.write_from_rows(session, todo)
         report.chats = len(written)
-        report.missing = len(todo) - len(written)
-        sync_state.mark_applied(session, written)
-        dead_letters.resolve(session, list(wanted), list(written))
+        dead_letters.resolve(session, [*written, *settled], [*written, *settled])
         return report
     results = messages.converge(session, todo)
-    now = datetime.now(UTC)
     for counts in results:
         report.add(counts)
-        if counts.version >= wanted[counts.chat_id]:
-            report.lag_seconds.append(max(0.0, (now - counts.updated_at).total_seconds()))
-    report.missing = len(todo) - len(results)
-    _settle(session, results, task=task, synced=list(wanted))
+        if counts.chat_id in wanted and counts.version >= wanted[counts.chat_id]:
+            lag = (counts.done_at - counts.updated_at).total_seconds()
+            report.lag_seconds.append(max(0.0, lag))
+    _record_bad_elements(session, results, task=task)
+    if settled:
+        dead_letters.resolve(session, settled, settled)
     return report
 
 
@@ -140,19 +153,15 @@ def resync(session: Session, chat_ids: Sequence[uuid.UUID]) -> SyncReport:
     results = messages.converge(session, chat_ids)
     report = SyncReport.checked(results, recorded)
     report.missing = len(chat_ids) - len(results)
-    _settle(session, results, task=SYNC_CHAT, synced=[c.chat_id for c in results])
+    _record_bad_elements(session, results, task=SYNC_CHAT)
     return report
 
 
-def _settle(
-    session: Session,
-    results: list[messages.ChatCounts],
-    *,
-    task: str,
-    synced: Sequence[uuid.UUID],
+def _record_bad_elements(
+    session: Session, results: list[messages.ChatCounts], *, task: str
 ) -> None:
-    """Record what was applied, report skipped elements, close dead letters now resolved."""
-    sync_state.mark_applied(session, {c.chat_id: c.version for c in results})
+    """Report the chats copied with skipped elements (the convergence itself recorded what it
+    applied and closed what it resolved)."""
     for counts in results:
         if counts.bad_elements:
             dead_letters.record(
@@ -167,8 +176,6 @@ def _settle(
                 ),
                 attempts=1,
             )
-    clean = [c.chat_id for c in results if not c.bad_elements]
-    dead_letters.resolve(session, synced, clean)
 
 
 def sweep(session: Session, *, grace: timedelta, limit: int) -> list[sync_state.Behind]:
