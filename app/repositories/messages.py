@@ -143,6 +143,9 @@ marked AS (
         applied_version = greatest(s.applied_version, EXCLUDED.applied_version),
         wanted_version = greatest(s.wanted_version, EXCLUDED.applied_version),
         synced_at = now()
+    -- A chat already recorded at this version (a reconcile of an in-sync table) writes nothing.
+    WHERE s.applied_version < EXCLUDED.applied_version
+       OR s.wanted_version < EXCLUDED.applied_version
 ),
 resolved AS (
     -- A clean copy closes what the chat's failures left open; its skipped elements' letter
