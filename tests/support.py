@@ -4,6 +4,7 @@ launchers come from `harness.processes`."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,3 +160,18 @@ def snapshot(engine: Engine, chat_id: uuid.UUID | str) -> dict[str, Any]:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def read_terminal(controller: int) -> bytes:
+    """Everything a process wrote to a pseudo-terminal, until it closed; closes our end."""
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return shown

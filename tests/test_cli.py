@@ -19,7 +19,7 @@ from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.services import sync
 from app.services.reconcile import reconcile
-from tests.support import ROOT, assert_converged, wait_converged, wait_until
+from tests.support import ROOT, assert_converged, read_terminal, wait_converged, wait_until
 from tests.test_handlers import message
 from tests.test_reconcile import (
     change_content,
@@ -342,16 +342,7 @@ def test_reconcile_on_a_terminal_draws_a_progress_bar(api, auth, engine, converg
         text=True,
     )
     os.close(terminal)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    os.close(controller)
+    drawn = read_terminal(controller)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + drawn.decode(errors="replace")
     screen = drawn.decode(errors="replace")

@@ -34,7 +34,7 @@ from tests.conftest import (
     drop_database,
     start_worker,
 )
-from tests.support import ROOT, WorkerProcess, snapshot, wait_until
+from tests.support import ROOT, WorkerProcess, read_terminal, snapshot, wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import change_content, printed_run_id, seed
 
@@ -532,16 +532,7 @@ def contract_on_a_terminal(db: OwnDatabase, answer: str) -> tuple[int, str]:
     )
     os.close(terminal)
     os.write(controller, answer.encode() + b"\n")
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(controller)
+    shown = read_terminal(controller)
     return proc.wait(60), shown.decode(errors="replace")
 
 

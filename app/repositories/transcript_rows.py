@@ -39,6 +39,23 @@ _ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
 # chat ever shows as behind. Before it, the JSONB (version 0 for a new chat) follows.
 _FOLLOWED = "(SELECT contracted_at IS NULL FROM dualwrite_phase)"
 
+
+def _new_head(version: str, rows: str) -> str:
+    """The head of a chat just inserted as `c` (a CTE), at `version` with `rows` rows (SQL)."""
+    return f"""
+    head AS (
+        INSERT INTO copilot_chat_sync_state AS s
+            (chat_id, wanted_version, applied_version, dirty_since, next_seq)
+        SELECT c.id, {version}, CASE WHEN {_FOLLOWED} THEN 0 ELSE {version} END, now(), {rows}
+        FROM c
+        -- Defensive: the version trigger (before the contract) only ever raises it later.
+        ON CONFLICT (chat_id) DO UPDATE SET
+            wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
+            applied_version = EXCLUDED.applied_version, dirty_since = now()
+        RETURNING 1
+    )"""
+
+
 _META = """
     SELECT c.id, c.user_id, c.workflow_id, c.title, c.model, s.wanted_version,
            s.active_stream_id, c.created_at, c.updated_at
@@ -77,17 +94,7 @@ def create(
                     WITH ORDINALITY AS e(elem, ord)
                 RETURNING 1
             ),
-            head AS (
-                INSERT INTO copilot_chat_sync_state AS s
-                    (chat_id, wanted_version, applied_version, dirty_since, next_seq)
-                SELECT c.id, :version, CASE WHEN {_FOLLOWED} THEN 0 ELSE :version END, now(),
-                       :count
-                FROM c
-                ON CONFLICT (chat_id) DO UPDATE SET
-                    wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
-                    applied_version = EXCLUDED.applied_version, dirty_since = now()
-                RETURNING 1
-            )
+            {_new_head(":version", ":count")}
             SELECT id FROM c
             """
         ),
@@ -334,17 +341,7 @@ def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: s
                   AND m.seq <= (SELECT seq FROM cut)
                 RETURNING 1
             ),
-            head AS (
-                INSERT INTO copilot_chat_sync_state AS s
-                    (chat_id, wanted_version, applied_version, dirty_since, next_seq)
-                SELECT c.id, 1, CASE WHEN {_FOLLOWED} THEN 0 ELSE 1 END, now(),
-                       (SELECT count(*) FROM copied)
-                FROM c
-                ON CONFLICT (chat_id) DO UPDATE SET
-                    wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
-                    applied_version = EXCLUDED.applied_version, dirty_since = now()
-                RETURNING 1
-            )
+            {_new_head("1", "(SELECT count(*) FROM copied)")}
             SELECT id FROM c
             """
         ),
