@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from psycopg import errors as pg_errors
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.exc import DBAPIError
@@ -122,16 +123,16 @@ _NEXT_IDS = text(
     """
 )
 
-# Same order and kind as a live sync's locks: a sync of a chat and its batch never interleave,
-# and a chat deleted meanwhile is simply missing from the copy (no foreign key failure).
+# The same per-chat locks as a live sync, in the same order: a sync of a chat and its batch
+# never interleave. Advisory locks only: the application never waits for them (row locks on the
+# chats, even FOR KEY SHARE, would hold up a `SELECT ... FOR UPDATE` of the previous release for
+# the whole batch). A chat deleted meanwhile fails the batch's foreign key; the batch is then
+# retried, and finds it gone.
 _LOCK = text(
     """
     SELECT pg_advisory_xact_lock(:cls, hashtext(id::text))
     FROM unnest(:ids) AS id ORDER BY hashtext(id::text);
     """
-).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
-_KEY_SHARE = text(
-    "SELECT id FROM copilot_chats WHERE id = ANY(:ids) ORDER BY id FOR KEY SHARE"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
 
 _BATCH = text(
@@ -243,7 +244,6 @@ def _run_batch(engine: Engine, state: State, size: int, lock_timeout_ms: int) ->
             )
             return 0, 0
         connection.execute(_LOCK, {"cls": SYNC_LOCK_CLASS, "ids": ids})
-        connection.execute(_KEY_SHARE, {"ids": ids})
         copied, _ = connection.execute(
             _BATCH, {"ids": ids, "last": ids[-1], "batch": len(ids), "name": NAME}
         ).one()
@@ -302,7 +302,8 @@ def run(engine: Engine, config: Config, *, pause: Callable[[float], None] = time
             chats, _ = _run_batch(engine, state, size, config.lock_timeout_ms)
         except DBAPIError as error:
             failures += 1
-            if not is_retryable(error) or failures > MAX_FAILURES:
+            deleted = isinstance(error.orig, pg_errors.ForeignKeyViolation)
+            if not (is_retryable(error) or deleted) or failures > MAX_FAILURES:
                 raise
             size = max(1, size // 2)
             delay = backoff(failures)

@@ -198,7 +198,7 @@ def test_phase_shows_the_phase_since_when_and_the_gates_of_the_next_step(
     lines = own_db.cli("phase").stdout.strip().splitlines()
     assert "gates to read_table:" in lines
     assert any(line.startswith("  [no] phase held: verify_reads held 6") for line in lines)
-    assert "  [no] clean reconcile: no finished reconcile" in lines
+    assert "  [no] clean reconcile: no finished reconcile of every chat" in lines
     assert "  [ok] no shadow mismatch: 0 shadow-read mismatches since the last reconcile" in lines
     assert lines[-1] == "phase: verify_reads"
 
@@ -249,9 +249,26 @@ def test_read_table_without_any_finished_reconcile_is_refused(own_db: OwnDatabas
     result = own_db.cli("phase", "set", "read_table", **NO_WAIT)
 
     refused(result, "clean reconcile")
-    assert "gate 'clean reconcile' failed: no finished reconcile" in result.stderr
+    assert "gate 'clean reconcile' failed: no finished reconcile of every chat" in result.stderr
     assert "phase held" not in result.stderr and "one step" not in result.stderr
     assert rollout(own_db.engine) == before
+
+
+def test_a_reconcile_of_a_window_does_not_open_the_read_table_gate(own_db: OwnDatabase) -> None:
+    put(own_db.engine, "verify_reads")
+    windowed = own_db.cli("reconcile", "--since", "1 hour")
+    assert windowed.returncode == 0, said(windowed)
+    before = rollout(own_db.engine)
+
+    result = own_db.cli("phase", "set", "read_table", **NO_WAIT)
+
+    refused(result, "clean reconcile")
+    assert "no finished reconcile of every chat" in result.stderr
+    assert rollout(own_db.engine) == before
+    whole = own_db.cli("reconcile")
+    assert whole.returncode == 0, said(whole)
+    moved = own_db.cli("phase", "set", "read_table", **NO_WAIT)
+    assert moved.returncode == 0, said(moved)
 
 
 def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from app.settings import Settings
 from tasks.publish import producer
@@ -316,3 +317,36 @@ def test_table_only_appends_never_wait_for_the_chat_row(  # type: ignore[no-unty
             holder.rollback()
             thread.join(30)
     assert done == [201]
+
+
+def test_table_only_refuses_jsonb_writes_that_the_reverse_sync_would_erase(  # type: ignore[no-untyped-def]
+    api, auth, engine, set_phase
+) -> None:
+    """A script or an old release writing the JSONB in table_only would be acknowledged, then
+    overwritten by the next reverse sync: the write is refused instead, and nothing changes."""
+    chat = api.post("/chats", json={}, headers=auth()).json()["id"]
+    set_phase("table_only")
+    with engine.connect() as connection:
+        before = connection.execute(
+            text("SELECT messages, messages_version FROM copilot_chats WHERE id = :id"),
+            {"id": chat},
+        ).one()
+    with pytest.raises(DBAPIError) as refused, engine.begin() as connection:
+        connection.execute(
+            text(
+                'UPDATE copilot_chats SET messages = messages || \'[{"id": "x"}]\' WHERE id = :id'
+            ),
+            {"id": chat},
+        )
+    assert "read-only in phase table_only" in str(refused.value)
+    with engine.connect() as connection:
+        after = connection.execute(
+            text("SELECT messages, messages_version FROM copilot_chats WHERE id = :id"),
+            {"id": chat},
+        ).one()
+    assert tuple(after) == tuple(before)
+    # The service's own writes go to the rows, and the reverse sync may still write the JSONB.
+    appended = api.post(
+        f"/chats/{chat}/messages", json={"message": element("user")}, headers=auth()
+    )
+    assert appended.status_code == 201, appended.text

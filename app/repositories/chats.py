@@ -110,14 +110,15 @@ def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[
 
 
 def lock_turn(session: Session, chat_id: uuid.UUID, user_id: str) -> TurnState | None:
-    """`SELECT ... FOR UPDATE` on the chat: serializes turn completion with every other writer."""
+    """Lock the chat row as an update would (`FOR NO KEY UPDATE`): serializes turn completion with
+    every other writer, but not with syncs, which hold chats `FOR KEY SHARE` while they copy."""
     row = session.execute(
         text(
             """
             SELECT active_stream_id,
                    CASE WHEN jsonb_typeof(messages) = 'array' THEN messages -> -1 ->> 'id' END
             FROM copilot_chats WHERE id = :id AND user_id = :user_id
-            FOR UPDATE
+            FOR NO KEY UPDATE
             """
         ),
         {"id": chat_id, "user_id": user_id},

@@ -128,14 +128,17 @@ def finish(
     )
 
 
-def last_finished(session: Session) -> Run | None:
-    """The run that finished last; a killed one is left out (its `finished_at` is when a later
-    run found it, not when it stopped)."""
+def last_finished(session: Session, *, whole: bool = False) -> Run | None:
+    """The run that finished last (with `whole`, of those over every chat, no `--since`); a
+    killed one is left out (its `finished_at` is when a later run found it, not when it
+    stopped)."""
     row = session.execute(
         text(
             f"SELECT {_COLUMNS} FROM dualwrite_reconcile_runs WHERE finished_at IS NOT NULL "
-            "AND outcome <> 'killed' ORDER BY finished_at DESC LIMIT 1"
-        )
+            "AND outcome <> 'killed' AND (NOT :whole OR since IS NULL) "
+            "ORDER BY finished_at DESC LIMIT 1"
+        ),
+        {"whole": whole},
     ).one_or_none()
     return Run(*row) if row else None
 

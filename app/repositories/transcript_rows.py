@@ -144,7 +144,18 @@ def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[
 
 
 def _lock_head(session: Session, chat_id: uuid.UUID, user_id: str) -> tuple[int, int] | None:
-    """Lock the chat's head against every other writer of it; (version, next seq)."""
+    """Lock the chat's head against every other writer of it; (version, next seq).
+
+    The chat row first, `FOR KEY SHARE` (what the rows' foreign key takes anyway): a delete
+    locks the chat and then, through the cascade, the head, so taking them in the same order
+    never deadlocks with it. That lock does not conflict with the reverse sync's update of the
+    chat row, so a write still never waits for a rewrite of the JSONB."""
+    owned = session.execute(
+        text("SELECT 1 FROM copilot_chats WHERE id = :id AND user_id = :user_id FOR KEY SHARE"),
+        {"id": chat_id, "user_id": user_id},
+    ).first()
+    if owned is None:
+        return None
     row = session.execute(
         text(
             """

@@ -28,7 +28,7 @@ from app.settings import Phase, Settings
 CATCH_UP_BATCH = 200
 # What may still be behind when the step takes its lock and converges the rest: small enough
 # that the mutations it holds up wait a moment, not a backlog.
-CATCH_UP_LEFT = 50
+CATCH_UP_LEFT = 5
 
 
 class Refused(Exception):
@@ -69,14 +69,15 @@ def gates(session: Session, settings: Settings, state: phase_repo.State, to: Pha
         )
     )
     if to is Phase.READ_TABLE:
-        last = reconcile_runs.last_finished(session)
-        # "ok": a dry run found no drift, or a repair left none (lag is not drift).
+        # Over every chat (a `--since` window proves nothing about the rest). "ok": a dry run
+        # found no drift, or a repair left none (lag is not drift).
+        last = reconcile_runs.last_finished(session, whole=True)
         clean = last is not None and last.outcome == "ok"
         result.append(
             Gate(
                 "clean reconcile",
                 clean,
-                "no finished reconcile"
+                "no finished reconcile of every chat"
                 if last is None
                 else f"last reconcile #{last.id}: {last.outcome}, drift {last.drift}"
                 + ("" if last.dry_run else " (repaired)"),
@@ -145,14 +146,7 @@ def set_phase(
     if catch_up:
         caught_up += _catch_up(factory, progress)
     with transaction(factory) as session:
-        session.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
-        try:
-            locked = phase_repo.for_change(session)
-        except DBAPIError as exc:
-            raise Refused(
-                f"could not lock the phase within {lock_timeout_ms} ms (a long transaction "
-                f"holds it); nothing changed, try again: {exc.orig}"
-            ) from None
+        locked = _lock_for_change(session, lock_timeout_ms)
         if locked.phase is not state.phase or locked.contracted:
             raise Refused(f"the phase changed meanwhile (now {locked.phase.value}); run it again")
         if catch_up:
@@ -169,6 +163,24 @@ def set_phase(
             note="; ".join(f"{g.name}: {g.detail}" for g in failed) if failed else None,
         )
     return Moved(state.phase, to, bool(failed), caught_up, failed)
+
+
+def _lock_for_change(session: Session, lock_timeout_ms: int, attempts: int = 5) -> phase_repo.State:
+    """The phase row `FOR UPDATE`. Mutations and syncs hold it `FOR SHARE` while they run, and a
+    share lock is granted even while an update waits, so a busy system may leave no moment
+    free: each try waits at most `lock_timeout_ms`, in a savepoint, and a few are made."""
+    for attempt in range(attempts):
+        try:
+            with session.begin_nested():
+                session.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
+                return phase_repo.for_change(session)
+        except DBAPIError as exc:
+            if attempt + 1 == attempts:
+                raise Refused(
+                    f"could not lock the phase within {attempts} tries of {lock_timeout_ms} ms "
+                    f"(long transactions hold it); nothing changed, try again: {exc.orig}"
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def _converge_behind(session: Session, *, limit: int | None) -> int:
@@ -218,8 +230,9 @@ def contract(factory: sessionmaker[Session], settings: Settings, *, who: str) ->
             raise Refused("a reconcile holds its lock; wait for it to finish, then contract")
         try:
             with transaction(factory) as session:
+                state = _lock_for_change(session, 5000)
+                # The column goes under ACCESS EXCLUSIVE: every chat read queues behind it.
                 session.execute(text("SET LOCAL lock_timeout = 5000"))
-                state = phase_repo.for_change(session)
                 if state.contracted:
                     raise Refused(f"already contracted at {state.contracted_at:%Y-%m-%d %H:%M}")
                 if state.phase is not Phase.TABLE_ONLY:
@@ -232,8 +245,16 @@ def contract(factory: sessionmaker[Session], settings: Settings, *, who: str) ->
                         f"{settings.contract_min_table_only_seconds:.0f}s required "
                         "(CONTRACT_MIN_TABLE_ONLY_SECONDS)"
                     )
-                for statement in CONTRACT:
-                    session.execute(text(statement))
+                try:
+                    for statement in CONTRACT:
+                        session.execute(text(statement))
+                except DBAPIError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                        raise
+                    raise Refused(
+                        "could not lock copilot_chats within 5 s (long transactions hold it); "
+                        "reads and writes of chats waited meanwhile; try again"
+                    ) from None
                 phase_repo.mark_contracted(session, who=who)
         finally:
             reconcile_runs.unlock(lock)

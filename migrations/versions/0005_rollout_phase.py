@@ -23,6 +23,7 @@ from alembic import op
 from sqlalchemy import text
 
 from app.settings import Settings
+from migrations import online
 
 revision = "0005"
 down_revision = "0004"
@@ -31,12 +32,22 @@ depends_on = None
 
 PHASES = ("jsonb_only", "dual_write", "verify_reads", "read_table", "table_only")
 
+# In `table_only` the rows are the transcript and the JSONB only follows them: a write to it by
+# anyone but the reverse sync (a script, a release that predates the phase) would be overwritten
+# by the next reverse sync, so it is refused rather than acknowledged and lost.
 BUMP_VERSION = """
 CREATE OR REPLACE FUNCTION copilot_chats_bump_version() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF current_setting('dualwrite.reverse_sync', true) = 'on' THEN
         RETURN NEW;  -- the reverse sync sets the version it copied
+    END IF;
+    IF (TG_OP = 'UPDATE' OR NEW.messages IS DISTINCT FROM '[]'::jsonb)
+       AND (SELECT phase FROM dualwrite_phase) = 'table_only' THEN
+        RAISE EXCEPTION 'copilot_chats.messages is read-only in phase table_only'
+            USING ERRCODE = 'read_only_sql_transaction',
+                  HINT = 'The rows of copilot_chat_messages are the transcript: write through '
+                         'the service, or step the phase back to read_table first.';
     END IF;
     IF TG_OP = 'UPDATE' THEN
         NEW.messages_version := OLD.messages_version + 1;
@@ -74,7 +85,7 @@ def upgrade() -> None:
     checks = ", ".join(f"'{p}'" for p in PHASES)
     op.execute(
         f"""
-        CREATE TABLE dualwrite_phase (
+        CREATE TABLE IF NOT EXISTS dualwrite_phase (
             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
             phase text NOT NULL CHECK (phase IN ({checks})),
             since timestamptz NOT NULL DEFAULT now(),
@@ -85,11 +96,12 @@ def upgrade() -> None:
         """
     )
     op.get_bind().execute(
-        text("INSERT INTO dualwrite_phase (phase) VALUES (:phase)"), {"phase": seed}
+        text("INSERT INTO dualwrite_phase (phase) VALUES (:phase) ON CONFLICT DO NOTHING"),
+        {"phase": seed},
     )
     op.execute(
         """
-        CREATE TABLE dualwrite_phase_changes (
+        CREATE TABLE IF NOT EXISTS dualwrite_phase_changes (
             id bigserial PRIMARY KEY,
             at timestamptz NOT NULL DEFAULT now(),
             who text NOT NULL,
@@ -102,7 +114,7 @@ def upgrade() -> None:
     )
     op.execute(
         """
-        CREATE TABLE dualwrite_shadow_mismatches (
+        CREATE TABLE IF NOT EXISTS dualwrite_shadow_mismatches (
             id bigserial PRIMARY KEY,
             at timestamptz NOT NULL DEFAULT now(),
             chat_id uuid NOT NULL,
@@ -111,19 +123,39 @@ def upgrade() -> None:
         """
     )
     op.execute(
-        "CREATE INDEX dualwrite_shadow_mismatches_at_idx ON dualwrite_shadow_mismatches (at)"
+        "CREATE INDEX IF NOT EXISTS dualwrite_shadow_mismatches_at_idx "
+        "ON dualwrite_shadow_mismatches (at)"
     )
-    # Nullable, no default: a catalog-only change.
-    op.execute(
-        "ALTER TABLE copilot_chat_sync_state "
-        "ADD COLUMN IF NOT EXISTS next_seq int, ADD COLUMN IF NOT EXISTS active_stream_id text"
-    )
-    op.execute(BUMP_VERSION)
-    op.execute(MARK_WANTED)
     # Chats a reconcile found merely behind under live traffic: lag, counted apart from drift.
     op.execute(
-        "ALTER TABLE dualwrite_reconcile_runs ADD COLUMN chats_behind int NOT NULL DEFAULT 0"
+        "ALTER TABLE dualwrite_reconcile_runs "
+        "ADD COLUMN IF NOT EXISTS chats_behind int NOT NULL DEFAULT 0"
     )
+    # Every write to a chat writes its sync state (the version trigger), so the DDL on that
+    # table, and on the chats' trigger functions, runs online: each step committed on its own
+    # under `lock_timeout`, retried while its lock is not granted. A rerun after a kill finds
+    # what was done (every statement here is idempotent).
+    settings = Settings()
+    with op.get_context().autocommit_block():
+        engine = op.get_bind().engine
+        for name, statements in (
+            # Nullable, no default: a catalog-only change.
+            (
+                "add the table_only head to copilot_chat_sync_state",
+                [
+                    "ALTER TABLE copilot_chat_sync_state ADD COLUMN IF NOT EXISTS next_seq int, "
+                    "ADD COLUMN IF NOT EXISTS active_stream_id text"
+                ],
+            ),
+            ("the version triggers know the phase", [BUMP_VERSION, MARK_WANTED]),
+        ):
+            online.run_ddl(
+                engine,
+                name,
+                statements,
+                lock_timeout_ms=settings.migration_lock_timeout_ms,
+                attempts=settings.migration_lock_attempts,
+            )
 
 
 def downgrade() -> None:
