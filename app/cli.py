@@ -102,7 +102,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 factory,
                 since=since,
                 dry_run=args.dry_run,
-                batch_size=args.batch_size,
+                batch_size=args.batch_size or get_settings().reconcile_batch_size,
                 trigger="cli",
                 count_first=tty,
                 progress=_progress if tty else None,
@@ -461,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("reconcile", help="repair drift (exit 1 on drift with --dry-run)")
     rec.add_argument("--since", help="only chats changed within this interval, e.g. '7 days'")
     rec.add_argument("--dry-run", action="store_true", help="report drift, change nothing")
-    rec.add_argument("--batch-size", type=positive_int, default=500, help="chats per transaction")
+    rec.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="chats per transaction (default: RECONCILE_BATCH_SIZE, 200)",
+    )
     rec.set_defaults(func=cmd_reconcile)
 
     dead = commands.add_parser("dead-letters", help="list or replay syncs that gave up")

@@ -9,7 +9,7 @@ Targets: (c) <= 1.5 x (a) and (d) <= 2 x (b). Where one is missed (or with --exp
 `EXPLAIN (ANALYZE, BUFFERS)` of one batch of the converge statement goes to bench/out/, beside
 the time per statement kind, to show where the time goes.
 
-    .venv/bin/python -m bench.reconcile [--scale 1.0] [--runs 3] [--batch-size 500]
+    .venv/bin/python -m bench.reconcile [--scale 1.0] [--runs 3] [--batch-size 200]
                                         [--explain] [--quick]
 """
 
@@ -220,7 +220,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="of the reference data set")
     parser.add_argument("--runs", type=int, default=3, help="rounds of (a)-(d)")
-    parser.add_argument("--batch-size", type=int, default=500, help="chats per reconcile batch")
+    parser.add_argument("--batch-size", type=int, default=200, help="chats per reconcile batch")
     parser.add_argument("--explain", action="store_true", help="write the plans even if met")
     parser.add_argument("--quick", action="store_true", help="scale 0.01, one round")
     args = parser.parse_args()
