@@ -39,6 +39,22 @@ _ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
 # chat ever shows as behind. Before it, the JSONB (version 0 for a new chat) follows.
 _FOLLOWED = "(SELECT contracted_at IS NULL FROM dualwrite_phase)"
 
+# A row written again from an element (a replace, or an append bringing back a removed message).
+_ROW_UPDATE = """
+    seq = EXCLUDED.seq, role = EXCLUDED.role, content = EXCLUDED.content,
+    stream_id = EXCLUDED.stream_id, model = EXCLUDED.model, created_at = EXCLUDED.created_at,
+    deleted_at = NULL, updated_at = now(), source_version = EXCLUDED.source_version
+"""
+
+# A write moves the chat's head (`s`) to `:version`: the JSONB is behind it from now on, unless
+# nothing follows the rows any more (after the contract).
+_HEAD_MOVES = f"""
+    wanted_version = :version,
+    applied_version = CASE WHEN {_FOLLOWED} THEN s.applied_version ELSE :version END,
+    dirty_since = CASE WHEN s.applied_version >= s.wanted_version THEN now()
+                       ELSE s.dirty_since END
+"""
+
 
 def _new_head(version: str, rows: str) -> str:
     """The head of a chat just inserted as `c` (a CTE), at `version` with `rows` rows (SQL)."""
@@ -224,24 +240,16 @@ def append(
                 SELECT c.id, :next_seq + (e.ord - 1)::int, :version, {_ROW}
                 FROM c CROSS JOIN LATERAL jsonb_array_elements(CAST(:elements AS jsonb))
                     WITH ORDINALITY AS e(elem, ord)
-                ON CONFLICT (chat_id, message_id) DO UPDATE SET
-                    -- A message removed by a snapshot replace comes back.
-                    seq = EXCLUDED.seq, role = EXCLUDED.role, content = EXCLUDED.content,
-                    stream_id = EXCLUDED.stream_id, model = EXCLUDED.model,
-                    created_at = EXCLUDED.created_at, deleted_at = NULL, updated_at = now(),
-                    source_version = EXCLUDED.source_version
+                -- A message removed by a snapshot replace comes back.
+                ON CONFLICT (chat_id, message_id) DO UPDATE SET {_ROW_UPDATE}
                 WHERE m.deleted_at IS NOT NULL
                 RETURNING 1
             ),
             head AS (
                 UPDATE copilot_chat_sync_state s SET
-                    wanted_version = :version,
-                    applied_version = CASE WHEN {_FOLLOWED} THEN s.applied_version
-                                           ELSE :version END,
+                    {_HEAD_MOVES},
                     next_seq = :next_seq + :count,
-                    active_stream_id = {stream_sql},
-                    dirty_since = CASE WHEN s.applied_version >= s.wanted_version
-                                       THEN now() ELSE s.dirty_since END
+                    active_stream_id = {stream_sql}
                 WHERE s.chat_id = :id AND (SELECT count(*) FROM added) = :count
                 RETURNING s.wanted_version
             )
@@ -288,11 +296,7 @@ def replace_messages(
                     (chat_id, seq, source_version, {_ROW_COLUMNS})
                 SELECT chat_id, seq, :version, {_ROW_COLUMNS} FROM src
                 ORDER BY 1, 2
-                ON CONFLICT (chat_id, message_id) DO UPDATE SET
-                    seq = EXCLUDED.seq, role = EXCLUDED.role, content = EXCLUDED.content,
-                    stream_id = EXCLUDED.stream_id, model = EXCLUDED.model,
-                    created_at = EXCLUDED.created_at, deleted_at = NULL, updated_at = now(),
-                    source_version = EXCLUDED.source_version
+                ON CONFLICT (chat_id, message_id) DO UPDATE SET {_ROW_UPDATE}
                 WHERE m.deleted_at IS NOT NULL OR m.seq <> EXCLUDED.seq
                    OR m.content <> EXCLUDED.content OR m.created_at <> EXCLUDED.created_at
                 RETURNING 1
@@ -306,12 +310,8 @@ def replace_messages(
             ),
             head AS (
                 UPDATE copilot_chat_sync_state s SET
-                    wanted_version = :version,
-                    applied_version = CASE WHEN {_FOLLOWED} THEN s.applied_version
-                                           ELSE :version END,
-                    next_seq = (SELECT count(*) FROM src),
-                    dirty_since = CASE WHEN s.applied_version >= s.wanted_version
-                                       THEN now() ELSE s.dirty_since END
+                    {_HEAD_MOVES},
+                    next_seq = (SELECT count(*) FROM src)
                 WHERE s.chat_id = :id
                   AND (SELECT count(*) FROM upserted) + (SELECT count(*) FROM removed) > 0
                 RETURNING s.wanted_version
