@@ -124,6 +124,11 @@ class Process:
         except subprocess.TimeoutExpired:
             self.kill(timeout)
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to exit; its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
 
 class WorkerProcess(Process):
     """`celery -A tasks worker` on the sync and maintenance queues; `args` go last."""
@@ -142,6 +147,15 @@ class BeatProcess(Process):
         schedule = str(log_path.with_suffix(".schedule"))
         argv = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel=INFO"]
         super().__init__([*argv, "-s", schedule], env, log_path, "beat: Starting")
+
+
+class UpgradeProcess(Process):
+    """`alembic upgrade head` against `url`, `env` added to the environment; `kill` stops it
+    halfway, as a crash would."""
+
+    def __init__(self, url: str, log_path: Path, **env: str) -> None:
+        argv = [sys.executable, "-m", "alembic", "upgrade", "head"]
+        super().__init__(argv, {**os.environ, "DATABASE_URL": url, **env}, log_path)
 
 
 class ApiProcess(Process):
