@@ -21,8 +21,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -74,62 +74,84 @@ def load_chats(http: httpx.Client, messages: int, scale: float) -> str:
     for chat in dataset.chats(dataset.shape(scale)):
         body = {"user_id": chat.user_id, "title": chat.title, "messages": chat.messages}
         http.post("/admin/chats/import", json=body).raise_for_status()
-    rng = random.Random(dataset.SEED)
-    transcript = dataset.transcript(rng, messages, datetime(2026, 1, 1, tzinfo=UTC))
+    transcript = dataset.transcript(
+        random.Random(dataset.SEED), messages, datetime(2026, 1, 1, tzinfo=UTC)
+    )
     body = {"user_id": USER, "title": "cutover", "messages": transcript}
-    response = http.post("/admin/chats/import", json=body)
-    response.raise_for_status()
-    return str(response.json()["id"])
+    return str(http.post("/admin/chats/import", json=body).raise_for_status().json()["id"])
 
 
-def append_series(http: httpx.Client, chat: str, count: int, rng: random.Random) -> list[float]:
-    """`count` user messages appended one after another; seconds per request."""
+def timed(
+    count: int, request: Callable[[], httpx.Response], ok: Callable[[httpx.Response], bool]
+) -> list[float]:
+    """Seconds per `request()`, one after another; every answer must pass `ok`."""
     out = []
     for _ in range(count):
-        body = {"message": dataset.element(rng, "user", datetime.now(UTC))}
         started = time.perf_counter()
-        response = http.post(f"/chats/{chat}/messages", json=body)
+        response = request()
         out.append(time.perf_counter() - started)
-        if response.status_code != 201:
-            raise SystemExit(f"append answered {response.status_code}: {response.text[:300]}")
-    return out
-
-
-def measure_appends(
-    http: httpx.Client, running: infra.Stack, chat: str, count: int, state: str
-) -> tuple[list[float], float]:
-    """Request seconds of `count` appends and the WAL bytes per append, the copies included."""
-    rng = random.Random(state)  # new message ids in each state
-    contracted = state == "contracted"
-    append_series(http, chat, 5, rng)  # warm-up: connections, prepared statements
-    settle(running, contracted)
-    start = infra.scalar(running.url, "SELECT pg_current_wal_lsn()")
-    latencies = append_series(http, chat, count, rng)
-    settle(running, contracted)
-    wal = infra.scalar(running.url, f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')")
-    return latencies, float(wal) / count  # type: ignore[arg-type]
-
-
-def timed_gets(
-    http: httpx.Client, path: str, count: int, ok: Callable[[httpx.Response], bool]
-) -> list[float]:
-    """Seconds per GET of `path`, after 20 unmeasured; every answer must pass `ok`."""
-    out = []
-    for i in range(count + 20):
-        started = time.perf_counter()
-        response = http.get(path)
-        elapsed = time.perf_counter() - started
         if not ok(response):
-            raise SystemExit(f"GET {path} answered {response.status_code}: {response.text[:300]}")
-        if i >= 20:
-            out.append(elapsed)
+            said = f"{response.status_code}: {response.text[:300]}"
+            raise SystemExit(f"{response.request.method} {response.request.url} answered {said}")
     return out
+
+
+def status(code: int) -> Callable[[httpx.Response], bool]:
+    return lambda response: response.status_code == code
 
 
 def served(response: httpx.Response) -> bool:
     """A page of the last 50 messages, served from the table."""
     page = response.json() if response.status_code == 200 else {}
     return len(page.get("messages", [])) == PAGE and page["source"] == "table"
+
+
+def gets(
+    http: httpx.Client, path: str, count: int, ok: Callable[[httpx.Response], bool]
+) -> list[float]:
+    """Seconds per GET of `path`, after 20 unmeasured."""
+    return timed(count + 20, lambda: http.get(path), ok)[20:]
+
+
+def appends(
+    http: httpx.Client, running: infra.Stack, chat: str, count: int, state: str
+) -> tuple[list[float], float]:
+    """Request seconds of `count` appends and the WAL bytes per append, the copies included."""
+    rng, contracted = random.Random(state), state == "contracted"  # new message ids in each state
+
+    def append() -> httpx.Response:
+        body = {"message": dataset.element(rng, "user", datetime.now(UTC))}
+        return http.post(f"/chats/{chat}/messages", json=body)
+
+    timed(5, append, status(201))  # warm-up: connections, prepared statements
+    settle(running, contracted)
+    start = infra.scalar(running.url, "SELECT pg_current_wal_lsn()")
+    seconds = timed(count, append, status(201))
+    settle(running, contracted)
+    wal = infra.scalar(running.url, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (start,))
+    return seconds, float(wal) / count
+
+
+def measure(running: infra.Stack, http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
+    """Load the chats, then move through the states; per state (where measured), the seconds
+    per append, read of the last page and request floor, and the WAL bytes per append."""
+    out: dict[str, Any] = {"appends": {}, "wal": {}, "reads": {}, "floors": {}}
+    chat = load_chats(http, args.messages, args.scale)
+    page = f"/chats/{chat}/messages?limit={PAGE}"
+    # The request path alone: authenticated, one transaction, no chat to read.
+    missing = f"/chats/{uuid.uuid4()}/messages?limit={PAGE}"
+    for state, steps in STEPS.items():
+        for command in steps:
+            cli(running.env, command)
+        if state != "read_table":
+            out["appends"][state], out["wal"][state] = appends(
+                http, running, chat, args.appends, state
+            )
+            out["floors"][state] = gets(http, missing, args.reads, status(404))
+        if state != "dual_write":
+            out["reads"][state] = gets(http, page, args.reads, served)
+    print(f"chats behind after the contract: {infra.scalar(running.url, BEHIND)}", file=sys.stderr)
+    return out
 
 
 def versus(name: str, state: str, base: float, value: float, reference: str) -> list[str]:
@@ -147,51 +169,18 @@ def versus(name: str, state: str, base: float, value: float, reference: str) -> 
     return [*shown, f"<= {target:g}x", infra.verdict(ratio, target)]
 
 
-@dataclass
-class Measured:
-    """Per state: request seconds of the appends, WAL bytes per append, read and floor seconds."""
-
-    appends: dict[str, list[float]] = field(default_factory=dict)
-    wal: dict[str, float] = field(default_factory=dict)
-    reads: dict[str, list[float]] = field(default_factory=dict)
-    floors: dict[str, list[float]] = field(default_factory=dict)
-
-
-def measure(running: infra.Stack, http: httpx.Client, args: argparse.Namespace) -> Measured:
-    """Load the chats, then move through the states, measuring each."""
-    out, env, url = Measured(), running.env, running.url
-    chat = load_chats(http, args.messages, args.scale)
-    page = f"/chats/{chat}/messages?limit={PAGE}"
-    # The request path alone: authenticated, one transaction, no chat to read.
-    missing = f"/chats/{uuid.uuid4()}/messages?limit={PAGE}"
-    for state, steps in STEPS.items():
-        for command in steps:
-            cli(env, command)
-        if state != "read_table":
-            out.appends[state], out.wal[state] = measure_appends(
-                http, running, chat, args.appends, state
-            )
-            out.floors[state] = timed_gets(
-                http, missing, args.reads, lambda r: r.status_code == 404
-            )
-        if state != "dual_write":
-            out.reads[state] = timed_gets(http, page, args.reads, served)
-    print(f"chats behind after the contract: {infra.scalar(url, BEHIND)}", file=sys.stderr)
-    return out
-
-
-def report(measured: Measured, args: argparse.Namespace) -> None:
+def report(measured: dict[str, Any], args: argparse.Namespace) -> None:
     """One table: each figure per state, against its reference state, with the targets."""
 
     def ms(series: dict[str, list[float]], p: float) -> dict[str, float]:
         return {state: infra.percentile(values, p) * 1e3 for state, values in series.items()}
 
     figures = {  # name -> value per state; the first state is the others' reference
-        "append p50 ms": ms(measured.appends, 50),
-        "append p99 ms": ms(measured.appends, 99),
-        "WAL bytes per append": measured.wal,
-        "read last 50 p50 ms": ms(measured.reads, 50),
-        "request floor p50 ms": ms(measured.floors, 50),
+        "append p50 ms": ms(measured["appends"], 50),
+        "append p99 ms": ms(measured["appends"], 99),
+        "WAL bytes per append": measured["wal"],
+        "read last 50 p50 ms": ms(measured["reads"], 50),
+        "request floor p50 ms": ms(measured["floors"], 50),
     }
     rows: list[list[object]] = []
     for name, values in figures.items():

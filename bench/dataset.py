@@ -8,6 +8,7 @@ skewed like production (median 57, max 4,900 messages per chat, ~0.9 KB per mess
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -46,18 +47,13 @@ class Shape:
 
 
 def shape(scale: float = 1.0, seed: int = SEED) -> Shape:
-    """The reference shape, or a smaller one of the same skew (`scale` < 1 for quick runs); the
-    largest chat shrinks with the square root of the scale so that it stays the outlier."""
+    """The reference shape, or a smaller one of the same skew (`scale` < 1, for quick runs): the
+    largest chat shrinks with the square root of the scale, so that it stays the outlier."""
     if scale >= 1.0:
         return Shape(round(CHATS * scale), round(MESSAGES * scale), MEDIAN, MAX, seed)
     chats = max(3, round(CHATS * scale))
-    return Shape(
-        chats,
-        max(chats * 2, round(MESSAGES * scale)),
-        MEDIAN,
-        max(4 * MEDIAN, round(MAX * scale**0.5)),
-        seed,
-    )
+    messages = max(chats * 2, round(MESSAGES * scale))
+    return Shape(chats, messages, MEDIAN, max(4 * MEDIAN, round(MAX * scale**0.5)), seed)
 
 
 def sizes(s: Shape) -> list[int]:
@@ -110,17 +106,9 @@ class Text:
         return self.corpus[start : start + length]
 
 
-_TEXT: dict[int, Text] = {}
-
-
+@functools.cache
 def text_source(seed: int = SEED) -> Text:
-    if seed not in _TEXT:
-        _TEXT[seed] = Text(seed)
-    return _TEXT[seed]
-
-
-def iso(ts: datetime) -> str:
-    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return Text(seed)
 
 
 def element(
@@ -129,15 +117,15 @@ def element(
     """One transcript element, ~0.9 KB on average: user messages short, assistant replies longer,
     some with content blocks and tool calls, as the product writes them."""
     text = text or text_source()
-    if role == "user":
-        content = text.take(rng, min(4_000, max(8, int(rng.lognormvariate(math.log(300), 0.8)))))
-    else:
-        content = text.take(rng, min(12_000, max(8, int(rng.lognormvariate(math.log(700), 0.9)))))
+    typical, sigma, longest = (300, 0.8, 4_000) if role == "user" else (700, 0.9, 12_000)
+    content = text.take(
+        rng, min(longest, max(8, int(rng.lognormvariate(math.log(typical), sigma))))
+    )
     item: dict[str, Any] = {
         "id": f"msg_{rng.getrandbits(64):016x}",
         "role": role,
         "content": content,
-        "timestamp": iso(ts),
+        "timestamp": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
     if role == "assistant":
         item["model"] = rng.choice(MODELS)
@@ -158,12 +146,9 @@ def element(
                 for _ in range(rng.randint(1, 3))
             ]
     elif rng.random() < 0.05:
+        file_id = f"file_{rng.getrandbits(32):08x}"
         item["fileAttachments"] = [
-            {
-                "id": f"file_{rng.getrandbits(32):08x}",
-                "name": "notes.md",
-                "size": rng.randint(1, 10**6),
-            }
+            {"id": file_id, "name": "notes.md", "size": rng.randint(1, 10**6)}
         ]
     return item
 
@@ -216,7 +201,6 @@ def chats(s: Shape) -> Iterator[Chat]:
 class Loaded:
     chats: int
     messages: int
-    json_bytes: int
     seconds: float
 
 
@@ -224,39 +208,27 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def load(database_url: str, s: Shape, *, version: int = 1) -> Loaded:
-    """COPY the data set into `copilot_chats` (revision 0001 or later). At head, every chat gets
-    `messages_version = version`; its sync state is left for the caller (nothing copied yet)."""
+def load(database_url: str, s: Shape) -> Loaded:
+    """COPY the data set into `copilot_chats` (revision 0001 or later; at head every chat at
+    `messages_version` 1, its sync state left to the caller: nothing copied yet)."""
     started = time.perf_counter()
-    total = size = n = 0
+    chats_loaded = messages = 0
     with psycopg.connect(database_url) as connection:
-        has_version = connection.execute(
+        versioned = connection.execute(
             "SELECT 1 FROM information_schema.columns "
             "WHERE table_name = 'copilot_chats' AND column_name = 'messages_version'"
         ).fetchone()
         columns = "id, user_id, title, model, messages, created_at, updated_at"
-        if has_version:
-            columns += ", messages_version"
+        columns += ", messages_version" if versioned else ""
         with connection.cursor().copy(f"COPY copilot_chats ({columns}) FROM STDIN") as copy:
             for chat in chats(s):
-                body = dumps(chat.messages)
-                row: list[Any] = [
-                    chat.id,
-                    chat.user_id,
-                    chat.title,
-                    chat.model,
-                    body,
-                    chat.created_at,
-                    chat.created_at + timedelta(hours=1),
-                ]
-                if has_version:
-                    row.append(version)
-                copy.write_row(row)
-                n += 1
-                total += len(chat.messages)
-                size += len(body.encode())
+                updated = chat.created_at + timedelta(hours=1)
+                row = [chat.id, chat.user_id, chat.title, chat.model, dumps(chat.messages)]
+                copy.write_row([*row, chat.created_at, updated, *([1] if versioned else [])])
+                chats_loaded += 1
+                messages += len(chat.messages)
         connection.execute("ANALYZE copilot_chats")
-    return Loaded(n, total, size, time.perf_counter() - started)
+    return Loaded(chats_loaded, messages, time.perf_counter() - started)
 
 
 def main() -> int:
@@ -268,18 +240,14 @@ def main() -> int:
     args = parser.parse_args()
     s = shape(0.01 if args.quick else args.scale, args.seed)
     counts, size = sizes(s), sum(len(dumps(c.messages).encode()) for c in chats(s))
-    p99 = infra.percentile(counts, 99)
+    spread = (min(counts), statistics.median(counts), infra.percentile(counts, 99), max(counts))
     rows: list[list[Any]] = [
         ["chats", len(counts)],
         ["messages", sum(counts)],
-        [
-            "messages per chat: min, median, p99, max",
-            ", ".join(f"{v:g}" for v in (min(counts), statistics.median(counts), p99, max(counts))),
-        ],
+        ["messages per chat: min, median, p99, max", ", ".join(f"{v:g}" for v in spread)],
         ["JSON bytes total; per message", f"{size:,}; {size / sum(counts):.0f}"],
     ]
     if args.load:
-        infra.services_up()
         with infra.database("cdw_dataset") as url:
             loaded = load(url, s)
             on_disk = infra.scalar(url, "SELECT pg_total_relation_size('copilot_chats')")

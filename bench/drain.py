@@ -14,18 +14,22 @@ publishes coalesce per chat as in production. Writes bench/out/drain_curve{,-qui
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import re
 import sys
-import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from prometheus_client import REGISTRY
 
+from app import schemas
+from app.db import transaction
+from app.jobs import SYNC_MESSAGES, JobQueue, publish_after_commit
+from app.services import chats as chat_service
+from app.services.sync import sync_chats
+from app.settings import Settings
 from bench import dataset, infra
 
 TARGET = 0.5
@@ -36,77 +40,51 @@ ROWS_BEHIND = (
 )
 
 
-def produce(url: str, redis_url: str, chats: int, messages: int, threads: int, seed: int) -> None:
-    """Create `chats` chats, then append `messages` messages to them as inbox pairs from
-    `threads` threads, each in a transaction of its own and published after its commit."""
-    from sqlalchemy import event
-
-    from app import schemas
-    from app.db import make_engine, make_sessionmaker, transaction
-    from app.jobs import JobQueue, publish_after_commit
-    from app.services import chats as chat_service
-    from app.settings import Settings
+def produce(running: infra.Stack, args: argparse.Namespace) -> None:
+    """Create the chats, then append the messages to them as inbox pairs from `args.threads`
+    threads, each pair in a transaction of its own and published after its commit."""
     from tasks.publish import bounded_publisher
 
-    settings = Settings(database_url=url, redis_url=redis_url)
-    engine = make_engine(settings, pool_size=threads)
-
-    @event.listens_for(engine, "connect")
-    def _fast(dbapi_connection: Any, record: Any) -> None:  # setup only: no fsync per commit
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SET synchronous_commit = off")
-        dbapi_connection.commit()
-
-    factory = make_sessionmaker(engine)
+    settings = Settings(database_url=running.url, redis_url=running.broker.url)
     failures: list[str] = []
+    with infra.sessions(running.url, pool_size=args.threads, fsync=False) as factory:
 
-    def unit_of_work(user: str, publish: Any, action: Any) -> Any:
-        queue = JobQueue()
-        with transaction(factory) as session:
-            result = action(chat_service.Context(session, queue, settings, user))
-        publish_after_commit(queue, publish)
-        return result
+        def unit_of_work(user: str, publish: Any, action: Any, *action_args: Any) -> Any:
+            queue = JobQueue()
+            with transaction(factory) as session:
+                result = action(chat_service.Context(session, queue, settings, user), *action_args)
+            publish_after_commit(queue, publish)
+            return result
 
-    def client(index: int, owned: list[uuid.UUID], pairs: int) -> None:
-        publish, rng = bounded_publisher(settings), random.Random(seed * 7919 + index)
-        clock = datetime.now(UTC)
-        try:
-            for n in range(pairs):
-                clock += timedelta(milliseconds=rng.randint(1, 3_000))
-                pair = {role: dataset.element(rng, role, clock) for role in ("user", "assistant")}
-                body = schemas.InboxPair.model_validate(pair)
-                chat = owned[n % len(owned)]
-                unit_of_work(
-                    f"drain-{index}",
-                    publish,
-                    lambda ctx, c=chat, b=body: chat_service.append_inbox_pair(ctx, c, b),
-                )
-        except Exception as exc:
-            failures.append(f"client {index}: {type(exc).__name__}: {exc}")
+        def client(index: int, owned: list[Any], pairs: int) -> None:
+            publish, rng = bounded_publisher(settings), random.Random(args.seed * 7919 + index)
+            clock = datetime.now(UTC)
+            try:
+                for n in range(pairs):
+                    clock += timedelta(milliseconds=rng.randint(1, 3_000))
+                    pair = {
+                        role: dataset.element(rng, role, clock) for role in ("user", "assistant")
+                    }
+                    body = schemas.InboxPair.model_validate(pair)
+                    chat = owned[n % len(owned)]
+                    unit_of_work(
+                        f"drain-{index}", publish, chat_service.append_inbox_pair, chat, body
+                    )
+            except Exception as exc:
+                failures.append(f"client {index}: {type(exc).__name__}: {exc}")
 
-    try:
-        publish = bounded_publisher(settings)
-        new = schemas.CreateChat(title="drain")
+        publish, new, threads = (
+            bounded_publisher(settings),
+            schemas.CreateChat(title="drain"),
+            args.threads,
+        )
         ids = [
-            unit_of_work(
-                f"drain-{i % threads}", publish, lambda ctx: chat_service.create_chat(ctx, new)
-            ).id
-            for i in range(chats)
+            unit_of_work(f"drain-{i % threads}", publish, chat_service.create_chat, new).id
+            for i in range(args.chats)
         ]
-        pairs = messages // 2
-        workers = [
-            threading.Thread(
-                target=client,
-                args=(i, ids[i::threads], pairs // threads + (1 if i < pairs % threads else 0)),
-            )
-            for i in range(threads)
-        ]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-    finally:
-        engine.dispose()
+        pairs = args.messages // 2
+        shares = [pairs // threads + (1 if i < pairs % threads else 0) for i in range(threads)]
+        infra.in_threads(client, [(i, ids[i::threads], shares[i]) for i in range(threads)])
     if failures:
         raise SystemExit("backlog producer failed: " + "; ".join(failures[:3]))
 
@@ -115,14 +93,6 @@ def ceiling(url: str, per_batch: int) -> tuple[list[float], float]:
     """`sync_chats` over every behind chat, `per_batch` chats per transaction, then the copy
     undone (rows emptied, sync state as before) for the worker to do it again. Returns the
     seconds per transaction and the rows/s."""
-    from sqlalchemy import text
-
-    from app.db import make_engine, make_sessionmaker, transaction
-    from app.services.sync import sync_chats
-    from app.settings import Settings
-
-    engine = make_engine(Settings(database_url=url), worker=True, pool_size=1)
-    factory = make_sessionmaker(engine)
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(
             "CREATE TABLE IF NOT EXISTS bench_state AS SELECT * FROM copilot_chat_sync_state"
@@ -134,17 +104,14 @@ def ceiling(url: str, per_batch: int) -> tuple[list[float], float]:
         ).fetchall()
     seconds = []
     began = time.perf_counter()
-    try:
+    with infra.sessions(url, worker=True) as factory:
         for start in range(0, len(behind), per_batch):
             started = time.perf_counter()
             with transaction(factory) as session:
                 sync_chats(session, dict(behind[start : start + per_batch]))
             seconds.append(time.perf_counter() - started)
-        elapsed = time.perf_counter() - began
-        with transaction(factory) as session:
-            rows = session.execute(text("SELECT count(*) FROM copilot_chat_messages")).scalar_one()
-    finally:
-        engine.dispose()
+    elapsed = time.perf_counter() - began
+    rows = infra.scalar(url, "SELECT count(*) FROM copilot_chat_messages")
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("TRUNCATE copilot_chat_messages")
         connection.execute("DELETE FROM copilot_chat_sync_state")
@@ -174,6 +141,33 @@ def drain(running: infra.Stack, expected: int, concurrency: int) -> tuple[list[A
     return [(t, rows, behind) for t, (rows, behind) in curve.samples], ready
 
 
+def measure(running: infra.Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """The backlog produced, the ceilings measured over it, then the drain by the worker."""
+    print(f"backlog: {args.messages:,} messages into {args.chats:,} chats", file=sys.stderr)
+    produce(running, args)
+    published = {
+        key: REGISTRY.get_sample_value(f"dualwrite_{key}_total", {"task": SYNC_MESSAGES}) or 0
+        for key in ("enqueued", "coalesced")
+    }
+    run: dict[str, Any] = {"sent": published["enqueued"], "coalesced": published["coalesced"]}
+    run["queued"] = running.queue()
+    total = "SELECT sum(jsonb_array_length(messages)) FROM copilot_chats"
+    run["expected"] = int(infra.scalar(running.url, total))
+    print("ceiling: sync_chats in this process", file=sys.stderr)
+    per_batch = max(1, round(BATCH_ROWS * args.chats / args.messages))
+    run["ceilings"] = [
+        [f"ceiling: sync_chats, {n} chat(s) per transaction", *ceiling(running.url, n), ref]
+        for n, ref in ((per_batch, "~1,000 rows each"), (1, "as one task would"))
+    ]
+    print("drain: starting the worker", file=sys.stderr)
+    run["samples"], run["ready"] = drain(running, run["expected"], args.concurrency)
+    log = running.processes[-1].log()
+    run["task_seconds"] = [float(s) for s in re.findall(r"succeeded in ([0-9.]+)s", log)]
+    run["outcomes"] = infra.task_outcomes(running.broker.client())
+    run["drift"] = infra.state(running.url)[0]
+    return run
+
+
 def window_rates(samples: list[Any], width: float = 1.0) -> list[float]:
     """Rows/s over consecutive windows of `width` seconds, while rows were being written."""
     begin = next((i for i, (_, r, _) in enumerate(samples) if r > 0), 0)
@@ -187,10 +181,8 @@ def window_rates(samples: list[Any], width: float = 1.0) -> list[float]:
 
 
 def write_curve(samples: list[Any], ready: float, ceiling_rate: float, tag: str) -> None:
-    with (infra.OUT / f"drain_curve{tag}.csv").open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["seconds_since_launch", "rows", "chats_behind"])
-        writer.writerows((round(t, 3), r, b) for t, r, b in samples)
+    rows = [(round(t, 3), r, b) for t, r, b in samples]
+    infra.write_csv(f"drain_curve{tag}.csv", ["seconds_since_launch", "rows", "chats_behind"], rows)
     total = samples[-1][1]
     start = next((t for t, r, _ in samples if r > 0), ready)
 
@@ -269,33 +261,7 @@ def main() -> int:
     if args.quick:
         args.messages, args.chats = 2_000, 50
     with infra.stack("cdw_bench_drain") as running:
-        from prometheus_client import REGISTRY
-
-        from app.jobs import SYNC_MESSAGES
-
-        print(f"backlog: {args.messages:,} messages into {args.chats:,} chats", file=sys.stderr)
-        produce(running.url, running.broker.url, args.chats, args.messages, args.threads, args.seed)
-        run: dict[str, Any] = {
-            key: REGISTRY.get_sample_value(f"dualwrite_{key}_total", {"task": SYNC_MESSAGES}) or 0
-            for key in ("enqueued", "coalesced")
-        }
-        run["sent"] = run.pop("enqueued")
-        run["queued"] = running.queue()
-        run["expected"] = int(
-            infra.scalar(running.url, "SELECT sum(jsonb_array_length(messages)) FROM copilot_chats")
-        )
-        print("ceiling: sync_chats in this process", file=sys.stderr)
-        per_batch = max(1, round(BATCH_ROWS * args.chats / args.messages))
-        run["ceilings"] = [
-            [f"ceiling: sync_chats, {n} chat(s) per transaction", *ceiling(running.url, n), ref]
-            for n, ref in ((per_batch, "~1,000 rows each"), (1, "as one task would"))
-        ]
-        print("drain: starting the worker", file=sys.stderr)
-        run["samples"], run["ready"] = drain(running, run["expected"], args.concurrency)
-        log = running.processes[-1].log()
-        run["task_seconds"] = [float(s) for s in re.findall(r"succeeded in ([0-9.]+)s", log)]
-        run["outcomes"] = infra.task_outcomes(running.broker.client())
-        run["drift"] = infra.state(running.url)[0]
+        run = measure(running, args)
     write_curve(run["samples"], run["ready"], run["ceilings"][0][2], tag)
     report(args, run)
     return 0

@@ -1,8 +1,10 @@
 """What the benches share: a database and a broker of their own with the service's processes
-(launched by `harness.processes`), and the glue of every report: samples, stats, tables."""
+(launched by `harness.processes`), traffic through the API, samples, stats and report tables."""
 
 from __future__ import annotations
 
+import csv
+import itertools
 import os
 import secrets
 import signal
@@ -11,39 +13,31 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import redis
+from sqlalchemy import event
 
-from harness.processes import (
-    ROOT,
-    ApiProcess,
-    BeatProcess,
-    Process,
-    RedisServer,
-    WorkerProcess,
-)
+from app.auth import issue_token
+from app.db import make_engine, make_sessionmaker, transaction
+from app.metrics import WORKER_KEY
+from app.repositories import dead_letters, sync_state
+from app.services.drift import find_drift
+from app.settings import Settings
+from harness.processes import ROOT, ApiProcess, BeatProcess, Process, RedisServer, WorkerProcess
 from harness.processes import wait_until as wait_until
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 OUT = ROOT / "bench" / "out"
 CONTENT_BYTES = 850  # with id, role and timestamp: ~0.9 KB per element
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit, so that `finally` blocks stop what a bench started."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def services_up() -> None:
-    check = subprocess.run([str(ROOT / "scripts" / "services.sh")], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise SystemExit(check.stdout.strip())
 
 
 def admin(sql: str) -> None:
@@ -52,15 +46,24 @@ def admin(sql: str) -> None:
 
 
 @contextmanager
-def database(prefix: str, revision: str = "head") -> Iterator[str]:
-    """A new database built by `alembic upgrade REVISION`; dropped afterwards."""
+def database(prefix: str, revision: str = "head", template: str | None = None) -> Iterator[str]:
+    """A database of the bench's own, built by `alembic upgrade REVISION` or copied from the one
+    at URL `template`, and named in `os.environ` for the service's code run in-process; dropped
+    afterwards. The services must answer; SIGTERM becomes an exit, so `finally` blocks run."""
+    check = subprocess.run([str(ROOT / "scripts" / "services.sh")], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise SystemExit(check.stdout.strip())
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    OUT.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
-    admin(f'CREATE DATABASE "{name}"')
+    copy = f' TEMPLATE "{template.rsplit("/", 1)[1]}"' if template else ""
+    admin(f'CREATE DATABASE "{name}"{copy}')
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    os.environ["DATABASE_URL"] = url
     try:
-        env = {**os.environ, "DATABASE_URL": url}
-        argv = [sys.executable, "-m", "alembic", "upgrade", revision]
-        subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
+        if template is None:
+            argv = [sys.executable, "-m", "alembic", "upgrade", revision]
+            subprocess.run(argv, cwd=ROOT, env=dict(os.environ), check=True, capture_output=True)
         yield url
     finally:
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -71,6 +74,27 @@ def scalar(url: str, sql: str, params: Any = None) -> Any:
         cursor = connection.execute(sql, params)
         row = cursor.fetchone() if cursor.description else None
     return row[0] if row else None
+
+
+@contextmanager
+def sessions(
+    url: str, *, worker: bool = False, pool_size: int = 1, fsync: bool = True
+) -> Iterator[Any]:
+    """A sessionmaker on the service's engine (an API's or, with `worker`, a worker's), disposed
+    afterwards. Without `fsync` its commits do not wait for the disk (the bench's own setup)."""
+    engine = make_engine(Settings(database_url=url), worker=worker, pool_size=pool_size)
+    if not fsync:
+
+        @event.listens_for(engine, "connect")
+        def no_fsync(dbapi_connection: Any, record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET synchronous_commit = off")
+            dbapi_connection.commit()
+
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
 
 
 @dataclass
@@ -91,18 +115,15 @@ class Stack:
         log = OUT / f"{name}-{os.getpid()}.log"
         return self._start(WorkerProcess(self.env, log, f"{name}-{os.getpid()}", *args))
 
-    def api(self, name: str = "api", port: int | None = None) -> ApiProcess:
-        return self._start(ApiProcess(self.env, OUT / f"{name}-{os.getpid()}.log", port))
+    def api(self, name: str = "api") -> ApiProcess:
+        return self._start(ApiProcess(self.env, OUT / f"{name}-{os.getpid()}.log"))
 
     def beat(self) -> BeatProcess:
         return self._start(BeatProcess(self.env, OUT / f"beat-{os.getpid()}.log"))
 
     def headers(self, user: str = "bench", admin: bool = False) -> dict[str, str]:
-        from app.auth import issue_token
-
-        return {
-            "Authorization": f"Bearer {issue_token(self.env['AUTH_SECRET'], user, admin=admin)}"
-        }
+        token = issue_token(self.env["AUTH_SECRET"], user, admin=admin)
+        return {"Authorization": f"Bearer {token}"}
 
     def queue(self) -> int:
         return queue_length(self.broker.client())
@@ -110,49 +131,68 @@ class Stack:
 
 @contextmanager
 def stack(prefix: str, **extra: str) -> Iterator[Stack]:
-    """Services checked, SIGTERM made an exit, a database and a broker of the bench's own; the
-    environment (also in `os.environ`, for the service's code run in-process) points at them."""
-    services_up()
-    exit_on_sigterm()
-    OUT.mkdir(parents=True, exist_ok=True)
-    broker = RedisServer().start()
-    try:
-        with database(prefix) as url:
-            env = {
-                **os.environ,
-                "DATABASE_URL": url,
-                "REDIS_URL": broker.url,
-                "AUTH_SECRET": os.environ.get("AUTH_SECRET") or secrets.token_hex(32),
-                **extra,
-            }
-            os.environ.update(env)
-            running = Stack(url, broker, env)
-            try:
-                yield running
-            finally:
-                for process in reversed(running.processes):
-                    process.stop()
-    finally:
-        broker.stop()
+    """A database and a redis-server of the bench's own; the service's environment (also in
+    `os.environ`), with `extra` settings, points at them."""
+    with database(prefix) as url:
+        broker = RedisServer().start()
+        secret = os.environ.get("AUTH_SECRET") or secrets.token_hex(32)
+        env = {**os.environ, "REDIS_URL": broker.url, "AUTH_SECRET": secret, **extra}
+        os.environ.update(env)
+        running = Stack(url, broker, env)
+        try:
+            yield running
+        finally:
+            for process in reversed(running.processes):
+                process.stop()
+            broker.stop()
 
 
 def message(message_id: str, role: str = "user", size: int = CONTENT_BYTES) -> dict[str, str]:
     """One ~0.9 KB element, timestamped now."""
-    from datetime import UTC, datetime
-
     content = ("lorem ipsum dolor sit amet " * 40)[:size]
     now = datetime.now(UTC).isoformat(timespec="microseconds")
     return {"id": message_id, "role": role, "content": content, "timestamp": now}
 
 
 def create_chats(base: str, headers: dict[str, str], count: int) -> list[str]:
-    import httpx
-
     with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
         return [
             http.post("/chats", json={"title": f"bench {i}"}).raise_for_status().json()["id"]
             for i in range(count)
         ]
+
+
+def in_threads(target: Callable[..., Any], args: Iterable[tuple[Any, ...]]) -> None:
+    """`target(*a)` for each `a` of `args`, each in a thread of its own, until all return."""
+    threads = [threading.Thread(target=target, args=a, daemon=True) for a in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def append_load(
+    base: str, headers: dict[str, str], chats: list[str], count: int, clients: int
+) -> list[float]:
+    """`count` appends of a `message` spread round robin over `chats` by `clients` keep-alive
+    clients, each sending its next as soon as the last answered; seconds per success."""
+    counter, latencies = itertools.count(), []
+
+    def client() -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
+            while (i := next(counter)) < count:
+                body = {"message": message(f"u-{uuid.uuid4().hex}")}
+                started = time.perf_counter()
+                try:
+                    path = f"/chats/{chats[i % len(chats)]}/messages"
+                    created = http.post(path, json=body).status_code == 201
+                except httpx.HTTPError:
+                    created = False
+                if created:
+                    latencies.append(time.perf_counter() - started)
+
+    in_threads(client, [()] * clients)
+    return latencies
 
 
 class Poller:
@@ -183,45 +223,27 @@ class Poller:
         return [value for _, value in self.samples]
 
 
-# Kombu's Redis transport keeps one list per queue and priority step (0 has the bare name).
-_PRIORITY_SEP = "\x06\x16"
-
-
 def queue_length(client: redis.Redis, queue: str = "dualwrite.sync") -> int:
-    """Messages waiting in a queue (not counting those a worker has reserved)."""
+    """Messages waiting in a queue (not those a worker has reserved). Kombu's Redis transport
+    keeps one list per priority step, the bare name for 0."""
     pipe = client.pipeline(transaction=False)
-    for key in [queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))]:
+    for key in [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]:
         pipe.llen(key)
     return int(sum(pipe.execute()))
 
 
 def task_outcomes(client: redis.Redis) -> dict[str, int]:
     """Task executions the workers counted, by "task|outcome"."""
-    from app.metrics import WORKER_KEY
-
-    raw = client.hgetall(WORKER_KEY)
-    return {
-        k.decode().split("|", 1)[1]: int(float(v))
-        for k, v in raw.items()
-        if k.decode().startswith("tasks|")
-    }
+    counted = {k.decode(): v for k, v in client.hgetall(WORKER_KEY).items()}
+    return {k.split("|", 1)[1]: int(float(v)) for k, v in counted.items() if k.startswith("tasks|")}
 
 
 def state(url: str) -> tuple[int, int, int]:
     """(rows of drift, chats behind, open dead letters), by the service's own checkers."""
-    from app.db import make_engine, make_sessionmaker, transaction
-    from app.repositories import dead_letters, sync_state
-    from app.services.drift import find_drift
-    from app.settings import Settings
-
-    engine = make_engine(Settings(database_url=url), pool_size=1)
-    try:
-        with transaction(make_sessionmaker(engine)) as session:
-            drift = sum(c.drift for c in find_drift(session))
-            letters = sum(dead_letters.count_open(session).values())
-            return drift, sync_state.count_behind(session), letters
-    finally:
-        engine.dispose()
+    with sessions(url) as factory, transaction(factory) as session:
+        drift = sum(c.drift for c in find_drift(session))
+        letters = sum(dead_letters.count_open(session).values())
+        return drift, sync_state.count_behind(session), letters
 
 
 def proc_status(pid: int, field: str = "VmRSS") -> int | None:
@@ -299,7 +321,7 @@ STATS = ["n", "min", "p50", "p99", "max", "mean"]
 
 
 def stats(values: list[float], scale: float = 1.0) -> list[Any]:
-    """n, min, p50, p99, max, mean of a sample (multiplied by `scale`), in the order of STATS."""
+    """The STATS of a sample, multiplied by `scale`."""
     if not values:
         return [0, *[float("nan")] * 5]
     shown = [min(values), percentile(values, 50), percentile(values, 99), max(values)]
@@ -332,6 +354,11 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def show(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     print(f"\n{title}\n\n{table(headers, rows)}")
+
+
+def write_csv(name: str, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    with (OUT / name).open("w", newline="") as out:
+        csv.writer(out).writerows([header, *rows])
 
 
 def plot(path: Path, draw: Callable[[Any], None]) -> None:

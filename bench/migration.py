@@ -16,29 +16,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
 from bench import dataset, infra
+from harness.processes import UpgradeProcess
 from migrations.backfill import INLINE
 
 TARGET_WAIT = 1.0
 TARGET_RATIO = 1.3
 REVISION = infra.ROOT / "migrations" / "versions" / "0002_copilot_chat_messages.py"
-
-
-def clone(template: str, name: str) -> str:
-    infra.admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    return f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
 def inline_backfill(url: str) -> float:
@@ -65,55 +59,42 @@ def inline_backfill(url: str) -> float:
     return time.perf_counter() - started
 
 
-class Client:
-    """Appends to random chats with plain SQL, timing every statement."""
+def appending(url: str, during: Callable[[], Any]) -> list[float]:
+    """Seconds of each append a client made to a random chat with plain SQL while `during()`
+    ran."""
+    durations: list[float] = []
+    stop = threading.Event()
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.durations: list[float] = []
-        with psycopg.connect(url) as connection:
-            self.chats = [r[0] for r in connection.execute("SELECT id FROM copilot_chats")]
-
-    def run(self) -> None:
+    def client() -> None:
         rng = random.Random(1)
-        with psycopg.connect(self.url, autocommit=True) as connection:
-            while not self.stop.is_set():
+        with psycopg.connect(url, autocommit=True) as connection:
+            chats = [r[0] for r in connection.execute("SELECT id FROM copilot_chats")]
+            while not stop.is_set():
                 element = json.dumps([{"id": uuid.uuid4().hex, "role": "user", "content": "hi"}])
                 started = time.perf_counter()
                 connection.execute(
                     "UPDATE copilot_chats SET messages = messages || %s::jsonb, "
                     "updated_at = now() WHERE id = %s",
-                    (element, rng.choice(self.chats)),
+                    (element, rng.choice(chats)),
                 )
-                self.durations.append(time.perf_counter() - started)
+                durations.append(time.perf_counter() - started)
                 time.sleep(0.01)
 
-    def measure(self, seconds: float | None, during: subprocess.Popen[bytes] | None) -> list[float]:
-        """Statement durations over `seconds`, or while `during` runs."""
-        start = len(self.durations)
-        thread = threading.Thread(target=self.run)
-        thread.start()
-        if during is not None:
-            during.wait()
-        else:
-            time.sleep(seconds or 0)
-        self.stop.set()
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        during()
+    finally:
+        stop.set()
         thread.join()
-        self.stop.clear()
-        return self.durations[start:]
+    return durations
 
 
-def upgrade(url: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=infra.ROOT,
-            env={**os.environ, "DATABASE_URL": url},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def upgraded(url: str, log: str) -> None:
+    """`alembic upgrade head` run to its end; the run stops if it fails."""
+    process = UpgradeProcess(url, infra.OUT / log).start()
+    if process.wait() != 0:
+        raise SystemExit(process.log())
 
 
 def backfilled(url: str) -> tuple[int, int]:
@@ -124,91 +105,81 @@ def backfilled(url: str) -> tuple[int, int]:
     return (int(done[0]), int(done[1])) if done else (0, 1)
 
 
+def measure(inline_url: str, online_url: str, resume_url: str) -> dict[str, Any]:
+    """(a), (b) with the client's statements before and during it, and (c)."""
+    out: dict[str, Any] = {"inline": inline_backfill(inline_url)}
+    out["before"] = appending(online_url, lambda: time.sleep(3.0))
+    started = time.perf_counter()
+    out["during"] = appending(online_url, lambda: upgraded(online_url, "migration-online.log"))
+    out["online"] = time.perf_counter() - started
+
+    def halfway() -> bool:
+        done, total = backfilled(resume_url)
+        return done >= total / 2
+
+    killed = UpgradeProcess(resume_url, infra.OUT / "migration-killed.log").start()
+    infra.wait_until(halfway, 600, what="the backfill halfway")
+    killed.kill()
+    out["killed at"] = backfilled(resume_url)
+    started = time.perf_counter()
+    upgraded(resume_url, "migration-resumed.log")
+    out["resumed"] = time.perf_counter() - started
+    return out
+
+
+def report(out: dict[str, Any]) -> None:
+    inline, online, during, before = out["inline"], out["online"], out["during"], out["before"]
+    done, total = out["killed at"]
+    rows = [
+        ["(a) inline backfill, one transaction (s)", f"{inline:.1f}", "", "", ""],
+        [
+            "(b) alembic upgrade head, online (s)",
+            f"{online:.1f}",
+            f"{online / inline:.2f}x (a)",
+            f"<= {TARGET_RATIO}x",
+            infra.verdict(online / inline, TARGET_RATIO),
+        ],
+        [
+            "client: longest statement during (b) (s)",
+            f"{max(during):.3f}",
+            f"{max(before):.3f} before",
+            f"<= {TARGET_WAIT}",
+            infra.verdict(max(during), TARGET_WAIT),
+        ],
+        [
+            "client: p99 during (b) (ms)",
+            f"{infra.percentile(during, 99) * 1000:.1f}",
+            f"{infra.percentile(before, 99) * 1000:.1f} before",
+            "",
+            "",
+        ],
+        ["client: statements during (b)", f"{len(during):,}", "", "", ""],
+        [
+            f"(c) resume after a kill at {done:,}/{total:,} chats (s)",
+            f"{out['resumed']:.1f}",
+            f"{out['resumed'] / online:.2f}x (b)",
+            "",
+            "",
+        ],
+    ]
+    print(infra.table(["figure", "value", "reference", "target", "verdict"], rows))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="of the reference data set")
     parser.add_argument("--quick", action="store_true", help="scale 0.01")
     args = parser.parse_args()
-    scale = 0.01 if args.quick else args.scale
-    out = infra.OUT
-    out.mkdir(parents=True, exist_ok=True)
-
-    infra.services_up()
     with infra.database("cdw_bench_migration", revision="0001") as template:
-        loaded = dataset.load(template, dataset.shape(scale))
+        loaded = dataset.load(template, dataset.shape(0.01 if args.quick else args.scale))
         print(f"data set: {loaded.chats:,} chats, {loaded.messages:,} messages (revision 0001)")
-        base = template.rsplit("/", 1)[1]
-        names = [f"{base}_{kind}" for kind in ("inline", "online", "resume")]
-        try:
-            inline_url, online_url, resume_url = (clone(base, name) for name in names)
-            inline = inline_backfill(inline_url)
-
-            client = Client(online_url)
-            before = client.measure(3.0, None)
-            started = time.perf_counter()
-            process = upgrade(online_url, out / "migration-online.log")
-            during = client.measure(None, process)
-            online = time.perf_counter() - started
-            if process.returncode != 0:
-                raise SystemExit((out / "migration-online.log").read_text())
-
-            process = upgrade(resume_url, out / "migration-killed.log")
-
-            def halfway() -> bool:
-                done, total = backfilled(resume_url)
-                return done >= total / 2
-
-            infra.wait_until(halfway, 600, what="the backfill halfway")
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            done, total = backfilled(resume_url)
-            started = time.perf_counter()
-            process = upgrade(resume_url, out / "migration-resumed.log")
-            if process.wait() != 0:
-                raise SystemExit((out / "migration-resumed.log").read_text())
-            resumed = time.perf_counter() - started
-        finally:
-            for name in names:
-                infra.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    longest = max(during)
-    print(
-        infra.table(
-            ["figure", "value", "reference", "target", "verdict"],
-            [
-                ["(a) inline backfill, one transaction (s)", f"{inline:.1f}", "", "", ""],
-                [
-                    "(b) alembic upgrade head, online (s)",
-                    f"{online:.1f}",
-                    f"{online / inline:.2f}x (a)",
-                    f"<= {TARGET_RATIO}x",
-                    infra.verdict(online / inline, TARGET_RATIO),
-                ],
-                [
-                    "client: longest statement during (b) (s)",
-                    f"{longest:.3f}",
-                    f"{max(before):.3f} before",
-                    f"<= {TARGET_WAIT}",
-                    infra.verdict(longest, TARGET_WAIT),
-                ],
-                [
-                    "client: p99 during (b) (ms)",
-                    f"{infra.percentile(during, 99) * 1000:.1f}",
-                    f"{infra.percentile(before, 99) * 1000:.1f} before",
-                    "",
-                    "",
-                ],
-                ["client: statements during (b)", f"{len(during):,}", "", "", ""],
-                [
-                    f"(c) resume after a kill at {done:,}/{total:,} chats (s)",
-                    f"{resumed:.1f}",
-                    f"{resumed / online:.2f}x (b)",
-                    "",
-                    "",
-                ],
-            ],
-        )
-    )
+        with (
+            infra.database("cdw_bench_migration_inline", template=template) as inline_url,
+            infra.database("cdw_bench_migration_online", template=template) as online_url,
+            infra.database("cdw_bench_migration_resume", template=template) as resume_url,
+        ):
+            out = measure(inline_url, online_url, resume_url)
+    report(out)
     return 0
 
 

@@ -17,9 +17,7 @@ import argparse
 import itertools
 import statistics
 import sys
-import threading
-import time
-import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
@@ -33,13 +31,17 @@ PUBLISH_METRICS = {
     'dualwrite_coalesced_total{task="chats.sync_messages"}': "coalesced",
 }
 TARGETS = {"p50": 1.10, "p99": 1.25}
+LATENCY = ["phase", "clients", "runs", "requests", "min", "median p50", "median p99"]
 
 
 @dataclass
 class Measured:
     latencies: list[float]
     cpu: dict[str, float]  # CPU seconds by process group
-    publish: dict[str, float]  # the API's publish counters over the run
+    publish: Counter[str]  # the API's publish counters over the run (0 if never published)
+
+
+Results = dict[tuple[str, int], list[Measured]]  # by phase and number of clients
 
 
 def publish_counters(base: str) -> dict[str, float]:
@@ -52,64 +54,21 @@ def publish_counters(base: str) -> dict[str, float]:
     return found
 
 
-def append_load(
-    base: str, headers: dict[str, str], chats: list[str], n: int, clients: int
-) -> list[float]:
-    """`n` appends spread over `chats` (round robin) by `clients` keep-alive clients, each
-    sending its next request as soon as the previous one answered; seconds per success."""
-    counter, latencies, lock = itertools.count(), [], threading.Lock()
-
-    def client() -> None:
-        mine = []
-        with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
-            while (i := next(counter)) < n:
-                body = {"message": infra.message(f"u-{uuid.uuid4().hex}")}
-                started = time.perf_counter()
-                try:
-                    ok = http.post(
-                        f"/chats/{chats[i % len(chats)]}/messages", json=body
-                    ).status_code
-                except httpx.HTTPError:
-                    ok = 0
-                if ok == 201:
-                    mine.append(time.perf_counter() - started)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return latencies
-
-
 def put_phase(url: str, phase: str) -> None:
     """The phase lives in the database; `no_trigger` is `jsonb_only` without the triggers."""
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as connection:
-        stored = "jsonb_only" if phase == "no_trigger" else phase
-        connection.execute("UPDATE dualwrite_phase SET phase = %s", (stored,))
-        state = "DISABLE" if phase == "no_trigger" else "ENABLE"
-        connection.execute(f"ALTER TABLE copilot_chats {state} TRIGGER USER")
+    stored = "jsonb_only" if phase == "no_trigger" else phase
+    infra.scalar(url, "UPDATE dualwrite_phase SET phase = %s", (stored,))
+    triggers = "DISABLE" if phase == "no_trigger" else "ENABLE"
+    infra.scalar(url, f"ALTER TABLE copilot_chats {triggers} TRIGGER USER")
 
 
-def measure(
-    running: infra.Stack, args: argparse.Namespace
-) -> dict[tuple[str, int], list[Measured]]:
-    """Every phase and number of clients, `args.runs` times, in ABBA order."""
-    concurrencies = [int(c) for c in args.clients.split(",")]
-    results: dict[tuple[str, int], list[Measured]] = {
-        (p, c): [] for p in PHASES for c in concurrencies
-    }
+def measure(running: infra.Stack, args: argparse.Namespace) -> Results:
+    """Every phase and number of clients, `args.runs` times, in ABBA order, each phase on a
+    freshly started and warmed-up API, each measurement on fresh chats and an empty queue."""
+    results: Results = {(p, c): [] for p in PHASES for c in args.clients}
     headers = running.headers()
     running.worker()
     api = None
-
-    def empty() -> None:
-        infra.wait_until(lambda: running.queue() == 0, 120, what="an empty queue")
-
     for run in range(args.runs):
         for phase in PHASES if run % 2 == 0 else PHASES[::-1]:
             if api is not None:
@@ -117,71 +76,51 @@ def measure(
                 running.processes.remove(api)
             put_phase(running.url, phase)
             api = running.api(f"api-{phase}")
-            warm = infra.create_chats(api.base, headers, max(1, min(args.chats, 50)))
-            append_load(api.base, headers, warm, args.warmup, max(concurrencies))
-            for clients in concurrencies:
-                chats = infra.create_chats(api.base, headers, args.chats)
-                empty()
+            base = api.base
+            warm = infra.create_chats(base, headers, max(1, min(args.chats, 50)))
+            infra.append_load(base, headers, warm, args.warmup, max(args.clients))
+            for clients in args.clients:
+                chats = infra.create_chats(base, headers, args.chats)
+                infra.wait_until(lambda: running.queue() == 0, 120, what="an empty queue")
                 meter = infra.CpuMeter(running)
                 meter.start()
-                before = publish_counters(api.base)
-                latencies = append_load(api.base, headers, chats, args.requests, clients)
-                empty()  # rows still being copied belong to this workload's cost too
-                publish = {k: v - before.get(k, 0.0) for k, v in publish_counters(api.base).items()}
+                before = publish_counters(base)
+                latencies = infra.append_load(base, headers, chats, args.requests, clients)
+                # Rows still being copied belong to this workload's cost too.
+                infra.wait_until(lambda: running.queue() == 0, 120, what="an empty queue")
+                after = publish_counters(base)
+                publish = Counter({k: v - before.get(k, 0.0) for k, v in after.items()})
                 results[(phase, clients)].append(Measured(latencies, meter.stop(), publish))
                 _, _, p50, p99, *_ = infra.stats(latencies, 1e3)
-                said = (
-                    f"run {run + 1} {phase:<10} clients={clients}: p50 {p50:.2f}, p99 {p99:.2f} ms"
-                )
-                print(said, file=sys.stderr)
+                said = f"{phase:<10} clients={clients}: p50 {p50:.2f}, p99 {p99:.2f} ms"
+                print(f"run {run + 1} {said}", file=sys.stderr)
     return results
 
 
-def report(results: dict[tuple[str, int], list[Measured]], args: argparse.Namespace) -> None:
+def report(results: Results, args: argparse.Namespace) -> None:
+    groups = sorted({g for runs in results.values() for m in runs for g in m.cpu})
     medians: dict[tuple[str, int], dict[str, float]] = {}
     summary, cpu_rows, publish_rows = [], [], []
-    groups = sorted({g for runs in results.values() for m in runs for g in m.cpu})
     for (phase, clients), runs in results.items():
         per_run = [infra.stats(m.latencies, 1e3) for m in runs]
-        m = medians[(phase, clients)] = {
-            k: statistics.median(s[2 + i] for s in per_run) for i, k in enumerate(TARGETS)
-        }
-        pooled = infra.stats([x for r in runs for x in r.latencies], 1e3)
-        summary.append(
-            [phase, clients, len(runs), pooled[0], pooled[1], m["p50"], m["p99"], *pooled[2:5]]
-        )
-        n = [max(1, len(r.latencies)) for r in runs]
-        cpu = {
-            g: statistics.median(r.cpu.get(g, 0.0) * 1e3 / k for r, k in zip(runs, n, strict=True))
+        m = {k: statistics.median(s[2 + i] for s in per_run) for i, k in enumerate(TARGETS)}
+        medians[(phase, clients)] = m
+        n, low, p50, p99, high, _ = infra.stats([x for r in runs for x in r.latencies], 1e3)
+        summary.append([phase, clients, len(runs), n, low, m["p50"], m["p99"], p50, p99, high])
+        count = [max(1, len(r.latencies)) for r in runs]
+        cpu = [
+            statistics.median(r.cpu.get(g, 0.0) * 1e3 / k for r, k in zip(runs, count, strict=True))
             for g in groups
-        }
-        cpu_rows.append([phase, clients, *cpu.values(), sum(cpu.values())])
-        publish_rows += [
-            [
-                phase,
-                clients,
-                i + 1,
-                r.publish.get("publish seconds", 0.0) * 1e3 / k,
-                int(r.publish.get("tasks sent", 0)),
-                int(r.publish.get("coalesced", 0)),
-            ]
-            for i, (r, k) in enumerate(zip(runs, n, strict=True))
         ]
+        cpu_rows.append([phase, clients, *cpu, sum(cpu)])
+        for i, (r, k) in enumerate(zip(runs, count, strict=True)):
+            p = r.publish
+            published = [p["publish seconds"] * 1e3 / k, int(p["tasks sent"]), int(p["coalesced"])]
+            publish_rows.append([phase, clients, i + 1, *published])
     infra.show(
         f"append latency (ms), {args.requests} requests per run over {args.chats} fresh chats, one "
         "~0.9 KB user message each (median over runs of each run's p50 and p99; pooled)",
-        [
-            "phase",
-            "clients",
-            "runs",
-            "requests",
-            "min",
-            "median p50",
-            "median p99",
-            "pooled p50",
-            "pooled p99",
-            "max",
-        ],
+        [*LATENCY, "pooled p50", "pooled p99", "max"],
         summary,
     )
     infra.show(
@@ -195,20 +134,14 @@ def report(results: dict[tuple[str, int], list[Measured]], args: argparse.Namesp
         ["phase", "clients", "run", "publish ms", "tasks sent", "coalesced"],
         publish_rows,
     )
-    concurrencies = sorted({c for _, c in results})
     trigger, ratios = [], []
-    for clients, key in itertools.product(concurrencies, TARGETS):
+    for clients, key in itertools.product(sorted(args.clients), TARGETS):
         bare, base, dual = (medians[(p, clients)][key] for p in PHASES)
         trigger.append([clients, key, bare, base, base / bare])
-        ratios.append(
-            [
-                f"dual_write / jsonb_only, {clients} client(s), {key}",
-                f"{dual / base:.2f}x",
-                f"dual_write {dual:.3f} ms, jsonb_only {base:.3f} ms",
-                f"<= {TARGETS[key]:.2f}x",
-                infra.verdict(dual / base, TARGETS[key]),
-            ]
-        )
+        figure = f"dual_write / jsonb_only, {clients} client(s), {key}"
+        reference = f"dual_write {dual:.3f} ms, jsonb_only {base:.3f} ms"
+        target, verdict = f"<= {TARGETS[key]:.2f}x", infra.verdict(dual / base, TARGETS[key])
+        ratios.append([figure, f"{dual / base:.2f}x", reference, target, verdict])
     infra.show(
         "the version triggers' cost: jsonb_only / no_trigger (medians over runs)",
         ["clients", "latency", "no_trigger ms", "jsonb_only ms", "ratio"],
@@ -230,6 +163,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.chats, args.runs, args.warmup = 150, 20, 1, 50
+    args.clients = [int(c) for c in args.clients.split(",")]
     with infra.stack("cdw_overhead") as running:
         results = measure(running, args)
     report(results, args)

@@ -16,7 +16,6 @@ the time per statement kind, to show where the time goes.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -24,8 +23,12 @@ from collections import Counter
 from typing import Any
 
 import psycopg
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
+from app.services.reconcile import reconcile
 from bench import dataset, infra
+from migrations.backfill import INLINE
 
 TARGETS = {"c": ("a", 1.5), "d": ("b", 2.0)}
 STEPS = {
@@ -46,11 +49,10 @@ KINDS = (  # statement marker -> what it is, for the time per statement kind
 
 
 class StatementClock:
-    """Time spent in the database per kind of statement, from SQLAlchemy's cursor events."""
+    """Time spent in the database per kind of statement, from SQLAlchemy's cursor events; keeps
+    the last converge statement run, for its plan."""
 
     def __init__(self, engine: Any) -> None:
-        from sqlalchemy import event
-
         self.seconds: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self._started = 0.0
@@ -64,16 +66,19 @@ class StatementClock:
         def after(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
             kind = next((k for marker, k in KINDS if marker in statement), "other")
             if kind == KINDS[0][1] and not statement.startswith("EXPLAIN"):
-                self.converge = (statement, parameters)  # the last batch's, for its plan
+                self.converge = (statement, parameters)
             self.seconds[kind] += time.perf_counter() - self._started
             self.calls[kind] += 1
 
     def rows(self, total: float) -> list[list[Any]]:
+        """The time per kind of the statements since the last call, against `total` seconds."""
         rows: list[list[Any]] = [
             [kind, self.calls[kind], seconds, f"{seconds / total:.0%}"]
             for kind, seconds in self.seconds.most_common()
         ]
         outside = total - sum(self.seconds.values())
+        self.seconds.clear()
+        self.calls.clear()
         return [
             *rows,
             ["outside statements (commits, Python)", "", outside, f"{outside / total:.0%}"],
@@ -95,10 +100,6 @@ def sql(url: str, *statements: str) -> float:
 def run_reconcile(factory: Any, url: str, batch_size: int) -> tuple[float, Any]:
     """The reconcile as `python -m app reconcile` runs it; seconds and its report, or the
     error of a batch past the worker's statement timeout (a result to report, not a crash)."""
-    from sqlalchemy.exc import OperationalError
-
-    from app.services.reconcile import reconcile
-
     infra.scalar(url, "CHECKPOINT")
     started = time.perf_counter()
     try:
@@ -112,8 +113,6 @@ def run_reconcile(factory: Any, url: str, batch_size: int) -> tuple[float, Any]:
 
 def explain(factory: Any, converge: tuple[str, Any], path: Any, clock_rows: list[Any]) -> None:
     """EXPLAIN (ANALYZE, BUFFERS) of a converge statement the reconcile ran, rolled back."""
-    from sqlalchemy import text
-
     statement, parameters = converge
     with factory() as session:
         session.execute(text("SET LOCAL statement_timeout = 0"))  # the slow plan is the one wanted
@@ -131,23 +130,13 @@ def explain(factory: Any, converge: tuple[str, Any], path: Any, clock_rows: list
 
 
 def measure(url: str, args: argparse.Namespace, expected: int) -> dict[str, Any]:
-    """Rounds of (a)-(d); the seconds of each step, the problems seen, and the time per
-    statement kind of the last (c) and (d), with their explains if wanted."""
-    from app.db import make_engine, make_sessionmaker
-    from app.settings import Settings
-    from migrations.backfill import INLINE
-
+    """Rounds of (a)-(d): the seconds of each step, the problems seen, and the time per
+    statement kind of the last (c) and (d), with their plans where a target is missed."""
     truncate = "TRUNCATE copilot_chat_messages, copilot_chat_sync_state"
-    engine = make_engine(Settings(database_url=url), worker=True, pool_size=2)
-    factory, clock = make_sessionmaker(engine), StatementClock(engine)
-    out: dict[str, Any] = {
-        "seconds": {k: [] for k in STEPS},
-        "problems": [],
-        "clocks": {},
-        "converge": {},
-        "failed": Counter(),
-    }
-    try:
+    out: dict[str, Any] = {"seconds": {k: [] for k in STEPS}, "problems": [], "clocks": {}}
+    out["failed"], converge = Counter(), {}
+    with infra.sessions(url, worker=True, pool_size=2) as factory:
+        clock = StatementClock(factory.kw["bind"])
         for run in range(args.runs):
             print(f"round {run + 1} of {args.runs}", file=sys.stderr)
             sql(url, truncate)
@@ -155,12 +144,9 @@ def measure(url: str, args: argparse.Namespace, expected: int) -> dict[str, Any]
             out["seconds"]["b"].append(sql(url, INLINE))
             sql(url, truncate)
             for step in "cd":
-                clock.seconds.clear()
-                clock.calls.clear()
                 seconds, report = run_reconcile(factory, url, args.batch_size)
                 out["seconds"][step].append(seconds)
-                out["clocks"][step] = clock.rows(seconds)
-                out["converge"][step] = clock.converge
+                out["clocks"][step], converge[step] = clock.rows(seconds), clock.converge
                 copied = infra.scalar(url, "SELECT count(*) FROM copilot_chat_messages")
                 if isinstance(report, str):
                     out["failed"][step] += 1
@@ -175,9 +161,7 @@ def measure(url: str, args: argparse.Namespace, expected: int) -> dict[str, Any]
                 if step == "c":
                     sql(url, truncate)
                 path = infra.OUT / f"reconcile-explain-{step}{args.suffix}.txt"
-                explain(factory, out["converge"][step], path, out["clocks"][step])
-    finally:
-        engine.dispose()
+                explain(factory, converge[step], path, out["clocks"][step])
     return out
 
 
@@ -193,8 +177,7 @@ def report(out: dict[str, Any], expected: int, args: argparse.Namespace) -> None
     )
     rows = []
     for step, (ref, target) in TARGETS.items():
-        ratio = median[step] / median[ref]
-        failed = out["failed"][step]
+        ratio, failed = median[step] / median[ref], out["failed"][step]
         outcome = f"MISSED: {failed} run(s) failed" if failed else infra.verdict(ratio, target)
         rows.append(
             [
@@ -227,10 +210,7 @@ def main() -> int:
     if args.quick:
         args.scale, args.runs = 0.01, 1
     args.suffix = "" if args.scale == 1.0 else f"-scale-{args.scale:g}"  # CI keeps real plans
-    infra.services_up()
-    infra.OUT.mkdir(parents=True, exist_ok=True)
     with infra.database("cdw_bench_reconcile") as url:
-        os.environ["DATABASE_URL"] = url
         loaded = dataset.load(url, dataset.shape(args.scale))
         print(f"data set: {loaded.chats:,} chats, {loaded.messages:,} messages", file=sys.stderr)
         out = measure(url, args, loaded.messages)
