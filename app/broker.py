@@ -1,12 +1,11 @@
 """The broker as the API and the CLI see it: a send-only Celery producer with hard time bounds,
-the bounded publisher that coalesces per chat, and what the broker says about its queues and
+the bounded publisher, and what the broker says about its queues and
 workers. Nothing here imports `tasks/`: a producer needs the task names, not the tasks."""
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -15,6 +14,8 @@ from celery import Celery
 from app.jobs import Job
 from app.settings import Settings
 from app.task_names import Queue
+
+log = logging.getLogger(__name__)
 
 
 def producer(settings: Settings) -> Celery:
@@ -34,9 +35,8 @@ def producer(settings: Settings) -> Celery:
     return app
 
 
-def pending_key(coalesce_key: str) -> str:
-    """Set while a coalescing job waits in the queue; its task deletes it when it starts."""
-    return f"dualwrite:pending:{coalesce_key}"
+# Called with the chats whose queued marks belong to jobs that could not be sent.
+Release = Callable[[list[str]], None]
 
 
 class BoundedPublisher:
@@ -45,23 +45,18 @@ class BoundedPublisher:
     callers go through `app.publisher.BackgroundPublisher` (the API),
     `app.jobs.publish_after_commit` or `publish_many_after_commit`, which count and log instead.
 
-    A job with a coalesce key is sent only if no job with that key is waiting: one `SET NX` on
-    the broker's Redis decides. The marker expires after `coalesce_ttl_seconds` (plus the job's
-    countdown), so a task lost with its marker still set holds its chat back no longer than
-    that: the sweep sends it again.
+    Coalescing is decided before a job gets here, by the statement that recorded it (see
+    `app.repositories.sync_state.QUEUE_MARK`): every job given is sent. A job that cannot be
+    sent has its chat's queued mark released through `release`, if given, so that the chat's
+    next write sends a sync again instead of waiting for the sweep.
 
-    Build one per process and keep it: it owns a producer app with its connection pool and a
-    Redis client for the markers.
+    Build one per process and keep it: it owns a producer app with its connection pool.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, release: Release | None = None) -> None:
         self.settings = settings
+        self.release = release
         self.app = producer(settings)
-        self.markers = redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=settings.publish_connect_timeout_seconds,
-            socket_timeout=settings.publish_socket_timeout_seconds,
-        )
         self.policy: dict[str, Any] = {
             "max_retries": settings.publish_max_retries,
             "interval_start": 0,
@@ -69,88 +64,56 @@ class BoundedPublisher:
             "interval_max": settings.publish_retry_interval_seconds,
         }
 
-    def __call__(self, job: Job) -> bool:
-        """Send one job; True if sent, False if coalesced. Raises on failure."""
+    def __call__(self, job: Job) -> None:
+        """Send one job. Raises on failure."""
         (outcome,) = self.many([job])
-        if isinstance(outcome, Exception):
+        if outcome is not None:
             raise outcome
-        return outcome
 
-    def many(self, jobs: Sequence[Job]) -> list[bool | Exception]:
-        """Send jobs in bulk: one pipelined round trip sets every marker, then the sends share
-        one producer and its connection. One outcome per job, in order (see
-        `app.jobs.UnsafePublishMany`).
+    def many(self, jobs: Sequence[Job]) -> list[Exception | None]:
+        """Send jobs in bulk through one producer and its connection. One outcome per job, in
+        order (see `app.jobs.UnsafePublishMany`).
 
         The first failed send ends the batch: the broker is most likely unreachable, and each
-        further send would wait out its own timeouts. The jobs not sent have their markers
-        released, so that the next change or the next sweep sends them.
+        further send would wait out its own timeouts.
         """
-        outcomes: list[bool | Exception] = [True] * len(jobs)
-        keyed = [i for i, job in enumerate(jobs) if job.coalesce_key is not None]
-        if keyed:
-            try:
-                pipe = self.markers.pipeline(transaction=False)
-                for i in keyed:
-                    pipe.set(
-                        pending_key(str(jobs[i].coalesce_key)),
-                        1,
-                        nx=True,
-                        # A delayed job waits in the broker: its marker must outlive the wait.
-                        ex=self.settings.coalesce_ttl_seconds + math.ceil(jobs[i].countdown or 0),
-                    )
-                claimed = pipe.execute()
-            except redis.RedisError as exc:
-                for i in keyed:
-                    outcomes[i] = exc
-            else:
-                for i, won in zip(keyed, claimed, strict=True):
-                    # A key twice in one batch: the second finds the first's marker.
-                    outcomes[i] = bool(won)
-        todo = [i for i, outcome in enumerate(outcomes) if outcome is True]
+        outcomes: list[Exception | None] = [None] * len(jobs)
         failed: Exception | None = None
-        sent: set[int] = set()
-        if todo:
-            try:
-                with self.app.producer_or_acquire() as connection:
-                    for i in todo:
-                        if failed is not None:
-                            outcomes[i] = failed
-                            continue
-                        try:
-                            self.app.send_task(
-                                jobs[i].task,
-                                args=jobs[i].args,
-                                countdown=jobs[i].countdown,
-                                producer=connection,
-                                retry=True,
-                                retry_policy=self.policy,
-                                add_to_parent=False,
-                            )
-                        except Exception as exc:
-                            failed = outcomes[i] = exc
-                        else:
-                            sent.add(i)
-            except Exception as exc:  # acquiring (or releasing) the producer failed
-                failed = exc
-                for i in todo:
-                    if i not in sent:
-                        outcomes[i] = exc
+        sent = 0
+        try:
+            with self.app.producer_or_acquire() as connection:
+                for i, job in enumerate(jobs):
+                    self.app.send_task(
+                        job.task,
+                        args=job.args,
+                        countdown=job.countdown,
+                        producer=connection,
+                        retry=True,
+                        retry_policy=self.policy,
+                        add_to_parent=False,
+                    )
+                    sent = i + 1
+        except Exception as exc:  # a send, or acquiring (or releasing) the producer, failed
+            failed = exc
         if failed is not None:
-            self._release([jobs[i] for i in todo if isinstance(outcomes[i], Exception)])
+            outcomes[sent:] = [failed] * (len(jobs) - sent)
+            self._release(jobs[sent:])
         return outcomes
 
     def _release(self, jobs: Sequence[Job]) -> None:
-        # Without this, a marker would hold back every later change of its chat as "coalesced"
-        # until it expires, hiding the failure.
-        keys = [pending_key(job.coalesce_key) for job in jobs if job.coalesce_key is not None]
-        if keys:
-            with contextlib.suppress(redis.RedisError):
-                self.markers.delete(*keys)
+        # Without this, a mark would hold back every later change of its chat as "coalesced"
+        # until the sweep takes it (`COALESCE_TTL_SECONDS`), hiding the failure.
+        chats = [job.queued for job in jobs if job.queued is not None]
+        if chats and self.release is not None:
+            try:
+                self.release(chats)
+            except Exception as exc:  # the sweep takes the chats after the bound
+                log.warning("could not release the queued marks of %d chats: %s", len(chats), exc)
 
 
-def bounded_publisher(settings: Settings) -> BoundedPublisher:
+def bounded_publisher(settings: Settings, release: Release | None = None) -> BoundedPublisher:
     """A publisher with these settings' bounds (see `BoundedPublisher`)."""
-    return BoundedPublisher(settings)
+    return BoundedPublisher(settings, release)
 
 
 # kombu's Redis transport keeps a queue as a list per priority step, and messages taken but not

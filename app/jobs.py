@@ -25,25 +25,25 @@ log = logging.getLogger(__name__)
 class Job:
     task: str
     args: tuple[Any, ...]
-    # Jobs with the same key coalesce: while one is waiting in the queue, another is not sent
-    # (the waiting one will read the newest JSONB when it runs).
-    coalesce_key: str | None = None
+    # The chat whose queued mark this job holds (`copilot_chat_sync_state.queued_since`, set by
+    # the statement that recorded the job): released if the job cannot be sent, so that the
+    # chat's next write sends one again.
+    queued: str | None = None
     # Seconds the broker holds the task before a worker runs it (`send_task(countdown=...)`).
     # Keep it well below the broker's visibility timeout: a worker holds a delayed task unacked
     # until it is due, and one held past the timeout is delivered a second time.
     countdown: float | None = None
 
 
-# Sends one job to the broker, unless it coalesces with one already waiting (returns False
-# then). May block up to the broker's timeouts and may raise: unsafe to call inside a
-# transaction or without catching; `publish_after_commit` (the CLI's) is the only caller.
-UnsafePublish = Callable[[Job], bool]
+# Sends one job to the broker. May block up to the broker's timeouts and may raise: unsafe to
+# call inside a transaction or without catching; `publish_after_commit` (the CLI's) is the only
+# caller.
+UnsafePublish = Callable[[Job], None]
 
-# Sends many jobs at once (the sweep): one outcome per job, in order: True sent, False coalesced
-# with a waiting one, or the exception that kept it from being sent. Unsafe like `UnsafePublish`;
-# `publish_many_after_commit` (the sweep's) and `app.publisher.BackgroundPublisher` (the API's)
-# are the only callers.
-UnsafePublishMany = Callable[[Sequence[Job]], Sequence[bool | Exception]]
+# Sends many jobs at once: one outcome per job, in order: None if sent, else the exception that
+# kept it from being sent. Unsafe like `UnsafePublish`; `publish_many_after_commit` (the
+# sweep's) and `app.publisher.BackgroundPublisher` (the API's) are the only callers.
+UnsafePublishMany = Callable[[Sequence[Job]], Sequence[Exception | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,6 @@ class Published:
     """What became of the jobs of one bulk publish."""
 
     sent: int = 0
-    coalesced: int = 0
     failed: int = 0
 
 
@@ -68,12 +67,12 @@ class JobQueue:
         self,
         task: str,
         *args: Any,
-        coalesce_key: str | None = None,
+        queued: str | None = None,
         countdown: float | None = None,
     ) -> None:
         if self.enabled:
             wait = countdown if countdown is not None else self.delay
-            self.jobs.append(Job(task, args, coalesce_key, wait))
+            self.jobs.append(Job(task, args, queued, wait))
 
     def clear(self) -> None:
         self.jobs.clear()
@@ -85,13 +84,13 @@ def publish_after_commit(queue: JobQueue, publish_unsafe: UnsafePublish) -> int:
     started = time.perf_counter()
     for job in queue.jobs:
         try:
-            sent = publish_unsafe(job)
+            publish_unsafe(job)
         except Exception as exc:  # any broker failure: the sweep repairs the chat
             failures += 1
             metrics.ENQUEUE_FAILURES.labels(job.task).inc()
             log.warning("enqueue of %s%r failed: %s", job.task, job.args, exc)
         else:
-            (metrics.ENQUEUED if sent else metrics.COALESCED).labels(job.task).inc()
+            metrics.ENQUEUED.labels(job.task).inc()
     if queue.jobs:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
     queue.clear()
@@ -107,7 +106,7 @@ def publish_many_after_commit(queue: JobQueue, publish_many: UnsafePublishMany) 
     if not jobs:
         return Published()
     try:
-        outcomes = list(publish_many(jobs))
+        outcomes: list[Exception | None] = list(publish_many(jobs))
     except Exception as exc:  # any broker failure: the next sweep tries again
         outcomes = [exc] * len(jobs)
     published, first_error = count_outcomes(jobs, outcomes)
@@ -125,21 +124,18 @@ def publish_many_after_commit(queue: JobQueue, publish_many: UnsafePublishMany) 
 
 
 def count_outcomes(
-    jobs: Sequence[Job], outcomes: Sequence[bool | Exception]
+    jobs: Sequence[Job], outcomes: Sequence[Exception | None]
 ) -> tuple[Published, tuple[Job, Exception] | None]:
     """Count each job's outcome in the publish metrics; returns the totals and the first
     failure, for the caller to log as it sees fit."""
-    sent = coalesced = failed = 0
+    sent = failed = 0
     first_error: tuple[Job, Exception] | None = None
     for job, outcome in zip(jobs, outcomes, strict=True):
-        if isinstance(outcome, Exception):
-            failed += 1
-            metrics.ENQUEUE_FAILURES.labels(job.task).inc()
-            first_error = first_error or (job, outcome)
-        elif outcome:
+        if outcome is None:
             sent += 1
             metrics.ENQUEUED.labels(job.task).inc()
         else:
-            coalesced += 1
-            metrics.COALESCED.labels(job.task).inc()
-    return Published(sent=sent, coalesced=coalesced, failed=failed), first_error
+            failed += 1
+            metrics.ENQUEUE_FAILURES.labels(job.task).inc()
+            first_error = first_error or (job, outcome)
+    return Published(sent=sent, failed=failed), first_error

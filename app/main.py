@@ -22,7 +22,7 @@ from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
 from app.jobs import UnsafePublishMany
 from app.publisher import background_publisher
-from app.services import status
+from app.services import status, sync
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def create_app(
     settings = settings or get_settings()
     settings.signing_secret  # noqa: B018 - refuse to start without a real secret
     engine = make_engine(settings)
-    publisher = background_publisher(settings, send_many)
+    factory = make_sessionmaker(engine)
+    publisher = background_publisher(settings, send_many, release=sync.releaser(factory))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -129,7 +130,7 @@ def create_app(
     api = FastAPI(title="chat-dualwrite", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings
     api.state.engine = engine
-    api.state.sessionmaker = make_sessionmaker(engine)
+    api.state.sessionmaker = factory
     api.state.publisher = publisher
     api.include_router(router)
 

@@ -38,7 +38,7 @@ COALESCED = Counter(
 )
 PUBLISH_SECONDS = Histogram(
     "dualwrite_publish_seconds",
-    "Time the API's background publisher spent sending one batch of jobs (markers and sends).",
+    "Time the API's background publisher spent sending one batch of jobs.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 SHADOW_READS = Counter(

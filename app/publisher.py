@@ -3,11 +3,12 @@ thread per process, in batches, off the requests' path.
 
 A request hands its jobs over (`submit`: an append to a bounded buffer) and its response goes
 out without waiting for the broker. The thread takes up to `publish_batch_size` jobs at a time
-and sends them with one call of the bounded publisher (`app.broker.BoundedPublisher.many`: one
-pipelined round trip for the coalescing markers, then the sends through one producer
-connection). Nothing here ever blocks or fails a request: a full buffer drops the jobs it cannot
-hold, a broker that is down fails the batch, and both are counted and logged once per burst.
-The sweep repairs those chats: the commit already recorded them as behind in their sync state.
+and sends them with one call of the bounded publisher (`app.broker.BoundedPublisher.many`: the
+sends through one producer connection). Nothing here ever blocks or fails a request: a full
+buffer drops the jobs it cannot hold, a broker that is down fails the batch, and both are
+counted and logged once per burst. The sweep repairs those chats: the commit already recorded
+them as behind in their sync state, and the thread releases their queued marks so that their
+next write sends a sync again.
 
 Not Starlette's background tasks: those run on the request's connection, so on a kept-alive
 connection the next request waits for them.
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from app import metrics
-from app.broker import BoundedPublisher
+from app.broker import BoundedPublisher, Release
 from app.jobs import Job, UnsafePublishMany, count_outcomes
 from app.settings import Settings
 
@@ -43,11 +44,13 @@ class BackgroundPublisher:
         self,
         send_many: UnsafePublishMany,
         *,
+        release: Release | None = None,
         buffer_size: int,
         batch_size: int,
         drain_seconds: float,
     ) -> None:
         self._send_many = send_many
+        self._release = release
         self.buffer_size = buffer_size
         self.batch_size = batch_size
         self.drain_seconds = drain_seconds
@@ -59,6 +62,9 @@ class BackgroundPublisher:
         self._wake = threading.Condition(self._lock)
         self._buffer: deque[Job] = deque()
         self._in_flight: list[Job] = []
+        # Chats whose jobs were dropped for a full buffer: their queued marks are released by
+        # the thread (off the request), so that their next write sends a sync again.
+        self._unsent: list[str] = []
         self._thread: threading.Thread | None = None
         self._closing = False
         self._deadline = 0.0
@@ -101,8 +107,8 @@ class BackgroundPublisher:
             else:
                 room = max(self.buffer_size - len(self._buffer), 0)
                 self._buffer.extend(jobs[:room])
-                if room:
-                    self._wake.notify()
+                self._unsent.extend(job.queued for job in jobs[room:] if job.queued is not None)
+                self._wake.notify()
                 dropped, reason = len(jobs) - min(room, len(jobs)), "buffer_full"
                 first = dropped > 0 and self._full_burst == 0
                 if dropped:
@@ -153,16 +159,23 @@ class BackgroundPublisher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._buffer and not self._closing:
+                while not self._buffer and not self._unsent and not self._closing:
                     self._wake.wait()
-                if not self._buffer or (self._closing and time.monotonic() >= self._deadline):
+                if self._closing and (not self._buffer or time.monotonic() >= self._deadline):
                     return  # `close` counts whatever is left
                 batch = [
                     self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))
                 ]
                 self._in_flight = batch
+                unsent, self._unsent = self._unsent, []
+            if unsent and self._release is not None:
+                try:
+                    self._release(unsent)
+                except Exception as exc:  # the sweep takes them after `COALESCE_TTL_SECONDS`
+                    log.warning("publish: could not release %d queued marks: %s", len(unsent), exc)
             try:
-                self._send(batch)
+                if batch:
+                    self._send(batch)
             except Exception:  # a bug here must not stop the publishing of later jobs
                 log.exception("publish: batch of %d jobs failed unexpectedly", len(batch))
                 with self._lock:
@@ -173,7 +186,7 @@ class BackgroundPublisher:
     def _send(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         try:
-            outcomes: Sequence[bool | Exception] = list(self._send_many(batch))
+            outcomes: Sequence[Exception | None] = list(self._send_many(batch))
         except Exception as exc:  # any broker failure: the sweep repairs the chats
             outcomes = [exc] * len(batch)
         with self._lock:
@@ -204,14 +217,19 @@ class BackgroundPublisher:
 
 
 def background_publisher(
-    settings: Settings, send_many: UnsafePublishMany | None = None
+    settings: Settings,
+    send_many: UnsafePublishMany | None = None,
+    *,
+    release: Release | None = None,
 ) -> BackgroundPublisher:
     """The API's publisher with these settings' bounds, sending through `send_many` (by
-    default a `BoundedPublisher` of these settings)."""
+    default a `BoundedPublisher` of these settings, releasing the queued marks of what it
+    could not send through `release`)."""
     if send_many is None:
-        send_many = BoundedPublisher(settings).many
+        send_many = BoundedPublisher(settings, release).many
     return BackgroundPublisher(
         send_many,
+        release=release,
         buffer_size=settings.publish_buffer_size,
         batch_size=settings.publish_batch_size,
         drain_seconds=settings.publish_drain_seconds,

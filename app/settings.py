@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     publish_max_retries: int = Field(default=1, ge=0)
     publish_retry_interval_seconds: float = Field(default=0.05, ge=0)
     # While a sync of a chat waits in the queue, further changes of that chat send no new task.
-    # The marker expires after this, so a task lost with its worker (its message stays unacked
+    # A queued mark older than this no longer counts, so a task lost with its worker (unacked
     # until the visibility timeout) delays its chat at most this long: the sweep resends it.
     coalesce_ttl_seconds: int = Field(default=120, gt=0)
     # Producers' task-sent events (Flower's "sent" state); they double the cost of a send.

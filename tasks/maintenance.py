@@ -21,36 +21,39 @@ log = logging.getLogger(__name__)
 def sweep() -> dict[str, int]:
     """Enqueue a whole-chat sync for every chat behind for longer than the grace period.
 
-    Each sync is coalesced with the chat's marker like a handler's: a chat whose sync still
-    waits in the queue is not sent again every minute, so a backlog does not grow with every
-    sweep. A chat whose task was lost with its marker set is sent again once the marker expires
-    (`COALESCE_TTL_SECONDS`), which bounds the delay. All markers go in one round trip and all
-    sends through one producer, kept by this process from one sweep to the next.
+    A chat whose sync still waits in the queue (its queued mark is set) is not sent again every
+    minute, so a backlog does not grow with every sweep; one whose mark is older than
+    `COALESCE_TTL_SECONDS` (a task lost with its worker) is sent again. The sweep marks the
+    chats it sends in the statement that finds them, and sends them all through one producer,
+    kept by this process from one sweep to the next.
     """
     settings = get_settings()
     jobs = JobQueue()
     with worker_transaction() as session:
-        behind = sync.sweep(
+        due = sync.sweep(
             session,
             grace=timedelta(seconds=settings.sweep_grace_seconds),
+            ttl=timedelta(seconds=settings.coalesce_ttl_seconds),
             limit=settings.sweep_batch_size,
         )
-    for chat in behind:
-        key = str(chat.chat_id)
-        jobs.enqueue(SYNC_CHAT, key, chat.wanted_version, coalesce_key=key)
+    for chat in due:
+        if chat.send:
+            key = str(chat.chat_id)
+            jobs.enqueue(SYNC_CHAT, key, chat.wanted_version, queued=key)
     published = publish_many_after_commit(jobs, process_publisher().many)
-    if behind:
+    coalesced = len(due) - published.sent - published.failed
+    if due:
         log.info(
             "sweep: %d chats behind, %d sent, %d coalesced (a sync already waits), %d failed",
-            len(behind),
+            len(due),
             published.sent,
-            published.coalesced,
+            coalesced,
             published.failed,
         )
     return {
-        "behind": len(behind),
+        "behind": len(due),
         "sent": published.sent,
-        "coalesced": published.coalesced,
+        "coalesced": coalesced,
         "failed": published.failed,
     }
 

@@ -22,8 +22,7 @@ import redis
 from celery import Task
 
 from app import metrics
-from app.broker import pending_key
-from app.repositories import dead_letters
+from app.repositories import dead_letters, sync_state
 from app.retry import RetryPolicy
 from app.services import sync
 from app.settings import get_settings
@@ -39,32 +38,37 @@ METRICS = metrics.WorkerMetrics(broker_redis)
 DELIVERY_KEY = "dualwrite:deliveries:{task_id}:{attempt}"
 
 
-def _start_delivery(task_id: str, attempt: int, chat_id: str) -> int:
-    """Count this start of this attempt of this task, and let new changes of the chat send a
-    task again (from here on, this one reads the JSONB after them). One round trip."""
+def _count_delivery(task_id: str, attempt: int) -> int:
+    """Count this start of this attempt of this task. One round trip."""
     key = DELIVERY_KEY.format(task_id=task_id, attempt=attempt)
     try:
         pipe = broker_redis().pipeline(transaction=False)
-        pipe.delete(pending_key(chat_id))
         pipe.incr(key)
         pipe.expire(key, SETTINGS.broker_visibility_timeout_seconds * 2)
-        _, count, _ = pipe.execute()
+        count, _ = pipe.execute()
         return int(count)
     except redis.RedisError as exc:  # the count is a guard, not a reason to drop the task
         log.warning("could not count delivery of %s: %s", task_id, exc)
         return 1
 
 
-def _hold_chat(chat_id: str, countdown: float) -> None:
-    """Mark the chat as waiting in the queue again while its retry waits for its countdown, so
-    that neither its handlers nor the sweep send another sync meanwhile (each would fail the
-    same way and start a retry chain of its own)."""
+def _unqueue(chat: uuid.UUID) -> None:
+    """Let new changes of the chat send a sync again: from here on, this one reads them
+    (`sync_state.clear_queued`, committed before the sync reads anything). If this fails, the
+    sync fails the same way and is retried."""
+    with worker_transaction() as session:
+        sync_state.clear_queued(session, [chat])
+
+
+def _hold_chat(chat: uuid.UUID, countdown: float) -> None:
+    """Mark the chat as queued again while its retry waits for its countdown, so that neither
+    its handlers nor the sweep send another sync meanwhile (each would fail the same way and
+    start a retry chain of its own)."""
     try:
-        broker_redis().set(
-            pending_key(chat_id), 1, ex=int(countdown) + SETTINGS.coalesce_ttl_seconds
-        )
-    except redis.RedisError as exc:  # at worst a duplicate sync, which changes nothing
-        log.warning("could not mark %s as waiting for its retry: %s", chat_id, exc)
+        with worker_transaction() as session:
+            sync_state.hold_queued(session, chat, seconds=countdown)
+    except Exception as exc:  # at worst a duplicate sync, which changes nothing
+        log.warning("could not mark %s as waiting for its retry: %s", chat, exc)
 
 
 def _dead_letter(
@@ -118,13 +122,14 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
         log.error("dropping %s%r: arguments are not (chat id, version)", task.name, args)
         METRICS.task(task.name, "malformed")
         return
-    deliveries = _start_delivery(request.id or "", request.retries, str(chat))
+    deliveries = _count_delivery(request.id or "", request.retries)
     if deliveries > SETTINGS.max_redeliveries + 1:
         error = f"delivered {deliveries} times, its worker lost each time before it finished"
         log.error("%s%r: %s", task.name, args, error)
         _dead_letter(task, chat, args, dead_letters.Reason.WORKER_LOST, error, deliveries - 1)
         return
     try:
+        _unqueue(chat)
         report = _sync(task, chat, version, batch=request.retries == 0)
     except Exception as error:
         retries = request.retries
@@ -139,7 +144,7 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
                 error,
             )
             countdown = POLICY.countdown(retries)
-            _hold_chat(str(chat), countdown)
+            _hold_chat(chat, countdown)
             raise task.retry(exc=error, countdown=countdown) from error
         reason = POLICY.describe(error, retries)
         if POLICY.timed_out_again(error, retries):

@@ -98,9 +98,15 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
         with ThreadPoolExecutor(10) as pool:
             results = list(pool.map(post, range(100)))
         # The background publisher tries every job while the fault lasts: each one fails, and
-        # is counted and absorbed.
-        wait_until(lambda: failures._value.get() - failures_before == 100, timeout=60)
-        assert fault_api.app.state.publisher.pending() == 0
+        # is counted and absorbed. A write whose chat's sync was marked queued by an earlier
+        # write sends none; each failed job releases its mark, so every chat sends at least one.
+        wait_until(lambda: fault_api.app.state.publisher.pending() == 0, timeout=60)
+        assert 10 <= failures._value.get() - failures_before <= 100
+        with engine.connect() as connection:
+            marked = connection.execute(
+                text("SELECT count(*) FROM copilot_chat_sync_state WHERE queued_since IS NOT NULL")
+            ).scalar_one()
+        assert marked == 0  # nothing holds back the chats' next writes
     finally:
         if fault == "stopped":
             broker.start()
@@ -111,7 +117,6 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
     assert [status for status, _ in results] == [201] * 100
     slowest = max(seconds for _, seconds in results)
     assert slowest < bound + 0.5, f"a request took {slowest:.2f}s, publish bound {bound:.2f}s"
-    assert failures._value.get() - failures_before == 100
 
     run_sweep(broker)
     wait_converged(engine, chats, timeout=60)

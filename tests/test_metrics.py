@@ -243,7 +243,7 @@ def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: 
         # Sweeps come and go; the chat stays behind, and so does its age.
         for _ in range(2):
             with transaction(sessionmaker) as session:
-                swept = sync.sweep(session, grace=timedelta(0), limit=100)
+                swept = sync.sweep(session, grace=timedelta(0), ttl=timedelta(minutes=2), limit=100)
             assert [b.chat_id for b in swept] == [stalled]
         second = value(scrape(api), "dualwrite_oldest_behind_seconds")
         assert second is not None and second >= first

@@ -1,5 +1,5 @@
 """Publishing after commit: the API's background publisher (off the request's path, bounded
-buffer, batches, shutdown), coalescing per chat, counted failures, the time bound."""
+buffer, batches, shutdown), released marks, counted failures, the time bound."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import signal
 import threading
 import time
 
-import fakeredis
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -38,14 +36,10 @@ from tests.test_handlers import message, new_chat
 
 @pytest.fixture()
 def memory_publisher(monkeypatch):  # type: ignore[no-untyped-def]
-    """The real publisher over kombu's in-memory transport and a fake Redis for its markers."""
-    server = fakeredis.FakeServer()
-    monkeypatch.setattr(
-        redis.Redis,
-        "from_url",
-        classmethod(lambda cls, *a, **k: fakeredis.FakeRedis(server=server)),
-    )
+    """The real publisher over kombu's in-memory transport, recording what it sends and which
+    chats' queued marks it releases."""
     sent: list[tuple[str, tuple[object, ...]]] = []
+    released: list[str] = []
     real_producer = app_broker.producer
 
     def recording_producer(settings: Settings):  # type: ignore[no-untyped-def]
@@ -54,34 +48,21 @@ def memory_publisher(monkeypatch):  # type: ignore[no-untyped-def]
         return app
 
     monkeypatch.setattr(app_broker, "producer", recording_producer)
-    return app_broker.bounded_publisher(Settings(redis_url="memory://")), sent, server
+    publisher = app_broker.bounded_publisher(Settings(redis_url="memory://"), released.extend)
+    return publisher, sent, released
 
 
-def test_jobs_of_one_chat_coalesce_until_its_task_starts(memory_publisher) -> None:  # type: ignore[no-untyped-def]
-    publisher, sent, server = memory_publisher
+def test_every_job_given_is_sent(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+    # Coalescing happens before: in the statement that recorded the job (see test_sync).
+    publisher, sent, released = memory_publisher
     queue = JobQueue()
-    for version in (1, 2, 3):
-        queue.enqueue(SYNC_MESSAGES, "chat-a", ["m"], version, coalesce_key="chat-a")
-    queue.enqueue(SYNC_MESSAGES, "chat-b", ["m"], 1, coalesce_key="chat-b")
-    before = metrics.COALESCED.labels(SYNC_MESSAGES)._value.get()
+    queue.enqueue(SYNC_CHAT, "chat-a", 1, queued="chat-a")
+    queue.enqueue(SYNC_CHAT, "chat-a", 2)
+    before = metrics.ENQUEUED.labels(SYNC_CHAT)._value.get()
     assert publish_after_commit(queue, publisher) == 0
-    assert sent == [(SYNC_MESSAGES, ("chat-a", ["m"], 1)), (SYNC_MESSAGES, ("chat-b", ["m"], 1))]
-    assert metrics.COALESCED.labels(SYNC_MESSAGES)._value.get() - before == 2
-
-    # The task deletes the marker when it starts; the next change sends a task again.
-    fakeredis.FakeRedis(server=server).delete(app_broker.pending_key("chat-a"))
-    queue.enqueue(SYNC_MESSAGES, "chat-a", ["m"], 4, coalesce_key="chat-a")
-    publish_after_commit(queue, publisher)
-    assert sent[-1] == (SYNC_MESSAGES, ("chat-a", ["m"], 4))
-
-
-def test_jobs_without_a_key_are_always_sent(memory_publisher) -> None:  # type: ignore[no-untyped-def]
-    publisher, sent, _ = memory_publisher
-    queue = JobQueue()
-    queue.enqueue(SYNC_CHAT, "chat-a", 1)
-    queue.enqueue(SYNC_CHAT, "chat-a", 1)
-    publish_after_commit(queue, publisher)
-    assert len(sent) == 2
+    assert sent == [(SYNC_CHAT, ("chat-a", 1)), (SYNC_CHAT, ("chat-a", 2))]
+    assert metrics.ENQUEUED.labels(SYNC_CHAT)._value.get() - before == 2
+    assert released == []
 
 
 def test_a_disabled_queue_records_nothing() -> None:
@@ -105,7 +86,7 @@ def test_a_failing_publish_is_counted_not_raised() -> None:
 def test_publish_to_a_dead_port_gives_up_within_its_bound(settings) -> None:  # type: ignore[no-untyped-def]
     publisher = app_broker.bounded_publisher(Settings(redis_url="redis://127.0.0.1:1/0"))
     queue = JobQueue()
-    queue.enqueue(SYNC_CHAT, "chat-a", 1, coalesce_key="chat-a")
+    queue.enqueue(SYNC_CHAT, "chat-a", 1, queued="chat-a")
     started = time.perf_counter()
     assert publish_after_commit(queue, publisher) == 1
     assert time.perf_counter() - started < 1.0
@@ -130,7 +111,7 @@ def test_appends_while_a_task_waits_send_no_new_task(
 
 
 def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory_publisher) -> None:  # type: ignore[no-untyped-def]
-    _, _, server = memory_publisher  # its fake Redis holds the markers
+    _, _, released = memory_publisher
     real_producer = app_broker.producer
 
     def refusing_producer(settings: Settings):  # type: ignore[no-untyped-def]
@@ -143,55 +124,35 @@ def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory
         return app
 
     monkeypatch.setattr(app_broker, "producer", refusing_producer)
-    failing = app_broker.bounded_publisher(Settings(redis_url="memory://"))
+    failing = app_broker.bounded_publisher(Settings(redis_url="memory://"), released.extend)
     queue = JobQueue()
-    queue.enqueue(SYNC_MESSAGES, "chat-f", ["m"], 1, coalesce_key="chat-f")
-    assert publish_after_commit(queue, failing) == 1
-    # The marker is gone, so the next change is sent (or fails) rather than held back.
-    assert fakeredis.FakeRedis(server=server).get(app_broker.pending_key("chat-f")) is None
+    queue.enqueue(SYNC_MESSAGES, "chat-f", ["m"], 1, queued="chat-f")
+    queue.enqueue(SYNC_CHAT, "chat-g", 1)  # holds no mark: nothing to release
+    assert publish_after_commit(queue, failing) == 2
+    # The mark is released, so the next change is sent (or fails) rather than held back.
+    assert released == ["chat-f"]
 
 
-def test_a_bulk_publish_sets_all_markers_in_one_round_trip_and_sends_through_one_producer(
-    memory_publisher,
-) -> None:  # type: ignore[no-untyped-def]
+def test_a_bulk_publish_sends_through_one_producer(memory_publisher) -> None:  # type: ignore[no-untyped-def]
     publisher, sent, _ = memory_publisher
-    round_trips, acquired = [], []
-    pipeline, acquire = publisher.markers.pipeline, publisher.app.producer_or_acquire
-
-    def counting_pipeline(*args, **kwargs):  # type: ignore[no-untyped-def]
-        pipe = pipeline(*args, **kwargs)
-        execute = pipe.execute
-        pipe.execute = lambda: round_trips.append(1) or execute()
-        return pipe
+    acquired = []
+    acquire = publisher.app.producer_or_acquire
 
     def counting_acquire(*args, **kwargs):  # type: ignore[no-untyped-def]
         acquired.append(1)
         return acquire(*args, **kwargs)
 
-    publisher.markers.pipeline = counting_pipeline
     publisher.app.producer_or_acquire = counting_acquire
-    jobs = [
-        Job(SYNC_CHAT, ("chat-a", 1), "chat-a"),
-        Job(SYNC_CHAT, ("chat-b", 1), "chat-b"),
-        Job(SYNC_CHAT, ("chat-a", 2), "chat-a"),  # the same chat twice in one batch
-        Job(SYNC_CHAT, ("chat-c", 1)),  # no key: always sent
-    ]
-    assert publisher.many(jobs) == [True, True, False, True]
-    assert sent == [
-        (SYNC_CHAT, ("chat-a", 1)),
-        (SYNC_CHAT, ("chat-b", 1)),
-        (SYNC_CHAT, ("chat-c", 1)),
-    ]
-    assert (len(round_trips), len(acquired)) == (1, 1)
-    # Their syncs still wait: a second sweep sends nothing for the same chats.
-    assert publisher.many(jobs[:2]) == [False, False]
-    assert len(sent) == 3
+    jobs = [Job(SYNC_CHAT, (f"chat-{n}", 1), f"chat-{n}") for n in range(3)]
+    assert publisher.many(jobs) == [None, None, None]
+    assert sent == [(SYNC_CHAT, (f"chat-{n}", 1)) for n in range(3)]
+    assert len(acquired) == 1
 
 
 def test_a_bulk_publish_stops_at_the_first_failed_send_and_releases_those_not_sent(
     memory_publisher,
 ) -> None:  # type: ignore[no-untyped-def]
-    publisher, _, server = memory_publisher
+    publisher, _, released = memory_publisher
     attempts: list[str] = []
 
     def flaky(name, args, **kwargs):  # type: ignore[no-untyped-def]
@@ -202,25 +163,23 @@ def test_a_bulk_publish_stops_at_the_first_failed_send_and_releases_those_not_se
     publisher.app.send_task = flaky
     jobs = [Job(SYNC_CHAT, (f"chat-{n}", 1), f"chat-{n}") for n in range(4)]
     outcomes = publisher.many(jobs)
-    assert outcomes[0] is True
+    assert outcomes[0] is None
     assert all(isinstance(o, ConnectionError) for o in outcomes[1:])
     assert attempts == ["chat-0", "chat-1"]  # no timeout waited out per remaining job
-    markers = fakeredis.FakeRedis(server=server)
-    assert markers.get(app_broker.pending_key("chat-0")) is not None  # its task waits
-    assert [markers.get(app_broker.pending_key(f"chat-{n}")) for n in (1, 2, 3)] == [None] * 3
+    assert released == ["chat-1", "chat-2", "chat-3"]  # chat-0's task waits: its mark stays
 
 
 def test_a_bulk_publish_counts_each_outcome_and_never_raises() -> None:
     queue = JobQueue()
     for chat in ("chat-a", "chat-b", "chat-c"):
-        queue.enqueue(SYNC_CHAT, chat, 1, coalesce_key=chat)
+        queue.enqueue(SYNC_CHAT, chat, 1, queued=chat)
     before = {
         counter: counter.labels(SYNC_CHAT)._value.get()
-        for counter in (metrics.ENQUEUED, metrics.COALESCED, metrics.ENQUEUE_FAILURES)
+        for counter in (metrics.ENQUEUED, metrics.ENQUEUE_FAILURES)
     }
-    report = publish_many_after_commit(queue, lambda jobs: [True, False, ConnectionError("x")])
-    assert report == Published(sent=1, coalesced=1, failed=1)
-    assert [c.labels(SYNC_CHAT)._value.get() - v for c, v in before.items()] == [1, 1, 1]
+    report = publish_many_after_commit(queue, lambda jobs: [None, None, ConnectionError("x")])
+    assert report == Published(sent=2, failed=1)
+    assert [c.labels(SYNC_CHAT)._value.get() - v for c, v in before.items()] == [2, 1]
     assert queue.jobs == []
 
     def down(jobs):  # type: ignore[no-untyped-def]
@@ -237,20 +196,16 @@ def test_the_sweep_reuses_one_publisher_per_process() -> None:
     assert first.app is sweep_publisher.process_publisher().app
 
 
-def test_a_countdown_is_passed_to_the_send_and_its_marker_outlives_it(memory_publisher) -> None:  # type: ignore[no-untyped-def]
-    publisher, _, server = memory_publisher
+def test_a_countdown_is_passed_to_the_send(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+    publisher, _, _ = memory_publisher
     options: list[dict[str, object]] = []
     publisher.app.send_task = lambda name, args, **kwargs: options.append(kwargs)
     queue = JobQueue()
-    queue.enqueue(SYNC_CHAT, "chat-d", 1, coalesce_key="chat-d", countdown=90.5)
-    queue.enqueue(SYNC_CHAT, "chat-e", 1, coalesce_key="chat-e")
+    queue.enqueue(SYNC_CHAT, "chat-d", 1, queued="chat-d", countdown=90.5)
+    queue.enqueue(SYNC_CHAT, "chat-e", 1, queued="chat-e")
     assert queue.jobs[0] == Job(SYNC_CHAT, ("chat-d", 1), "chat-d", 90.5)
     assert publish_after_commit(queue, publisher) == 0
     assert [o["countdown"] for o in options] == [90.5, None]
-    markers = fakeredis.FakeRedis(server=server)
-    ttl = publisher.settings.coalesce_ttl_seconds
-    assert markers.ttl(app_broker.pending_key("chat-d")) == ttl + 91
-    assert markers.ttl(app_broker.pending_key("chat-e")) == ttl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,16 +261,18 @@ def test_the_response_is_sent_while_the_publish_is_blocked(
     app = create_app(settings, send_many=gate)
     try:
         with TestClient(app) as client:
-            chat = new_chat(client, auth)
+            chat, other = new_chat(client, auth), new_chat(client, auth)
             append(client, auth, chat)
             wait_until(gate.entered.is_set, timeout=10)
             # The publisher is stuck in its send; requests go on answering.
-            append(client, auth, chat)
+            append(client, auth, other)
+            append(client, auth, chat)  # its chat's sync is queued already: nothing to send
             assert gate.batches == []
             assert app.state.publisher.pending() == 2
-            assert behind(engine, [chat]) == [chat]
+            assert behind(engine, [chat, other]) == sorted([chat, other])
             gate.released.set()
             converged(chat)
+            converged(other)
             assert app.state.publisher.pending() == 0
             assert sum(len(batch) for batch in gate.batches) == 2
     finally:
@@ -424,20 +381,8 @@ def test_shutdown_with_a_hung_broker_returns_within_its_bound_and_counts_the_dro
     assert dropped("shutdown") - before == 4
 
 
-def test_jobs_buffered_during_a_send_go_out_in_batches_with_one_marker_round_trip_each(
-    memory_publisher,
-) -> None:  # type: ignore[no-untyped-def]
+def test_jobs_buffered_during_a_send_go_out_in_batches(memory_publisher) -> None:  # type: ignore[no-untyped-def]
     bounded, sent, _ = memory_publisher
-    round_trips: list[int] = []
-    pipeline = bounded.markers.pipeline
-
-    def counting_pipeline(*args, **kwargs):  # type: ignore[no-untyped-def]
-        pipe = pipeline(*args, **kwargs)
-        execute = pipe.execute
-        pipe.execute = lambda: round_trips.append(len(pipe.command_stack)) or execute()
-        return pipe
-
-    bounded.markers.pipeline = counting_pipeline
     gate = Gate(bounded.many)
     background = BackgroundPublisher(gate, buffer_size=100, batch_size=25, drain_seconds=5)
     try:
@@ -451,7 +396,6 @@ def test_jobs_buffered_during_a_send_go_out_in_batches_with_one_marker_round_tri
         gate.released.set()
         background.close()
     assert [len(batch) for batch in gate.batches] == [1, 25, 15]
-    assert round_trips == [1, 25, 15]  # one pipelined round trip per batch
     assert [args[0] for _, args in sent] == ["chat-first", *(f"chat-{n}" for n in range(40))]
 
 
@@ -462,7 +406,7 @@ def test_a_failing_broker_is_counted_per_job_and_logged_once_per_burst(caplog) -
     def send(jobs):  # type: ignore[no-untyped-def]
         if down.is_set():
             raise ConnectionError("broker down")
-        return [True] * len(jobs)
+        return [None] * len(jobs)
 
     background = BackgroundPublisher(send, buffer_size=100, batch_size=10, drain_seconds=5)
     failures = metrics.ENQUEUE_FAILURES.labels(SYNC_CHAT)

@@ -759,7 +759,7 @@ def test_a_chat_held_past_the_lock_timeout_is_dead_lettered_and_the_run_goes_on(
 def sweep_claims(session: Any) -> list[Any]:
     from app.services import sync
 
-    return sync.sweep(session, grace=timedelta(0), limit=1000)
+    return sync.sweep(session, grace=timedelta(0), ttl=timedelta(0), limit=1000)
 
 
 def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ from app.repositories import sync_state
 from app.services import sync
 from app.settings import Settings
 from tasks.maintenance import SWEEP
-from tasks.publish import pending_key, producer
+from tasks.publish import producer
 from tasks.queues import Queue
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
 from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
@@ -41,11 +41,14 @@ def build_history(sessionmaker) -> tuple[uuid.UUID, list[tuple[str, tuple[object
         )
         cid = chat.id
         v = chats_repo.append(session, cid, "u", [element("a"), element("b")])
-        tasks.append((SYNC_MESSAGES, (str(cid), ["a", "b"], v)))
+        assert v is not None
+        tasks.append((SYNC_MESSAGES, (str(cid), ["a", "b"], v.version)))
         v = chats_repo.replace_messages(session, cid, "u", [element("a", "edited"), element("c")])
-        tasks.append((SYNC_CHAT, (str(cid), v)))
+        assert v is not None
+        tasks.append((SYNC_CHAT, (str(cid), v.version)))
         v = chats_repo.append(session, cid, "u", [element("d")])
-        tasks.append((SYNC_MESSAGES, (str(cid), ["d"], v)))
+        assert v is not None
+        tasks.append((SYNC_MESSAGES, (str(cid), ["d"], v.version)))
     return cid, tasks
 
 
@@ -242,21 +245,41 @@ def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-unty
         worker.stop()
     # Each task released its chat when it started: nothing is behind, nothing is held.
     assert sweep_once(broker, sweeper) == {"behind": 0, "sent": 0, "coalesced": 0, "failed": 0}
-    assert broker.client().keys(pending_key("*")) == []
+    assert queued_marks(engine) == 0
 
 
-def test_a_chat_whose_task_was_lost_is_sent_again_once_its_marker_expires(  # type: ignore[no-untyped-def]
+def queued_marks(engine) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM copilot_chat_sync_state WHERE queued_since IS NOT NULL")
+            ).scalar_one()
+        )
+
+
+def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(  # type: ignore[no-untyped-def]
     broker, hooks, sessionmaker, engine, sweeper, clean
 ) -> None:
     (chat,) = behind_chats(sessionmaker, 1)
-    # What a publish leaves behind when its task is then lost (a flushed or evicted queue): the
-    # marker, and nothing in the queue.
-    marker = pending_key(str(chat))
-    broker.client().set(marker, 1, ex=2)
+    ttl = Settings().coalesce_ttl_seconds
+
+    def mark(age: float) -> None:
+        # What a publish leaves behind when its task is then lost (a flushed or evicted
+        # queue): the chat marked queued `age` seconds ago, and nothing in the queue.
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE copilot_chat_sync_state "
+                    "SET queued_since = now() - make_interval(secs => :age) WHERE chat_id = :id"
+                ),
+                {"age": age, "id": chat},
+            )
+
+    mark(ttl - 30)
     assert sweep_once(broker, sweeper) == {"behind": 1, "sent": 0, "coalesced": 1, "failed": 0}
     assert broker.client().llen(Queue.SYNC.value) == 0
 
-    wait_until(lambda: not broker.client().exists(marker), timeout=10)
+    mark(ttl + 1)
     assert sweep_once(broker, sweeper) == {"behind": 1, "sent": 1, "coalesced": 0, "failed": 0}
     worker = start_worker(broker, hooks, "lost-task")
     try:
@@ -275,12 +298,16 @@ def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, cle
             ),
             {"ids": [str(c) for c in chats]},
         )
+    sends = []
     for _ in range(2):
         with transaction(sessionmaker) as session:
-            behind = sync.sweep(session, grace=timedelta(seconds=30), limit=2)
-        assert len(behind) == 2 and {b.chat_id for b in behind} <= set(chats)
+            due = sync.sweep(session, grace=timedelta(seconds=30), ttl=timedelta(hours=1), limit=2)
+        assert len(due) == 2 and {d.chat_id for d in due} <= set(chats)
+        sends.append([d.send for d in due])
         with transaction(sessionmaker) as session:
             assert sync_state.oldest_behind_seconds(session) >= 600
+    # The first sweep marked what it sends; the second finds those marks (and sends nothing).
+    assert sends == [[True, True], [False, False]]
 
 
 # ---------------------------------------------------------------------------------------------

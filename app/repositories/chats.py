@@ -19,6 +19,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
+from app.repositories.sync_state import QUEUE_MARK, QUEUE_SEND, Written
+
 _CHAT_COLUMNS = (
     "id, user_id, workflow_id, title, model, messages_version, active_stream_id, "
     "created_at, updated_at"
@@ -132,10 +134,12 @@ def append(
     user_id: str,
     elements: list[dict[str, Any]],
     *,
+    queue: bool = False,
     set_active_stream: str | None = None,
     clear_active_stream: bool = False,
-) -> int | None:
-    """Append elements unless one of their ids is already in the array; the new version or None.
+) -> Written | None:
+    """Append elements unless one of their ids is already in the array; the new version (and
+    whether to send its sync: `queue` and none waits, see `sync_state.QUEUE_MARK`) or None.
 
     The id check is in the `UPDATE`'s own `WHERE`, so two concurrent retries of the same append
     serialize on the row lock and the second sees the first's element.
@@ -151,42 +155,61 @@ def append(
         "user_id": user_id,
         "elements": _jsonb(elements),
         "stream": set_active_stream,
+        "queue": queue,
     }
     for i, element in enumerate(elements):
         params[f"probe{i}"] = _jsonb([{"id": element["id"]}])
-    version: int | None = session.execute(
-        text(
-            f"""
-            UPDATE copilot_chats SET
-                messages = CASE WHEN jsonb_typeof(messages) = 'array' THEN messages
-                                ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
-                active_stream_id = {stream_sql},
-                updated_at = now()
-            WHERE id = :id AND user_id = :user_id AND NOT ({probes})
-            RETURNING messages_version
-            """
-        ),
+    return _written(
+        session,
+        f"""
+        UPDATE copilot_chats SET
+            messages = CASE WHEN jsonb_typeof(messages) = 'array' THEN messages
+                            ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
+            active_stream_id = {stream_sql},
+            updated_at = now()
+        WHERE id = :id AND user_id = :user_id AND NOT ({probes})
+        RETURNING id, messages_version
+        """,
         params,
-    ).scalar_one_or_none()
-    return version
+    )
 
 
 def replace_messages(
-    session: Session, chat_id: uuid.UUID, user_id: str, messages: list[dict[str, Any]]
-) -> int | None:
-    """Replace the whole array; the new version, or None when the chat is absent or unchanged."""
-    version: int | None = session.execute(
+    session: Session,
+    chat_id: uuid.UUID,
+    user_id: str,
+    messages: list[dict[str, Any]],
+    *,
+    queue: bool = False,
+) -> Written | None:
+    """Replace the whole array; the new version (as `append`), or None when the chat is absent
+    or unchanged."""
+    return _written(
+        session,
+        """
+        UPDATE copilot_chats SET messages = CAST(:messages AS jsonb), updated_at = now()
+        WHERE id = :id AND user_id = :user_id
+          AND messages IS DISTINCT FROM CAST(:messages AS jsonb)
+        RETURNING id, messages_version
+        """,
+        {"id": chat_id, "user_id": user_id, "messages": _jsonb(messages), "queue": queue},
+    )
+
+
+def _written(session: Session, update: str, params: dict[str, Any]) -> Written | None:
+    """Run `update` (of one chat, returning its id and new version) and, in the same
+    statement, mark the chat's sync queued."""
+    row = session.execute(
         text(
-            """
-            UPDATE copilot_chats SET messages = CAST(:messages AS jsonb), updated_at = now()
-            WHERE id = :id AND user_id = :user_id
-              AND messages IS DISTINCT FROM CAST(:messages AS jsonb)
-            RETURNING messages_version
+            f"""
+            WITH changed AS ({update}),
+            {QUEUE_MARK}
+            SELECT changed.messages_version, {QUEUE_SEND} FROM changed
             """
         ),
-        {"id": chat_id, "user_id": user_id, "messages": _jsonb(messages)},
-    ).scalar_one_or_none()
-    return version
+        params,
+    ).one_or_none()
+    return Written(int(row[0]), bool(row[1])) if row else None
 
 
 def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: str) -> Chat | None:

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
@@ -15,12 +16,6 @@ from app.repositories.dead_letters import BLOCKING
 
 # Advisory lock class for per-chat syncs (the key is a hash of the chat id).
 SYNC_LOCK_CLASS = 7301
-
-
-@dataclass(frozen=True, slots=True)
-class Behind:
-    chat_id: uuid.UUID
-    wanted_version: int
 
 
 def lock_chats(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
@@ -62,34 +57,127 @@ def versions(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
     return {row.chat_id: (row.wanted_version, row.applied_version) for row in rows}
 
 
-def list_behind(session: Session, *, grace: timedelta, limit: int) -> list[Behind]:
-    """Chats whose newest version is not copied yet and has waited longer than `grace`, the
-    longest-waiting first.
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A chat the sweep found behind: `send` if no sync of it waits (the sweep marked it
+    queued), else a waiting sync stands for it (coalesced)."""
 
-    Only reads: `dirty_since` keeps saying since when each chat has been behind, which is what
-    `oldest_behind_seconds` reports. A chat whose sync already waits in the queue is not sent
-    twice: the publisher's per-chat marker coalesces it. Skips chats with an open failed or
-    worker-lost dead letter: those wait for an operator's replay. Reads only the partial index
-    over `applied_version < wanted_version`, which is empty when everything is in sync.
+    chat_id: uuid.UUID
+    wanted_version: int
+    send: bool
+
+
+def mark_behind(session: Session, *, grace: timedelta, ttl: timedelta, limit: int) -> list[Due]:
+    """Chats whose newest version is not copied yet and has waited longer than `grace`, the
+    longest-waiting first; those with no sync waiting (`queued_since` unset, or set longer ago
+    than `ttl`: a task lost with its worker) are marked queued in the same statement.
+
+    `dirty_since` keeps saying since when each chat has been behind, which is what
+    `oldest_behind_seconds` reports. Skips chats with an open failed or worker-lost dead
+    letter: those wait for an operator's replay. Reads only the partial index over
+    `applied_version < wanted_version`, which is empty when everything is in sync.
     """
     rows = session.execute(
         text(
             """
-            SELECT b.chat_id, b.wanted_version FROM copilot_chat_sync_state b
-            WHERE b.applied_version < b.wanted_version
-              AND b.dirty_since < now() - :grace
-              AND NOT EXISTS (
-                  SELECT 1 FROM dualwrite_dead_letters d
-                  WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
-                    AND d.reason = ANY(:blocking)
-              )
-            ORDER BY b.dirty_since
-            LIMIT :limit
+            WITH due AS MATERIALIZED (
+                SELECT b.chat_id, b.wanted_version, b.dirty_since,
+                       b.queued_since IS NULL OR b.queued_since < now() - :ttl AS free
+                FROM copilot_chat_sync_state b
+                WHERE b.applied_version < b.wanted_version
+                  AND b.dirty_since < now() - :grace
+                  AND NOT EXISTS (
+                      SELECT 1 FROM dualwrite_dead_letters d
+                      WHERE d.chat_id = b.chat_id AND d.resolved_at IS NULL
+                        AND d.reason = ANY(:blocking)
+                  )
+                ORDER BY b.dirty_since
+                LIMIT :limit
+            ),
+            marked AS (
+                UPDATE copilot_chat_sync_state s SET queued_since = now()
+                FROM due WHERE s.chat_id = due.chat_id AND due.free
+                RETURNING s.chat_id
+            )
+            SELECT due.chat_id, due.wanted_version, due.chat_id IN (SELECT chat_id FROM marked)
+            FROM due ORDER BY due.dirty_since
             """
         ),
-        {"grace": grace, "limit": limit, "blocking": list(BLOCKING)},
+        {"grace": grace, "ttl": ttl, "limit": limit, "blocking": list(BLOCKING)},
     ).all()
-    return [Behind(row.chat_id, row.wanted_version) for row in rows]
+    return [Due(row[0], row[1], row[2]) for row in rows]
+
+
+class Written(NamedTuple):
+    """A write of a chat: its new version, and whether its sync must be sent (the write's
+    statement marked it queued: none was waiting)."""
+
+    version: int
+    send: bool
+
+
+# The mark a write sets in its own statement when it sends a sync of its chat, as a CTE after
+# `changed` (the write's CTE, returning the chat's `id`): set only where no sync waits, and only
+# when `:queue` (the phase copies). The statement then sends iff `(SELECT count(*) FROM queued)`
+# is not 0. A chat with no sync state yet (no mark to find) is sent too.
+QUEUE_MARK = """
+    queued AS (
+        UPDATE copilot_chat_sync_state s SET queued_since = now()
+        FROM changed WHERE s.chat_id = changed.id AND s.queued_since IS NULL
+          AND CAST(:queue AS boolean)
+        RETURNING s.chat_id
+    )"""
+QUEUE_SEND = """(
+        CAST(:queue AS boolean) AND (
+            EXISTS (SELECT 1 FROM queued)
+            OR NOT EXISTS (SELECT 1 FROM copilot_chat_sync_state s, changed
+                           WHERE s.chat_id = changed.id)
+        ))"""
+
+
+def clear_queued(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
+    """A sync starts: from now on a write of these chats sends a sync of its own.
+
+    Commit this before the sync reads anything. The chats are locked `FOR SHARE` first, which
+    waits for every write in flight (they hold their chat's row, or in `table_only` its sync
+    state row, until they commit): a write that found the mark set and sent nothing is then
+    committed before the sync takes its snapshot, so the sync reads it. A write that comes
+    after finds the mark cleared and sends its own."""
+    session.execute(
+        text(
+            """
+            WITH held AS MATERIALIZED (
+                SELECT id FROM copilot_chats WHERE id = ANY(:ids) ORDER BY id FOR SHARE
+            )
+            UPDATE copilot_chat_sync_state SET queued_since = NULL
+            WHERE chat_id IN (SELECT id FROM held) AND queued_since IS NOT NULL
+            """
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": list(chat_ids)},
+    )
+
+
+def hold_queued(session: Session, chat_id: uuid.UUID, *, seconds: float) -> None:
+    """A retry waits `seconds` in the broker: its chat counts as queued from when it is due."""
+    session.execute(
+        text(
+            "UPDATE copilot_chat_sync_state "
+            "SET queued_since = now() + make_interval(secs => :seconds) WHERE chat_id = :id"
+        ),
+        {"id": chat_id, "seconds": seconds},
+    )
+
+
+def release_queued(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
+    """Syncs marked queued were not sent after all (the broker failed): the next write of each
+    chat sends one again, and the sweep takes them after its grace period."""
+    session.execute(
+        text(
+            "UPDATE copilot_chat_sync_state SET queued_since = NULL "
+            "WHERE chat_id = ANY(:ids) AND queued_since IS NOT NULL"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": list(chat_ids)},
+    )
 
 
 def oldest_behind_seconds(session: Session) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict
 from app.repositories import chats, messages
 from app.repositories.chats import Chat, TurnState
+from app.repositories.sync_state import Written
 
 # One element (`e.elem`, position `e.ord`, 1-based) of chat `c` as a row, at version `:version`.
 _ROW = """
@@ -54,6 +55,11 @@ _HEAD_MOVES = f"""
     dirty_since = CASE WHEN s.applied_version >= s.wanted_version THEN now()
                        ELSE s.dirty_since END
 """
+
+# A write under the head's lock marks its sync queued if none waits (`:queue`: the phase
+# copies; `_lock_head` read the mark under the same lock).
+_QUEUED = """queued_since = CASE WHEN CAST(:queue AS boolean) THEN coalesce(s.queued_since, now())
+                                ELSE s.queued_since END"""
 
 
 def _new_head(version: str, rows: str) -> str:
@@ -159,8 +165,15 @@ def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[
     return found
 
 
-def _lock_head(session: Session, chat_id: uuid.UUID, user_id: str) -> tuple[int, int] | None:
-    """Lock the chat's head against every other writer of it; (version, next seq).
+class _Head(NamedTuple):
+    version: int
+    next_seq: int
+    free: bool  # no sync of the chat waits in the queue (`queued_since` is unset)
+
+
+def _lock_head(session: Session, chat_id: uuid.UUID, user_id: str) -> _Head | None:
+    """Lock the chat's head against every other writer of it (and against a sync clearing its
+    queued mark: see `sync_state.clear_queued`).
 
     The chat row first, `FOR KEY SHARE` (what the rows' foreign key takes anyway): a delete
     locks the chat and then, through the cascade, the head, so taking them in the same order
@@ -179,7 +192,8 @@ def _lock_head(session: Session, chat_id: uuid.UUID, user_id: str) -> tuple[int,
                    coalesce(s.next_seq, (
                        SELECT max(m.seq) + 1 FROM copilot_chat_messages m
                        WHERE m.chat_id = s.chat_id AND m.deleted_at IS NULL
-                   ), 0)
+                   ), 0),
+                   s.queued_since IS NULL
             FROM copilot_chat_sync_state s JOIN copilot_chats c ON c.id = s.chat_id
             WHERE s.chat_id = :id AND c.user_id = :user_id
             FOR UPDATE OF s
@@ -187,7 +201,7 @@ def _lock_head(session: Session, chat_id: uuid.UUID, user_id: str) -> tuple[int,
         ),
         {"id": chat_id, "user_id": user_id},
     ).one_or_none()
-    return (int(row[0]), int(row[1])) if row else None
+    return _Head(int(row[0]), int(row[1]), bool(row[2])) if row else None
 
 
 def lock_turn(session: Session, chat_id: uuid.UUID, user_id: str) -> TurnState | None:
@@ -216,15 +230,17 @@ def append(
     user_id: str,
     elements: list[dict[str, Any]],
     *,
+    queue: bool = False,
     set_active_stream: str | None = None,
     clear_active_stream: bool = False,
-) -> int | None:
-    """Insert the elements as the chat's next rows; the new version, or None when they are all
-    there already (a retry). Some there and some not is a conflict."""
+) -> Written | None:
+    """Insert the elements as the chat's next rows; the new version (and whether to send its
+    sync: `queue` and none waits), or None when they are all there already (a retry). Some
+    there and some not is a conflict."""
     head = _lock_head(session, chat_id, user_id)
     if head is None:
         return None
-    version, next_seq = head
+    version, next_seq, free = head
     stream_sql = "s.active_stream_id"
     if set_active_stream is not None:
         stream_sql = "CAST(:stream AS text)"
@@ -248,6 +264,7 @@ def append(
             head AS (
                 UPDATE copilot_chat_sync_state s SET
                     {_HEAD_MOVES},
+                    {_QUEUED},
                     next_seq = :next_seq + :count,
                     active_stream_id = {stream_sql}
                 WHERE s.chat_id = :id AND (SELECT count(*) FROM added) = :count
@@ -263,6 +280,7 @@ def append(
             "version": version + 1,
             "count": len(elements),
             "stream": set_active_stream,
+            "queue": queue,
         },
     ).one()
     if inserted == 0:
@@ -270,18 +288,23 @@ def append(
     if new_version is None:
         # The unit of work rolls back the rows this statement did insert.
         raise Conflict("some of these messages are already in this chat, not all", field=("body",))
-    return int(new_version)
+    return Written(int(new_version), queue and free)
 
 
 def replace_messages(
-    session: Session, chat_id: uuid.UUID, user_id: str, messages: list[dict[str, Any]]
-) -> int | None:
-    """Make the live rows exactly `messages`, in order; the new version, or None when the chat
-    is absent or nothing changed. Set-based: one upsert, one soft-delete."""
+    session: Session,
+    chat_id: uuid.UUID,
+    user_id: str,
+    messages: list[dict[str, Any]],
+    *,
+    queue: bool = False,
+) -> Written | None:
+    """Make the live rows exactly `messages`, in order; the new version (as `append`), or None
+    when the chat is absent or nothing changed. Set-based: one upsert, one soft-delete."""
     head = _lock_head(session, chat_id, user_id)
     if head is None:
         return None
-    version, _ = head
+    version, _, free = head
     changed, new_version = session.execute(
         text(
             f"""
@@ -311,6 +334,7 @@ def replace_messages(
             head AS (
                 UPDATE copilot_chat_sync_state s SET
                     {_HEAD_MOVES},
+                    {_QUEUED},
                     next_seq = (SELECT count(*) FROM src)
                 WHERE s.chat_id = :id
                   AND (SELECT count(*) FROM upserted) + (SELECT count(*) FROM removed) > 0
@@ -320,9 +344,9 @@ def replace_messages(
                    (SELECT wanted_version FROM head)
             """
         ),
-        {"id": chat_id, "messages": _jsonb(messages), "version": version + 1},
+        {"id": chat_id, "messages": _jsonb(messages), "version": version + 1, "queue": queue},
     ).one()
-    return int(new_version) if changed else None
+    return Written(int(new_version), queue and free) if changed else None
 
 
 def fork(session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: str) -> Chat | None:

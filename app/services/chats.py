@@ -79,12 +79,19 @@ class Store(Protocol):
         user_id: str,
         elements: list[dict[str, Any]],
         *,
+        queue: bool = False,
         set_active_stream: str | None = None,
         clear_active_stream: bool = False,
-    ) -> int | None: ...
+    ) -> sync_state.Written | None: ...
     def replace_messages(
-        self, session: Session, chat_id: uuid.UUID, user_id: str, messages: list[dict[str, Any]]
-    ) -> int | None: ...
+        self,
+        session: Session,
+        chat_id: uuid.UUID,
+        user_id: str,
+        messages: list[dict[str, Any]],
+        *,
+        queue: bool = False,
+    ) -> sync_state.Written | None: ...
     def fork(
         self, session: Session, chat_id: uuid.UUID, user_id: str, up_to_message_id: str
     ) -> chats_repo.Chat | None: ...
@@ -107,7 +114,7 @@ def _writer(ctx: Context) -> Store:
     if phase.phase is Phase.TABLE_ONLY:
         # The reverse sync rewrites a whole transcript (about 5 MB of WAL at 5,000 messages):
         # held back a moment, it takes in every append of that moment at once (the chat's
-        # coalescing marker holds back their tasks meanwhile).
+        # queued mark holds back their tasks meanwhile).
         ctx.jobs.delay = ctx.settings.reverse_sync_delay_seconds
     return _store(phase)
 
@@ -157,6 +164,15 @@ def delete_chat(ctx: Context, chat_id: uuid.UUID) -> None:
         raise NotFound("chat not found", field=("path", "chat_id"))
 
 
+def _sync_after(ctx: Context, written: sync_state.Written, task: str, *args: Any) -> None:
+    """Send the sync of a write whose statement marked its chat queued; otherwise a sync of the
+    chat already waits and will read this write (coalesced, counted)."""
+    if written.send:
+        ctx.jobs.enqueue(task, *args, queued=args[0])
+    elif ctx.jobs.enabled:
+        metrics.COALESCED.labels(task).inc()
+
+
 def _append(
     ctx: Context,
     store: Store,
@@ -168,10 +184,17 @@ def _append(
     for field, element in elements:
         _check_size(ctx.settings, element, field)
     ids = [element["id"] for _, element in elements]
-    version = store.append(ctx.session, chat_id, ctx.user_id, [e for _, e in elements], **stream)
-    if version is not None:
-        ctx.jobs.enqueue(jobs.SYNC_MESSAGES, str(chat_id), ids, version, coalesce_key=str(chat_id))
-        return Appended(chat_id, ids, version, created=True)
+    written = store.append(
+        ctx.session,
+        chat_id,
+        ctx.user_id,
+        [e for _, e in elements],
+        queue=ctx.jobs.enabled,
+        **stream,
+    )
+    if written is not None:
+        _sync_after(ctx, written, jobs.SYNC_MESSAGES, str(chat_id), ids, written.version)
+        return Appended(chat_id, ids, written.version, created=True)
     chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
@@ -256,9 +279,8 @@ def fork_chat(ctx: Context, chat_id: uuid.UUID, body: schemas.Fork) -> chats_rep
             f"message {body.up_to_message_id!r} is not in this chat",
             field=("body", "up_to_message_id"),
         )
-    ctx.jobs.enqueue(
-        jobs.SYNC_CHAT, str(forked.id), forked.messages_version, coalesce_key=str(forked.id)
-    )
+    # A new chat: no sync of it can be waiting.
+    ctx.jobs.enqueue(jobs.SYNC_CHAT, str(forked.id), forked.messages_version)
     return forked
 
 
@@ -270,10 +292,12 @@ def replace_messages(ctx: Context, chat_id: uuid.UUID, body: schemas.ReplaceMess
         _check_size(ctx.settings, element, ("body", "messages", index))
         elements.append(element)
     store = _writer(ctx)
-    version = store.replace_messages(ctx.session, chat_id, ctx.user_id, elements)
-    if version is not None:
-        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat_id), version, coalesce_key=str(chat_id))
-        return version
+    written = store.replace_messages(
+        ctx.session, chat_id, ctx.user_id, elements, queue=ctx.jobs.enabled
+    )
+    if written is not None:
+        _sync_after(ctx, written, jobs.SYNC_CHAT, str(chat_id), written.version)
+        return written.version
     chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
@@ -296,9 +320,7 @@ def import_chat(ctx: Context, body: schemas.ImportChat) -> chats_repo.Chat:
         messages=elements,
     )
     if chat.messages_version > 0:
-        ctx.jobs.enqueue(
-            jobs.SYNC_CHAT, str(chat.id), chat.messages_version, coalesce_key=str(chat.id)
-        )
+        ctx.jobs.enqueue(jobs.SYNC_CHAT, str(chat.id), chat.messages_version)
     return chat
 
 

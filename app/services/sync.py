@@ -9,12 +9,13 @@ JSONB at all, which is also how a backlog of many tasks for one chat collapses i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import transaction
 from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters, messages, sync_state
@@ -178,10 +179,24 @@ def _record_bad_elements(
             )
 
 
-def sweep(session: Session, *, grace: timedelta, limit: int) -> list[sync_state.Behind]:
-    """Chats whose copy is behind for longer than `grace`: the caller enqueues a sync for each,
-    coalesced per chat with any sync already waiting. Nothing in `jsonb_only` (no copy is
-    made yet) or after the contract (nothing follows the rows any more).
+def releaser(factory: sessionmaker[Session]) -> Callable[[list[str]], None]:
+    """Releases the queued marks of chats whose syncs could not be sent (a publisher's
+    `release`), in a transaction of its own."""
+
+    def release(chats: list[str]) -> None:
+        with transaction(factory) as session:
+            sync_state.release_queued(session, [uuid.UUID(chat) for chat in chats])
+
+    return release
+
+
+def sweep(
+    session: Session, *, grace: timedelta, ttl: timedelta, limit: int
+) -> list[sync_state.Due]:
+    """Chats whose copy is behind for longer than `grace`, each marked queued unless a sync of
+    it already waits (see `sync_state.mark_behind`): the caller sends a sync for each marked
+    one, after the commit. Nothing in `jsonb_only` (no copy is made yet) or after the contract
+    (nothing follows the rows any more).
 
     This is what makes a lost publish harmless: the handler's commit recorded the wanted
     version in the same transaction, whatever happened to its task. The same holds in
@@ -190,4 +205,4 @@ def sweep(session: Session, *, grace: timedelta, limit: int) -> list[sync_state.
     phase = phase_repo.current(session)
     if phase.phase is Phase.JSONB_ONLY or phase.contracted:
         return []
-    return sync_state.list_behind(session, grace=grace, limit=limit)
+    return sync_state.mark_behind(session, grace=grace, ttl=ttl, limit=limit)

@@ -1,0 +1,138 @@
+"""Coalescing in the database: a write sends a sync of its chat only when none waits (decided in
+the write's own statement, through `copilot_chat_sync_state.queued_since`), and a sync clears
+the mark only once the writes in flight have committed. Real PostgreSQL, both stores."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app import metrics, schemas
+from app.db import transaction
+from app.jobs import SYNC_MESSAGES, JobQueue
+from app.repositories import sync_state
+from app.services import chats as service
+from app.settings import Settings
+from tests.support import wait_until
+
+SETTINGS = Settings()
+USER = "coalescing-user"
+
+
+def write(sessionmaker, operation: Callable[..., Any], *args: Any) -> JobQueue:  # type: ignore[no-untyped-def]
+    """Run one chat operation in its own committed transaction; the jobs it recorded."""
+    jobs = JobQueue()
+    with transaction(sessionmaker) as session:
+        operation(service.Context(session, jobs, SETTINGS, USER), *args)
+    return jobs
+
+
+def new_chat(sessionmaker) -> uuid.UUID:  # type: ignore[no-untyped-def]
+    created: list[uuid.UUID] = []
+    write(
+        sessionmaker, lambda ctx: created.append(service.create_chat(ctx, schemas.CreateChat()).id)
+    )
+    return created[0]
+
+
+def append_body() -> schemas.AppendMessage:
+    message = {"id": f"m-{uuid.uuid4().hex[:8]}", "role": "user", "content": "hi"}
+    return schemas.AppendMessage.model_validate({"message": message}, strict=False)
+
+
+def queued(sessionmaker, chat: uuid.UUID) -> bool:  # type: ignore[no-untyped-def]
+    with transaction(sessionmaker) as session:
+        return bool(
+            session.execute(
+                text(
+                    "SELECT queued_since IS NOT NULL FROM copilot_chat_sync_state "
+                    "WHERE chat_id = :id"
+                ),
+                {"id": chat},
+            ).scalar_one()
+        )
+
+
+def clear(sessionmaker, chat: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessionmaker) as session:
+        sync_state.clear_queued(session, [chat])
+
+
+@pytest.mark.parametrize("phase", ["dual_write", "table_only"])
+def test_a_write_sends_a_sync_only_while_none_waits(sessionmaker, set_phase, phase) -> None:  # type: ignore[no-untyped-def]
+    set_phase(phase)
+    chat = new_chat(sessionmaker)
+    coalesced = metrics.COALESCED.labels(SYNC_MESSAGES)
+    before = coalesced._value.get()
+
+    first = write(sessionmaker, service.append_user_message, chat, append_body())
+    assert [(job.task, job.queued) for job in first.jobs] == [(SYNC_MESSAGES, str(chat))]
+    assert queued(sessionmaker, chat)
+    # Its sync has not started: the next writes are read by it, and send nothing.
+    for _ in range(2):
+        assert write(sessionmaker, service.append_user_message, chat, append_body()).jobs == []
+    replace = schemas.ReplaceMessages.model_validate({"messages": []}, strict=False)
+    assert write(sessionmaker, service.replace_messages, chat, replace).jobs == []
+    assert coalesced._value.get() - before == 2
+
+    # The sync starts (clears the mark): the next write sends one again.
+    clear(sessionmaker, chat)
+    assert not queued(sessionmaker, chat)
+    again = write(sessionmaker, service.append_user_message, chat, append_body())
+    assert len(again.jobs) == 1 and queued(sessionmaker, chat)
+
+
+def test_nothing_is_marked_while_nothing_is_copied(sessionmaker, set_phase) -> None:  # type: ignore[no-untyped-def]
+    chat = new_chat(sessionmaker)
+    set_phase("jsonb_only")
+    assert write(sessionmaker, service.append_user_message, chat, append_body()).jobs == []
+    assert not queued(sessionmaker, chat)
+    set_phase("dual_write")
+    assert len(write(sessionmaker, service.append_user_message, chat, append_body()).jobs) == 1
+
+
+@pytest.mark.parametrize("phase", ["dual_write", "table_only"])
+def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(  # type: ignore[no-untyped-def]
+    sessionmaker, engine, set_phase, phase
+) -> None:
+    """The race coalescing must not lose: a write finds the mark set and sends nothing, so the
+    waiting sync must read it. The sync's clear waits for that write's commit; its read comes
+    after the clear, so it sees the write."""
+    set_phase(phase)
+    chat = new_chat(sessionmaker)
+    write(sessionmaker, service.append_user_message, chat, append_body())  # marks the chat
+    body = append_body()
+    jobs = JobQueue()
+    with transaction(sessionmaker) as session:
+        service.append_user_message(service.Context(session, jobs, SETTINGS, USER), chat, body)
+        assert jobs.jobs == []  # coalesced: it relies on the waiting sync
+
+        cleared = threading.Event()
+        clearing = threading.Thread(target=lambda: (clear(sessionmaker, chat), cleared.set()))
+        clearing.start()
+
+        def waits_for_a_lock() -> bool:
+            with engine.connect() as conn:
+                return bool(
+                    conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND query LIKE '%queued_since = NULL%'"
+                        )
+                    ).scalar_one()
+                )
+
+        wait_until(waits_for_a_lock, timeout=10, what="the clear to wait for the write")
+        assert not cleared.is_set()
+    # The write committed: the clear goes through, and what reads after it sees the write.
+    clearing.join(timeout=10)
+    assert cleared.is_set() and not queued(sessionmaker, chat)
+    with transaction(sessionmaker) as session:
+        ctx = service.Context(session, JobQueue(), SETTINGS, USER)
+        _, messages = service.get_chat(ctx, chat)
+    assert body.message.id in [m["id"] for m in messages]
