@@ -26,10 +26,10 @@ from prometheus_client import REGISTRY
 
 from app import schemas
 from app.db import transaction
-from app.jobs import SYNC_MESSAGES, JobQueue, publish_after_commit
-from app.services import chats as chat_service
+from app.jobs import SYNC_MESSAGES
+from app.services import chats as service
 from app.services.sync import sync_chats
-from app.settings import Settings
+from app.settings import get_settings
 from bench import dataset, infra
 
 TARGET = 0.5
@@ -42,22 +42,17 @@ ROWS_BEHIND = (
 
 def produce(running: infra.Stack, args: argparse.Namespace) -> None:
     """Create the chats, then append the messages to them as inbox pairs from `args.threads`
-    threads, each pair in a transaction of its own and published after its commit."""
+    threads, each pair by the service's own unit of work (published after its commit)."""
     from tasks.publish import bounded_publisher
 
-    settings = Settings(database_url=running.url, redis_url=running.broker.url)
     failures: list[str] = []
     with infra.sessions(running.url, pool_size=args.threads, fsync=False) as factory:
 
-        def unit_of_work(user: str, publish: Any, action: Any, *action_args: Any) -> Any:
-            queue = JobQueue()
-            with transaction(factory) as session:
-                result = action(chat_service.Context(session, queue, settings, user), *action_args)
-            publish_after_commit(queue, publish)
-            return result
-
         def client(index: int, owned: list[Any], pairs: int) -> None:
-            publish, rng = bounded_publisher(settings), random.Random(args.seed * 7919 + index)
+            publish, rng = (
+                bounded_publisher(get_settings()),
+                random.Random(args.seed * 7919 + index),
+            )
             clock = datetime.now(UTC)
             try:
                 for n in range(pairs):
@@ -67,19 +62,21 @@ def produce(running: infra.Stack, args: argparse.Namespace) -> None:
                     }
                     body = schemas.InboxPair.model_validate(pair)
                     chat = owned[n % len(owned)]
-                    unit_of_work(
-                        f"drain-{index}", publish, chat_service.append_inbox_pair, chat, body
+                    infra.unit_of_work(
+                        factory, publish, f"drain-{index}", service.append_inbox_pair, chat, body
                     )
             except Exception as exc:
                 failures.append(f"client {index}: {type(exc).__name__}: {exc}")
 
         publish, new, threads = (
-            bounded_publisher(settings),
+            bounded_publisher(get_settings()),
             schemas.CreateChat(title="drain"),
             args.threads,
         )
         ids = [
-            unit_of_work(f"drain-{i % threads}", publish, chat_service.create_chat, new).id
+            infra.unit_of_work(
+                factory, publish, f"drain-{i % threads}", service.create_chat, new
+            ).id
             for i in range(args.chats)
         ]
         pairs = args.messages // 2

@@ -27,11 +27,14 @@ import redis
 from sqlalchemy import event
 
 from app.auth import issue_token
+from app.broker import queue_lengths
 from app.db import make_engine, make_sessionmaker, transaction
+from app.jobs import JobQueue, publish_after_commit
 from app.metrics import WORKER_KEY
 from app.repositories import dead_letters, sync_state
+from app.services import chats as service
 from app.services.drift import find_drift
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from harness.processes import ROOT, ApiProcess, BeatProcess, Process, RedisServer, WorkerProcess
 from harness.processes import wait_until as wait_until
 
@@ -126,7 +129,7 @@ class Stack:
         return {"Authorization": f"Bearer {token}"}
 
     def queue(self) -> int:
-        return queue_length(self.broker.client())
+        return queue_length(self.broker.url)
 
 
 @contextmanager
@@ -145,6 +148,22 @@ def stack(prefix: str, **extra: str) -> Iterator[Stack]:
             for process in reversed(running.processes):
                 process.stop()
             broker.stop()
+
+
+def unit_of_work(
+    factory: Any,
+    publish: Callable[[Any], bool],
+    user: str,
+    operation: Callable[..., Any],
+    *args: Any,
+) -> Any:
+    """`operation(ctx, *args)`, one of `app.services.chats`, run in this process as the API runs
+    it: in a transaction of its own, its jobs published with `publish` after the commit."""
+    jobs = JobQueue()
+    with transaction(factory) as session:
+        result = operation(service.Context(session, jobs, get_settings(), user), *args)
+    publish_after_commit(jobs, publish)
+    return result
 
 
 def message(message_id: str, role: str = "user", size: int = CONTENT_BYTES) -> dict[str, str]:
@@ -223,13 +242,9 @@ class Poller:
         return [value for _, value in self.samples]
 
 
-def queue_length(client: redis.Redis, queue: str = "dualwrite.sync") -> int:
-    """Messages waiting in a queue (not those a worker has reserved). Kombu's Redis transport
-    keeps one list per priority step, the bare name for 0."""
-    pipe = client.pipeline(transaction=False)
-    for key in [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]:
-        pipe.llen(key)
-    return int(sum(pipe.execute()))
+def queue_length(redis_url: str, queue: str = "dualwrite.sync") -> int:
+    """Messages waiting in a queue (not those a worker has reserved), by the service's count."""
+    return queue_lengths(Settings(redis_url=redis_url))[0][queue]
 
 
 def task_outcomes(client: redis.Redis) -> dict[str, int]:

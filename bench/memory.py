@@ -20,13 +20,14 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.db import transaction
+from app import schemas
 from app.jobs import SYNC_CHAT, SYNC_MESSAGES, Job
-from app.repositories import chats as repo
-from app.settings import Settings
+from app.services import chats as service
+from app.settings import get_settings
 from bench import infra
 
 USER = "bench"
@@ -43,46 +44,51 @@ class ChatState:
 
 
 class Producer:
-    """Mutates chats with the service's repositories, one transaction each, and publishes the
-    sync the API would publish after that commit."""
+    """Mutates chats through the service's own operations (`app.services.chats`), each in a
+    transaction of its own with its sync published after the commit, as the API does; plus
+    syncs of deleted chats and duplicate deliveries, sent as they are."""
 
     def __init__(self, running: infra.Stack, factory: Any, chats: int, seed: int) -> None:
         from tasks.publish import bounded_publisher, producer
 
-        settings = Settings(database_url=running.url, redis_url=running.broker.url)
-        self.factory = factory
-        self.publish, self.raw = bounded_publisher(settings), producer(settings)
-        self.redis, self.rng = running.broker.client(), random.Random(seed)
-        self.max_messages, self.sent, self.ops = 60, 0, Counter[str]()
+        self.factory, self.bounded = factory, bounded_publisher(get_settings())
+        self.raw, self.redis_url = producer(get_settings()), running.broker.url
+        self.rng, self.max_messages, self.sent, self.ops = (
+            random.Random(seed),
+            60,
+            0,
+            Counter[str](),
+        )
         self.chats = [self._create() for _ in range(chats)]
 
-    def _write(self, write: Any, *args: Any, **kwargs: Any) -> Any:
-        """`write(session, *args, **kwargs)`, in a transaction of its own."""
-        with transaction(self.factory) as session:
-            return write(session, *args, **kwargs)
+    def _publish(self, job: Job) -> bool:
+        sent = self.bounded(job)
+        self.sent += sent
+        return sent
+
+    def _do(self, operation: Callable[..., Any], *args: Any) -> Any:
+        return infra.unit_of_work(self.factory, self._publish, USER, operation, *args)
+
+    def _send(self, task: str, *args: Any) -> None:
+        self.raw.send_task(task, args=list(args))
+        self.sent += 1
 
     def _create(self) -> ChatState:
-        new = {"user_id": USER, "title": "memory", "model": "m", "workflow_id": None}
-        return ChatState(self._write(repo.create, **new, messages=[]).id)
+        return ChatState(
+            self._do(service.create_chat, schemas.CreateChat(title="memory", model="m")).id
+        )
 
     def _element(self, role: str) -> dict[str, str]:
         size = self.rng.randint(600, infra.CONTENT_BYTES)
         return infra.message(f"{role[0]}-{uuid.uuid4().hex[:16]}", role, size)
 
-    def _send(self, task: str, *args: Any, coalesce: str | None = None) -> None:
-        """Through the bounded publisher (coalescing per chat) or, without `coalesce`, as is."""
-        if coalesce is None:
-            self.raw.send_task(task, args=list(args))
-            self.sent += 1
-        elif self.publish(Job(task, args, coalesce)):
-            self.sent += 1
-
-    def _append(self, chat: ChatState, elements: list[dict[str, str]], stream: Any) -> None:
-        version = self._write(repo.append, chat.id, USER, elements, set_active_stream=stream)
-        assert version is not None
-        ids = [e["id"] for e in elements]
-        chat.ids, chat.version = chat.ids + ids, version
-        self._send(SYNC_MESSAGES, str(chat.id), ids, version, coalesce=str(chat.id))
+    def _edit(self, ctx: Any, chat_id: uuid.UUID) -> int:
+        """A snapshot edit: the first message dropped (a soft delete), the last rewritten."""
+        messages = service.get_chat(ctx, chat_id)[1][1:]
+        if messages:
+            messages[-1]["content"] = f"edited {self.rng.random()}"
+        body = schemas.ReplaceMessages.model_validate({"messages": messages})
+        return service.replace_messages(ctx, chat_id, body)
 
     def step(self) -> None:
         index = self.rng.randrange(len(self.chats))
@@ -90,43 +96,36 @@ class Producer:
         r = self.rng.random()
         if len(chat.ids) >= self.max_messages or (r >= 0.97 and chat.ids):
             # Delete the chat; a task for it (queued, or this one) finds it missing.
-            self._write(repo.delete, chat.id, USER)
+            self._do(service.delete_chat, chat.id)
             self._send(SYNC_CHAT, str(chat.id), chat.version)
             self.chats[index] = self._create()
             kind = "delete chat"
         elif r < 0.70 or not chat.ids:
-            element = self._element("user")
-            element["streamId"] = element["id"]
-            self._append(chat, [element], element["id"])
+            body = schemas.AppendMessage.model_validate({"message": self._element("user")})
+            appended = self._do(service.append_user_message, chat.id, body)
+            chat.ids, chat.version = chat.ids + appended.message_ids, appended.version
             kind = "append"
         elif r < 0.82:
-            self._append(chat, [self._element("user"), self._element("assistant")], None)
+            pair = {"user": self._element("user"), "assistant": self._element("assistant")}
+            appended = self._do(
+                service.append_inbox_pair, chat.id, schemas.InboxPair.model_validate(pair)
+            )
+            chat.ids, chat.version = chat.ids + appended.message_ids, appended.version
             kind = "append pair"
         elif r < 0.88:
-            chat.version = self._write(self._edit, chat.id)
+            chat.version = self._do(self._edit, chat.id)
             chat.ids.pop(0)
-            self._send(SYNC_CHAT, str(chat.id), chat.version, coalesce=str(chat.id))
             kind = "snapshot edit"
         else:  # a duplicate delivery of an already published version
             self._send(SYNC_MESSAGES, str(chat.id), chat.ids[-1:], chat.version)
             kind = "duplicate"
         self.ops[kind] += 1
 
-    def _edit(self, session: Any, chat_id: uuid.UUID) -> Any:
-        """A snapshot edit: the first message dropped (a soft delete), the last rewritten."""
-        messages = repo.get_messages(session, chat_id)
-        messages.pop(0)
-        if messages:
-            messages[-1]["content"] = f"edited {self.rng.random()}"
-        version = repo.replace_messages(session, chat_id, USER, messages)
-        assert version is not None
-        return version
-
     def run(self, tasks: int, queue_cap: int, stop: threading.Event) -> None:
         while self.sent < tasks and not stop.is_set():
             self.step()
             if self.sent % 50 == 0:
-                while infra.queue_length(self.redis) > queue_cap and not stop.is_set():
+                while infra.queue_length(self.redis_url) > queue_cap and not stop.is_set():
                     time.sleep(0.02)
 
 
