@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, transaction
@@ -31,6 +31,15 @@ def worker_transaction() -> Iterator[Session]:
     """The task wrapper's unit of work: commit on success, roll back on error."""
     with transaction(worker_sessionmaker()) as session:
         yield session
+
+
+@contextmanager
+def worker_statement() -> Iterator[Connection]:
+    """A connection in autocommit: each statement commits on its own, in one round trip."""
+    worker_sessionmaker()
+    engine = _engines[os.getpid()][0]
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        yield connection
 
 
 def broker_redis() -> redis.Redis:

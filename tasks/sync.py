@@ -28,7 +28,7 @@ from app.services import sync
 from app.settings import get_settings
 from app.task_names import SYNC_CHAT, SYNC_MESSAGES, Queue
 from tasks import celery
-from tasks.runtime import broker_redis, worker_transaction
+from tasks.runtime import broker_redis, worker_statement, worker_transaction
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def _unqueue(chat: uuid.UUID) -> None:
     """Let new changes of the chat send a sync again: from here on, this one reads them
     (`sync_state.clear_queued`, committed before the sync reads anything). If this fails, the
     sync fails the same way and is retried."""
-    with worker_transaction() as session:
-        sync_state.clear_queued(session, [chat])
+    with worker_statement() as connection:
+        sync_state.clear_queued(connection, [chat])
 
 
 def _hold_chat(chat: uuid.UUID, countdown: float) -> None:

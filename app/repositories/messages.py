@@ -256,19 +256,23 @@ def diff(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
 def page(
     session: Session, chat_id: uuid.UUID, *, limit: int, before_seq: int | None
 ) -> list[tuple[int, dict[str, Any]]]:
-    """The newest `limit` live rows before `before_seq`, oldest first, as (seq, element)."""
-    rows = session.execute(
+    """The newest `limit` live rows before `before_seq`, oldest first, as (seq, element).
+
+    The page leaves the server as one JSON value (`[[seq, element], ...]`): one value to decode
+    instead of a row and a `jsonb` value per message, which is most of a page's cost here."""
+    page: list[list[Any]] = session.execute(
         text(
             """
-            SELECT seq, content FROM (
+            SELECT coalesce(json_agg(json_build_array(seq, content) ORDER BY seq), '[]')
+            FROM (
                 SELECT seq, content FROM copilot_chat_messages
                 WHERE chat_id = :chat_id AND deleted_at IS NULL
                   AND (CAST(:before_seq AS int) IS NULL OR seq < :before_seq)
                 ORDER BY seq DESC
                 LIMIT :limit
-            ) newest ORDER BY seq
+            ) newest
             """
         ),
         {"chat_id": chat_id, "before_seq": before_seq, "limit": limit},
-    ).all()
-    return [(row.seq, row.content) for row in rows]
+    ).scalar_one()
+    return [(seq, element) for seq, element in page]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
@@ -135,7 +135,7 @@ QUEUE_SEND = """(
         ))"""
 
 
-def clear_queued(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
+def clear_queued(session: Session | Connection, chat_ids: Sequence[uuid.UUID]) -> None:
     """A sync starts: from now on a write of these chats sends a sync of its own.
 
     Commit this before the sync reads anything. The chats are locked `FOR SHARE` first, which
