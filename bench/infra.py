@@ -152,7 +152,7 @@ def stack(prefix: str, **extra: str) -> Iterator[Stack]:
 
 def unit_of_work(
     factory: Any,
-    publish: Callable[[Any], bool],
+    publish: Callable[[Any], Any],
     user: str,
     operation: Callable[..., Any],
     *args: Any,

@@ -61,10 +61,9 @@ class Producer:
         )
         self.chats = [self._create() for _ in range(chats)]
 
-    def _publish(self, job: Job) -> bool:
-        sent = self.bounded(job)
-        self.sent += sent
-        return sent
+    def _publish(self, job: Job) -> None:
+        self.bounded(job)
+        self.sent += 1
 
     def _do(self, operation: Callable[..., Any], *args: Any) -> Any:
         return infra.unit_of_work(self.factory, self._publish, USER, operation, *args)

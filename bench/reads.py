@@ -175,13 +175,12 @@ def writes(
         for i in range(args.appends):
             clock += timedelta(seconds=1)
             item = dataset.element(rng, "user", clock)
-            version = write((store, size), session, append, session, chat, USER, [item])
+            written = write((store, size), session, append, session, chat, USER, [item])
             if store != JSONB_APPEND or i >= args.syncs or size not in args.sync_sizes:
                 continue
             try:  # on a worker connection, its statement timeout included
-                write(
-                    (SYNC, size), worker_session, sync.sync_chats, worker_session, {chat: version}
-                )
+                wanted = {chat: written.version}
+                write((SYNC, size), worker_session, sync.sync_chats, worker_session, wanted)
             except OperationalError as exc:
                 worker_session.rollback()
                 failed += 1
