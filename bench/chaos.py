@@ -214,15 +214,8 @@ def report(traffic: Traffic, faults: Faults, run: list[Any], state: tuple[int, .
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=180)
-    parser.add_argument("--chats", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--fault-every", type=float, default=4.0)
-    parser.add_argument("--quick", action="store_true", help="20 s, 20 chats: keeps this working")
-    args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.chats, args.clients, args.fault_every = 20, 20, 4, 3.0
+    quick = {"seconds": 20.0, "chats": 20, "clients": 4, "fault_every": 3.0}
+    args = infra.options(__doc__, quick, seconds=180.0, chats=200, clients=8, fault_every=4.0)
     with infra.stack(
         "cdw_chaos",
         SWEEP_INTERVAL_SECONDS="5",

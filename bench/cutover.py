@@ -203,15 +203,14 @@ def report(measured: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=5_000, help="the measured chat's size")
-    parser.add_argument("--appends", type=int, default=200, help="appends per state")
-    parser.add_argument("--reads", type=int, default=300, help="reads per state")
-    parser.add_argument("--scale", type=float, default=0.005, help="background chats' data set")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps this working")
-    args = parser.parse_args()
-    if args.quick:
-        args.messages, args.appends, args.reads, args.scale = 500, 20, 30, 0.001
+    args = infra.options(
+        __doc__,
+        {"messages": 500, "appends": 20, "reads": 30, "scale": 0.001},
+        messages=(5_000, "the measured chat's size"),
+        appends=(200, "appends per state"),
+        reads=(300, "reads per state"),
+        scale=(0.005, "of the data set, for the background chats"),
+    )
     gates = {"PHASE_GATE_MIN_SECONDS": "0", "CONTRACT_MIN_TABLE_ONLY_SECONDS": "0"}
     with infra.stack("cdw_cutover", **gates) as running:
         running.worker()

@@ -7,7 +7,6 @@ skewed like production (median 57, max 4,900 messages per chat, ~0.9 KB per mess
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -232,13 +231,9 @@ def load(database_url: str, s: Shape) -> Loaded:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--load", action="store_true", help="also COPY it into a fresh database")
-    parser.add_argument("--quick", action="store_true", help="scale 0.01")
-    args = parser.parse_args()
-    s = shape(0.01 if args.quick else args.scale, args.seed)
+    load_it = (False, "also COPY it into a fresh database")
+    args = infra.options(__doc__, {"scale": 0.01}, scale=1.0, seed=SEED, load=load_it)
+    s = shape(args.scale, args.seed)
     counts, size = sizes(s), sum(len(dumps(c.messages).encode()) for c in chats(s))
     spread = (min(counts), statistics.median(counts), infra.percentile(counts, 99), max(counts))
     rows: list[list[Any]] = [

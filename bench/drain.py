@@ -1,12 +1,8 @@
-"""Backlog drain: message syncs pending while no worker runs (100,000 messages over 2,000 chats),
-then a worker (prefork, -c 2) started: rows/s until drift is 0, against the batched-upsert ceiling
-measured in the same run: the service's own unit of work (`app.services.sync.sync_chats` in
-`app.db.transaction`) run in this process over the same backlog, ~1,000 rows per transaction,
-with no broker in between; one chat per transaction for reference.
-
-The backlog goes through the producer path: `app.services.chats.append_inbox_pair` in
-`app.db.transaction`, then `app.jobs.publish_after_commit` with the bounded publisher, so
-publishes coalesce per chat as in production. Writes bench/out/drain_curve{,-quick}.csv and .png.
+"""Backlog drain: 100,000 message syncs over 2,000 chats left pending (produced as the API does:
+`app.services.chats.append_inbox_pair`, published after each commit) while no worker runs, then
+a worker (prefork, -c 2) started: rows/s until drift is 0, against the ceiling measured in the
+same run: `app.services.sync.sync_chats` in this process over the same backlog, ~1,000 rows per
+transaction (one chat per transaction for reference). Writes bench/out/drain_curve{,-quick}.*
 
     .venv/bin/python -m bench.drain [--messages 100000] [--chats 2000] [--quick]
 """
@@ -41,55 +37,40 @@ ROWS_BEHIND = (
 
 
 def produce(running: infra.Stack, args: argparse.Namespace) -> None:
-    """Create the chats, then append the messages to them as inbox pairs from `args.threads`
-    threads, each pair by the service's own unit of work (published after its commit)."""
+    """`args.threads` clients, each creating its share of the chats, then appending its share of
+    the messages to them as inbox pairs, each by the service's own unit of work."""
     from tasks.publish import bounded_publisher
 
     failures: list[str] = []
+
+    def client(index: int, factory: Any) -> None:
+        user, publish = f"drain-{index}", bounded_publisher(get_settings())
+        rng, clock = random.Random(args.seed * 7919 + index), datetime.now(UTC)
+        new = schemas.CreateChat(title="drain")
+        try:
+            chats = range(index, args.chats, args.threads)
+            owned = [
+                infra.unit_of_work(factory, publish, user, service.create_chat, new).id
+                for _ in chats
+            ]
+            for n in range(len(range(index, args.messages // 2, args.threads))):
+                clock += timedelta(milliseconds=rng.randint(1, 3_000))
+                pair = {role: dataset.element(rng, role, clock) for role in ("user", "assistant")}
+                body = schemas.InboxPair.model_validate(pair)
+                chat = owned[n % len(owned)]
+                infra.unit_of_work(factory, publish, user, service.append_inbox_pair, chat, body)
+        except Exception as exc:
+            failures.append(f"client {index}: {type(exc).__name__}: {exc}")
+
     with infra.sessions(running.url, pool_size=args.threads, fsync=False) as factory:
-
-        def client(index: int, owned: list[Any], pairs: int) -> None:
-            publish, rng = (
-                bounded_publisher(get_settings()),
-                random.Random(args.seed * 7919 + index),
-            )
-            clock = datetime.now(UTC)
-            try:
-                for n in range(pairs):
-                    clock += timedelta(milliseconds=rng.randint(1, 3_000))
-                    pair = {
-                        role: dataset.element(rng, role, clock) for role in ("user", "assistant")
-                    }
-                    body = schemas.InboxPair.model_validate(pair)
-                    chat = owned[n % len(owned)]
-                    infra.unit_of_work(
-                        factory, publish, f"drain-{index}", service.append_inbox_pair, chat, body
-                    )
-            except Exception as exc:
-                failures.append(f"client {index}: {type(exc).__name__}: {exc}")
-
-        publish, new, threads = (
-            bounded_publisher(get_settings()),
-            schemas.CreateChat(title="drain"),
-            args.threads,
-        )
-        ids = [
-            infra.unit_of_work(
-                factory, publish, f"drain-{i % threads}", service.create_chat, new
-            ).id
-            for i in range(args.chats)
-        ]
-        pairs = args.messages // 2
-        shares = [pairs // threads + (1 if i < pairs % threads else 0) for i in range(threads)]
-        infra.in_threads(client, [(i, ids[i::threads], shares[i]) for i in range(threads)])
+        infra.in_threads(client, [(i, factory) for i in range(args.threads)])
     if failures:
         raise SystemExit("backlog producer failed: " + "; ".join(failures[:3]))
 
 
 def ceiling(url: str, per_batch: int) -> tuple[list[float], float]:
-    """`sync_chats` over every behind chat, `per_batch` chats per transaction, then the copy
-    undone (rows emptied, sync state as before) for the worker to do it again. Returns the
-    seconds per transaction and the rows/s."""
+    """Seconds per transaction and rows/s of `sync_chats` over every chat behind, `per_batch`
+    chats per transaction; then the copy undone for the worker to do it again."""
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(
             "CREATE TABLE IF NOT EXISTS bench_state AS SELECT * FROM copilot_chat_sync_state"
@@ -119,8 +100,8 @@ def ceiling(url: str, per_batch: int) -> tuple[list[float], float]:
 
 
 def drain(running: infra.Stack, expected: int, concurrency: int) -> tuple[list[Any], float]:
-    """Start the worker and sample (rows, chats behind) until every row is there and no chat
-    is behind; the samples and when the worker was ready, in seconds since its launch."""
+    """(seconds, rows, chats behind) from the worker's launch until every row is there and no
+    chat is behind, and when the worker was ready."""
     connection = psycopg.connect(running.url, autocommit=True)
     curve = infra.Poller(lambda: connection.execute(ROWS_BEHIND).fetchone(), 0.1).start()
     try:
@@ -246,17 +227,16 @@ def report(args: argparse.Namespace, run: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=100_000, help="pending message syncs")
-    parser.add_argument("--chats", type=int, default=2_000, help="chats they are appended to")
-    parser.add_argument("--threads", type=int, default=4, help="producer threads")
-    parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
-    parser.add_argument("--seed", type=int, default=dataset.SEED)
-    parser.add_argument("--quick", action="store_true", help="2,000 messages over 50 chats")
-    args = parser.parse_args()
+    args = infra.options(
+        __doc__,
+        {"messages": 2_000, "chats": 50},
+        messages=(100_000, "pending message syncs"),
+        chats=(2_000, "chats they are appended to"),
+        threads=(4, "producer threads"),
+        concurrency=(2, "worker processes"),
+        seed=dataset.SEED,
+    )
     tag = "-quick" if args.quick else ""  # CI never overwrites a real measurement
-    if args.quick:
-        args.messages, args.chats = 2_000, 50
     with infra.stack("cdw_bench_drain") as running:
         run = measure(running, args)
     write_curve(run["samples"], run["ready"], run["ceilings"][0][2], tag)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import os
@@ -43,9 +44,24 @@ OUT = ROOT / "bench" / "out"
 CONTENT_BYTES = 850  # with id, role and timestamp: ~0.9 KB per element
 
 
-def admin(sql: str) -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as connection:
-        connection.execute(sql)
+def options(doc: str, quick: dict[str, Any], **defaults: Any) -> argparse.Namespace:
+    """The command line: `--NAME` for each default, of its type (a default `(value, "help")`
+    says what it is for), and `--quick`, which sets the `quick` values: tiny sizes that keep the
+    bench working (its figures then mean nothing)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        value, what = default if isinstance(default, tuple) else (default, None)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=what)
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=what)
+    tiny = ", ".join(f"{name} {value}" for name, value in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({tiny})")
+    args = parser.parse_args()
+    if args.quick:
+        vars(args).update(quick)
+    return args
 
 
 @contextmanager
@@ -60,7 +76,7 @@ def database(prefix: str, revision: str = "head", template: str | None = None) -
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     copy = f' TEMPLATE "{template.rsplit("/", 1)[1]}"' if template else ""
-    admin(f'CREATE DATABASE "{name}"{copy}')
+    scalar(ADMIN_DSN, f'CREATE DATABASE "{name}"{copy}')
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     os.environ["DATABASE_URL"] = url
     try:
@@ -69,7 +85,7 @@ def database(prefix: str, revision: str = "head", template: str | None = None) -
             subprocess.run(argv, cwd=ROOT, env=dict(os.environ), check=True, capture_output=True)
         yield url
     finally:
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        scalar(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def scalar(url: str, sql: str, params: Any = None) -> Any:

@@ -208,16 +208,15 @@ def report(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=200_000)
-    parser.add_argument("--warmup", type=int, default=10_000, help="tasks before 'start'")
-    parser.add_argument("--chats", type=int, default=300)
-    parser.add_argument("--queue-cap", type=int, default=20, help="pace the producer above it")
-    parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps this working")
-    args = parser.parse_args()
-    if args.quick:
-        args.tasks, args.warmup, args.chats = 600, 200, 30
+    args = infra.options(
+        __doc__,
+        {"tasks": 600, "warmup": 200, "chats": 30},
+        tasks=200_000,
+        warmup=(10_000, "tasks before 'start'"),
+        chats=300,
+        queue_cap=(20, "pace the producer above it"),
+        every=(1.0, "seconds between samples"),
+    )
     stop = threading.Event()
     # The producer's writes need no fsync each; the worker's commits are untouched.
     with infra.stack("cdw_memory") as running, infra.sessions(running.url, fsync=False) as factory:

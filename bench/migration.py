@@ -13,7 +13,6 @@ Targets: longest client statement during (b) <= 1 s; (b) <= 1.3 x (a).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import random
@@ -166,12 +165,9 @@ def report(out: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="of the reference data set")
-    parser.add_argument("--quick", action="store_true", help="scale 0.01")
-    args = parser.parse_args()
+    args = infra.options(__doc__, {"scale": 0.01}, scale=(1.0, "of the reference data set"))
     with infra.database("cdw_bench_migration", revision="0001") as template:
-        loaded = dataset.load(template, dataset.shape(0.01 if args.quick else args.scale))
+        loaded = dataset.load(template, dataset.shape(args.scale))
         print(f"data set: {loaded.chats:,} chats, {loaded.messages:,} messages (revision 0001)")
         with (
             infra.database("cdw_bench_migration_inline", template=template) as inline_url,

@@ -153,16 +153,15 @@ def report(results: Results, args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000, help="per phase, run and clients")
-    parser.add_argument("--chats", type=int, default=300)
-    parser.add_argument("--runs", type=int, default=3, help="runs per phase, alternating")
-    parser.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
-    parser.add_argument("--warmup", type=int, default=300, help="requests after each API start")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps this working")
-    args = parser.parse_args()
-    if args.quick:
-        args.requests, args.chats, args.runs, args.warmup = 150, 20, 1, 50
+    args = infra.options(
+        __doc__,
+        {"requests": 150, "chats": 20, "runs": 1, "warmup": 50},
+        requests=(2000, "per phase, run and clients"),
+        chats=300,
+        runs=(3, "runs per phase, alternating"),
+        clients=("1,4", "concurrent clients, comma-separated"),
+        warmup=(300, "requests after each API start"),
+    )
     args.clients = [int(c) for c in args.clients.split(",")]
     with infra.stack("cdw_overhead") as running:
         results = measure(running, args)

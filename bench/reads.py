@@ -1,21 +1,14 @@
-"""Reads and writes per chat size (100, 1,000, 5,000 messages), table vs JSONB, in one run:
-
-- last 50 messages: from the table (`app.repositories.messages.page`) vs the JSONB queries for
-  the same page (`app.repositories.chats.page`, and `jsonb_path_query_array`, the page as one
-  value); the fastest per size is the reference. The server's `EXPLAIN ANALYZE` time beside each;
-- a whole transcript paged backwards (pages of 50 and 100) from both;
-- one append to the JSONB (`chats.append`) vs to the table (`transcript_rows.append`), in ms and
-  WAL bytes (other work on the server adds to them), and the worker's sync after a JSONB append.
-
-Targets: last-50 from the table >= 3x faster than JSONB on 5,000 messages, and flat (within
-1.5x) from 100 to 5,000.
+"""Reads and writes per chat size (100, 1,000, 5,000 messages), table vs JSONB, in one run: the
+last 50 messages from the table and by each JSONB query (the server's EXPLAIN ANALYZE time
+beside each), a whole transcript paged backwards, and one append to each store in ms and WAL
+bytes, with the worker's sync after a JSONB append. Targets: last-50 from the table >= 3x faster
+than the fastest JSONB query at 5,000 messages, and flat (within 1.5x) from 100 to 5,000.
 
     .venv/bin/python -m bench.reads [--reads 300] [--walks 5] [--appends 30] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 import statistics
@@ -42,14 +35,26 @@ PAGE = 50
 USER = "bench-reads"
 TARGET_FASTER = 3.0
 TARGET_FLAT = 1.5
-TABLE = "table: messages.page (index on chat_id, seq)"
 JSONB_ARRAY = """
 SELECT jsonb_path_query_array(messages, '$[last - 49 to last]') FROM copilot_chats WHERE id = :id
 """
+TABLE = "table: messages.page (index on chat_id, seq)"
 JSONB_APPEND = "JSONB append (chats.append, messages || ...)"
 ROW_APPEND = "row append (transcript_rows.append)"
 SYNC = "then the worker's sync of that chat (sync_chats)"
 Samples = dict[tuple[str, int], list[float]]  # by (what, chat size)
+
+
+def jsonb_array(session: Any, chat_id: uuid.UUID, **_: Any) -> Any:
+    return session.execute(text(JSONB_ARRAY), {"id": chat_id}).scalar_one()
+
+
+READS = {
+    TABLE: messages_repo.page,
+    "JSONB: chats.page (jsonpath slice, rows)": chats_repo.page,
+    "JSONB: jsonb_path_query_array (one value)": jsonb_array,
+}
+PAGERS = {"table": messages_repo.page, "JSONB": chats_repo.page}
 
 
 def setup(url: str, background: float, seed: int) -> dict[int, uuid.UUID]:
@@ -79,77 +84,66 @@ def setup(url: str, background: float, seed: int) -> dict[int, uuid.UUID]:
     return chats
 
 
-def timed(samples: Samples, key: tuple[str, int], call: Callable[[], Any]) -> Any:
+def timed(samples: Samples, key: tuple[str, int], call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)`, its milliseconds added to `samples[key]`."""
     began = time.perf_counter()
-    result = call()
+    result = call(*args)
     samples.setdefault(key, []).append((time.perf_counter() - began) * 1e3)
     return result
 
 
-def last_pages(
-    session: Any, chats: dict[int, uuid.UUID], args: argparse.Namespace, rng: random.Random
-) -> tuple[Samples, Samples]:
-    """Milliseconds of every last-50 read on every size, interleaved in shuffled order, and the
-    server's execution time of each (`EXPLAIN ANALYZE` of the statement it sent)."""
-    variants: dict[str, Callable[[uuid.UUID], Any]] = {
-        TABLE: lambda c: messages_repo.page(session, c, limit=PAGE, before_seq=None),
-        "JSONB: chats.page (jsonpath slice, rows)": lambda c: chats_repo.page(
-            session, c, limit=PAGE, before_seq=None
-        ),
-        "JSONB: jsonb_path_query_array (one value)": lambda c: session.execute(
-            text(JSONB_ARRAY), {"id": c}
-        ).scalar_one(),
-    }
+def last_page(read: Callable[..., Any], session: Any, chat: uuid.UUID) -> Any:
+    return read(session, chat, limit=PAGE, before_seq=None)
+
+
+def walk(pager: Callable[..., Any], session: Any, chat: uuid.UUID, limit: int) -> None:
+    """A whole transcript, page by page backwards."""
+    before = None
+    while True:
+        page = pager(session, chat, limit=limit, before_seq=before)
+        if len(page) < limit or page[0][0] == 0:
+            return
+        before = page[0][0]
+
+
+def reads(session: Any, chats: dict[int, uuid.UUID], args: Any) -> tuple[Samples, ...]:
+    """Milliseconds of every last-50 read on every size, in shuffled order; the server's time of
+    each (EXPLAIN ANALYZE of the statement it sent); milliseconds per paged walk."""
     ms: Samples = {}
     server: Samples = {}
-    order = [(v, s) for v in variants for s in SIZES]
+    walks: Samples = {}
+    rng, order = random.Random(args.seed), [(r, s) for r in READS for s in SIZES]
     for _ in range(args.reads):
         rng.shuffle(order)
-        for variant, size in order:
-            timed(ms, (variant, size), lambda v=variant, s=size: variants[v](chats[s]))
+        for read, size in order:
+            timed(ms, (read, size), last_page, READS[read], session, chats[size])
             session.rollback()
     sent: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         sent.append((statement, parameters))
 
-    for variant, size in order * args.server_runs:
-        event.listen(session.get_bind(), "before_cursor_execute", capture)
-        variants[variant](chats[size])
-        event.remove(session.get_bind(), "before_cursor_execute", capture)
-        statement, parameters = sent.pop()
+    event.listen(session.get_bind(), "before_cursor_execute", capture)
+    for read, size in order * args.server_runs:
+        last_page(READS[read], session, chats[size])
+        statement, parameters = sent[-1]
         explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + statement
         plan = session.connection().exec_driver_sql(explain, parameters).scalar_one()
-        server.setdefault((variant, size), []).append(plan[0]["Execution Time"])
+        server.setdefault((read, size), []).append(plan[0]["Execution Time"])
         session.rollback()
-    return ms, server
-
-
-def walks(session: Any, chats: dict[int, uuid.UUID], args: argparse.Namespace, rng: Any) -> Samples:
-    """Milliseconds per whole transcript paged backwards, from the table and from the JSONB."""
-
-    def walk(pager: Callable[..., Any], chat: uuid.UUID, limit: int) -> None:
-        before = None
-        while True:
-            page = pager(session, chat, limit=limit, before_seq=before)
-            if len(page) < limit or page[0][0] == 0:
-                return
-            before = page[0][0]
-
-    pagers = {"table": messages_repo.page, "JSONB": chats_repo.page}
-    ms: Samples = {}
+    event.remove(session.get_bind(), "before_cursor_execute", capture)
     for _ in range(args.walks):
-        order = [(p, s, n) for p in pagers for s in SIZES for n in args.page_sizes]
-        rng.shuffle(order)
-        for name, size, limit in order:
-            key = (f"{name}: whole transcript, pages of {limit}", size)
-            timed(ms, key, lambda n=name, s=size, lim=limit: walk(pagers[n], chats[s], lim))
+        paged = [(p, s, n) for p in PAGERS for s in SIZES for n in args.page_sizes]
+        rng.shuffle(paged)
+        for pager, size, limit in paged:
+            key = (f"{pager}: whole transcript, pages of {limit}", size)
+            timed(walks, key, walk, PAGERS[pager], session, chats[size], limit)
             session.rollback()
-    return ms
+    return ms, server, walks
 
 
 def writes(
-    session: Any, worker_session: Any, chats: dict[int, uuid.UUID], args: argparse.Namespace
+    session: Any, worker_session: Any, chats: dict[int, uuid.UUID], args: Any
 ) -> tuple[Samples, Samples, int]:
     """Appends of one element to each store, ms and WAL bytes each, and the worker's sync after
     the first JSONB appends; the number of syncs that failed (worker statement timeout)."""
@@ -157,12 +151,12 @@ def writes(
     wal: Samples = {}
     diff = text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), CAST(:b AS pg_lsn))")
 
-    def write(key: tuple[str, int], on: Any, call: Callable[..., Any], *args: Any) -> Any:
-        """`call(*args)` and the commit of session `on`: ms and WAL bytes."""
+    def write(key: tuple[str, int], on: Any, call: Callable[..., Any], *call_args: Any) -> Any:
+        """`call(*call_args)` and the commit of session `on`: ms and WAL bytes."""
         before = str(session.execute(text("SELECT pg_current_wal_lsn()")).scalar_one())
         session.commit()
         began = time.perf_counter()
-        result = call(*args)
+        result = call(*call_args)
         on.commit()
         ms.setdefault(key, []).append((time.perf_counter() - began) * 1e3)
         wal.setdefault(key, []).append(int(session.execute(diff, {"b": before}).scalar_one()))
@@ -192,40 +186,29 @@ def by_size(samples: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], 
     return sorted(samples.items(), key=lambda kv: (kv[0][1], kv[0][0]))
 
 
-def report(ms: Samples, server: Samples, walked: Samples, written: Any) -> None:
-    write_ms, wal, failed = written
+def report(read: tuple[Samples, ...], written: tuple[Samples, Samples, int]) -> None:
+    (ms, server, walks), (write_ms, wal, failed) = read, written
     median = {key: statistics.median(values) for key, values in ms.items()}
     server_median = {key: statistics.median(values) for key, values in server.items()}
     infra.show(
         "last 50 messages (ms)",
         ["read", "messages", *infra.STATS, "server ms"],
-        [
-            [name, size, *infra.stats(values), server_median[(name, size)]]
-            for (name, size), values in by_size(ms)
-        ],
+        [[*key, *infra.stats(values), server_median[key]] for key, values in by_size(ms)],
     )
     infra.show(
         "paged transcript (ms per walk)",
         ["walk", "messages", *infra.STATS],
-        [[name, size, *infra.stats(values)] for (name, size), values in sorted(walked.items())],
+        [[*key, *infra.stats(values)] for key, values in sorted(walks.items())],
     )
     infra.show(
         f"one append (ms; WAL bytes){f'; {failed} sync(s) FAILED' if failed else ''}",
         ["append", "messages", *infra.STATS, "WAL median", "WAL min"],
         [
-            [
-                name,
-                size,
-                *infra.stats(values),
-                statistics.median(wal[(name, size)]),
-                min(wal[(name, size)]),
-            ]
-            for (name, size), values in by_size(write_ms)
+            [*key, *infra.stats(values), statistics.median(wal[key]), min(wal[key])]
+            for key, values in by_size(write_ms)
         ],
     )
-    fastest = min(
-        (n for n, s in ms if n.startswith("JSONB") and s == 5_000), key=lambda n: median[(n, 5_000)]
-    )
+    fastest = min((r for r in READS if r != TABLE), key=lambda r: median[(r, 5_000)])
     faster = median[(fastest, 5_000)] / median[(TABLE, 5_000)]
     flat = median[(TABLE, 5_000)] / median[(TABLE, 100)]
     on_server = server_median[(fastest, 5_000)] / server_median[(TABLE, 5_000)]
@@ -265,20 +248,19 @@ def report(ms: Samples, server: Samples, walked: Samples, written: Any) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reads", type=int, default=300, help="repetitions of each last-50 read")
-    parser.add_argument("--walks", type=int, default=5, help="repetitions of each paged walk")
-    parser.add_argument("--appends", type=int, default=30, help="appends per store and chat size")
-    parser.add_argument("--syncs", type=int, default=2, help="worker syncs after an append")
-    parser.add_argument("--server-runs", type=int, default=20, help="EXPLAIN ANALYZE of reads")
-    parser.add_argument("--background", type=float, default=0.1, help="data set scale around")
-    parser.add_argument("--seed", type=int, default=dataset.SEED)
-    parser.add_argument("--quick", action="store_true", help="few repetitions, no background")
-    args = parser.parse_args()
-    args.page_sizes, args.sync_sizes = (50, 100), SIZES
-    if args.quick:
-        args.reads, args.walks, args.appends, args.syncs, args.server_runs = 20, 1, 3, 1, 3
-        args.background, args.page_sizes, args.sync_sizes = 0.0, (100,), SIZES[:1]
+    args = infra.options(
+        __doc__,
+        {"reads": 20, "walks": 1, "appends": 3, "syncs": 1, "server_runs": 3, "background": 0.0},
+        reads=(300, "repetitions of each last-50 read"),
+        walks=(5, "repetitions of each paged walk"),
+        appends=(30, "appends per store and chat size"),
+        syncs=(2, "worker syncs after an append"),
+        server_runs=(20, "EXPLAIN ANALYZE of reads"),
+        background=(0.1, "data set scale around"),
+        seed=dataset.SEED,
+    )
+    args.page_sizes = (100,) if args.quick else (50, 100)
+    args.sync_sizes = SIZES[:1] if args.quick else SIZES
     with (
         infra.database("cdw_bench_reads") as url,
         infra.sessions(url, pool_size=2) as sessions,
@@ -288,11 +270,9 @@ def main() -> int:
     ):
         print("setting up the chats...", file=sys.stderr)
         chats = setup(url, args.background, args.seed)
-        rng = random.Random(args.seed)  # one shuffled order after another
-        ms, server = last_pages(session, chats, args, rng)
-        walked = walks(session, chats, args, rng)
+        read = reads(session, chats, args)
         written = writes(session, worker_session, chats, args)
-    report(ms, server, walked, written)
+    report(read, written)
     return 0
 
 

@@ -200,15 +200,14 @@ def report(out: dict[str, Any], expected: int, args: argparse.Namespace) -> None
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="of the reference data set")
-    parser.add_argument("--runs", type=int, default=3, help="rounds of (a)-(d)")
-    parser.add_argument("--batch-size", type=int, default=200, help="chats per reconcile batch")
-    parser.add_argument("--explain", action="store_true", help="write the plans even if met")
-    parser.add_argument("--quick", action="store_true", help="scale 0.01, one round")
-    args = parser.parse_args()
-    if args.quick:
-        args.scale, args.runs = 0.01, 1
+    args = infra.options(
+        __doc__,
+        {"scale": 0.01, "runs": 1},
+        scale=(1.0, "of the reference data set"),
+        runs=(3, "rounds of (a)-(d)"),
+        batch_size=(200, "chats per reconcile batch"),
+        explain=(False, "write the plans even if met"),
+    )
     args.suffix = "" if args.scale == 1.0 else f"-scale-{args.scale:g}"  # CI keeps real plans
     with infra.database("cdw_bench_reconcile") as url:
         loaded = dataset.load(url, dataset.shape(args.scale))
