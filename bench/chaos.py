@@ -102,8 +102,7 @@ class Traffic:
 
 
 class Faults:
-    """Every few seconds, one fault: a pool child SIGKILLed, the whole worker SIGKILLed and
-    restarted, Redis stopped or paused, or the worker's database backends terminated."""
+    """Every few seconds, one fault of those below, chosen at random."""
 
     def __init__(self, running: infra.Stack, worker: Any) -> None:
         self.running, self.worker = running, worker
@@ -153,8 +152,7 @@ class Faults:
 
 
 def run(running: infra.Stack, args: argparse.Namespace) -> tuple[Traffic, Faults, list[Any]]:
-    """Traffic and faults for `args.seconds`, the faults stopped first, then the wait until no
-    drift and no chat behind; the traffic, the faults and the run's times and retries."""
+    """Traffic and faults for `args.seconds`, then the wait for the system to converge."""
     worker = running.worker()
     running.beat()
     traffic = Traffic(running.api().base, running.headers("chaos"), args.chats, args.clients)

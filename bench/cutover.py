@@ -1,15 +1,11 @@
-"""The cutover in one run, on one database and one API and worker process: appends to a
-5,000-message chat (request time; WAL per append, the worker's copies included) in `dual_write`,
-`table_only` and after the contract, and last-50 reads of it in `read_table`, `table_only` and
-after the contract. The phase moves with `python -m app phase set` (a reconcile before
-`read_table`), then `python -m app contract --yes`.
+"""The cutover in one run on one API and worker: appends to a 5,000-message chat (request time;
+WAL per append, server-wide, the worker's copies included) in `dual_write`, `table_only` and
+after the contract, and its last 50 messages read in `read_table`, `table_only` and after, the
+phase moved by `python -m app phase set` and `contract --yes`. Targets: appends in `table_only`
+>= 50x faster (p50) and WAL after the contract >= 100x less than in `dual_write`; reads no
+slower than in `read_table`.
 
     .venv/bin/python -m bench.cutover [--messages 5000] [--appends 200] [--reads 300] [--quick]
-
-WAL is `pg_current_wal_lsn()` before and after a whole series, each taken with the sync backlog
-empty; it is the server's, so other databases written meanwhile add to it. Targets: appends in
-`table_only` >= 50x faster than in `dual_write` (p50); WAL per append after the contract >= 100x
-less than in `dual_write`; reads in `table_only` and after it no slower than in `read_table`.
 """
 
 from __future__ import annotations
@@ -57,8 +53,8 @@ def cli(env: dict[str, str], command: str) -> None:
 
 
 def settle(running: infra.Stack, contracted: bool) -> None:
-    """Wait for the queue to empty and every chat's copy to catch up. After the contract no sync
-    copies anything, so only the queue counts (its tasks return at once)."""
+    """Wait for an empty queue and every chat's copy caught up (after the contract no sync
+    copies anything: only the queue counts)."""
     infra.wait_until(
         lambda: running.queue() == 0 and (contracted or infra.scalar(running.url, BEHIND) == 0),
         300,
@@ -69,8 +65,7 @@ def settle(running: infra.Stack, contracted: bool) -> None:
 
 
 def load_chats(http: httpx.Client, messages: int, scale: float) -> str:
-    """Import the background chats (the data set's shape at `scale`) and the measured chat of
-    `messages` realistic elements; the measured chat's id."""
+    """Import the data set at `scale` around the measured chat of `messages`; the latter's id."""
     for chat in dataset.chats(dataset.shape(scale)):
         body = {"user_id": chat.user_id, "title": chat.title, "messages": chat.messages}
         http.post("/admin/chats/import", json=body).raise_for_status()
@@ -106,13 +101,6 @@ def served(response: httpx.Response) -> bool:
     return len(page.get("messages", [])) == PAGE and page["source"] == "table"
 
 
-def gets(
-    http: httpx.Client, path: str, count: int, ok: Callable[[httpx.Response], bool]
-) -> list[float]:
-    """Seconds per GET of `path`, after 20 unmeasured."""
-    return timed(count + 20, lambda: http.get(path), ok)[20:]
-
-
 def appends(
     http: httpx.Client, running: infra.Stack, chat: str, count: int, state: str
 ) -> tuple[list[float], float]:
@@ -133,8 +121,8 @@ def appends(
 
 
 def measure(running: infra.Stack, http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
-    """Load the chats, then move through the states; per state (where measured), the seconds
-    per append, read of the last page and request floor, and the WAL bytes per append."""
+    """Per state (where measured): seconds per append, per read of the last page and per
+    request floor, and WAL bytes per append."""
     out: dict[str, Any] = {"appends": {}, "wal": {}, "reads": {}, "floors": {}}
     chat = load_chats(http, args.messages, args.scale)
     page = f"/chats/{chat}/messages?limit={PAGE}"
@@ -147,16 +135,16 @@ def measure(running: infra.Stack, http: httpx.Client, args: argparse.Namespace) 
             out["appends"][state], out["wal"][state] = appends(
                 http, running, chat, args.appends, state
             )
-            out["floors"][state] = gets(http, missing, args.reads, status(404))
+            floor = timed(args.reads + 20, lambda: http.get(missing), status(404))
+            out["floors"][state] = floor[20:]  # after 20 unmeasured, as the reads
         if state != "dual_write":
-            out["reads"][state] = gets(http, page, args.reads, served)
+            out["reads"][state] = timed(args.reads + 20, lambda: http.get(page), served)[20:]
     print(f"chats behind after the contract: {infra.scalar(running.url, BEHIND)}", file=sys.stderr)
     return out
 
 
 def versus(name: str, state: str, base: float, value: float, reference: str) -> list[str]:
-    """Reference, ratio, target and verdict of one figure: appends and WAL as "x less" than
-    the reference, reads as a ratio to it."""
+    """Reference, ratio, target and verdict: appends and WAL as "x less" than the reference."""
     less = name.startswith(("append", "WAL"))
     ratio = base / value if less else value / base
     shown = [f"{base:,.3f} ({reference})" if base < 100 else f"{base:,.0f} ({reference})"]
@@ -170,8 +158,6 @@ def versus(name: str, state: str, base: float, value: float, reference: str) -> 
 
 
 def report(measured: dict[str, Any], args: argparse.Namespace) -> None:
-    """One table: each figure per state, against its reference state, with the targets."""
-
     def ms(series: dict[str, list[float]], p: float) -> dict[str, float]:
         return {state: infra.percentile(values, p) * 1e3 for state, values in series.items()}
 

@@ -46,8 +46,7 @@ class Shape:
 
 
 def shape(scale: float = 1.0, seed: int = SEED) -> Shape:
-    """The reference shape, or a smaller one of the same skew (`scale` < 1, for quick runs): the
-    largest chat shrinks with the square root of the scale, so that it stays the outlier."""
+    """The reference shape, or one of the same skew (the largest chat stays the outlier)."""
     if scale >= 1.0:
         return Shape(round(CHATS * scale), round(MESSAGES * scale), MEDIAN, MAX, seed)
     chats = max(3, round(CHATS * scale))
@@ -155,8 +154,8 @@ def element(
 def transcript(
     rng: random.Random, count: int, start: datetime, text: Text | None = None
 ) -> list[dict[str, Any]]:
-    """`count` elements, roles alternating from `user`; more than half of the replies share their
-    user message's millisecond (as in real chats, where order comes from the array position)."""
+    """`count` elements, roles alternating; over half the replies share their user message's
+    millisecond (as in real chats, where order comes from the array position)."""
     ts = start
     out = []
     for i in range(count):

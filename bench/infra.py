@@ -45,9 +45,8 @@ CONTENT_BYTES = 850  # with id, role and timestamp: ~0.9 KB per element
 
 
 def options(doc: str, quick: dict[str, Any], **defaults: Any) -> argparse.Namespace:
-    """The command line: `--NAME` for each default, of its type (a default `(value, "help")`
-    says what it is for), and `--quick`, which sets the `quick` values: tiny sizes that keep the
-    bench working (its figures then mean nothing)."""
+    """`--NAME` for each default (or `(default, help)`), and `--quick`: the `quick` values, tiny
+    sizes that keep the bench working (its figures then mean nothing)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     for name, default in defaults.items():
         value, what = default if isinstance(default, tuple) else (default, None)
@@ -66,9 +65,8 @@ def options(doc: str, quick: dict[str, Any], **defaults: Any) -> argparse.Namesp
 
 @contextmanager
 def database(prefix: str, revision: str = "head", template: str | None = None) -> Iterator[str]:
-    """A database of the bench's own, built by `alembic upgrade REVISION` or copied from the one
-    at URL `template`, and named in `os.environ` for the service's code run in-process; dropped
-    afterwards. The services must answer; SIGTERM becomes an exit, so `finally` blocks run."""
+    """A database of the bench's own (`alembic upgrade REVISION`, or a copy of `template`), in
+    DATABASE_URL, dropped afterwards; SIGTERM becomes an exit, so that `finally` blocks run."""
     check = subprocess.run([str(ROOT / "scripts" / "services.sh")], capture_output=True, text=True)
     if check.returncode != 0:
         raise SystemExit(check.stdout.strip())
@@ -99,8 +97,7 @@ def scalar(url: str, sql: str, params: Any = None) -> Any:
 def sessions(
     url: str, *, worker: bool = False, pool_size: int = 1, fsync: bool = True
 ) -> Iterator[Any]:
-    """A sessionmaker on the service's engine (an API's or, with `worker`, a worker's), disposed
-    afterwards. Without `fsync` its commits do not wait for the disk (the bench's own setup)."""
+    """A sessionmaker on the service's engine; without `fsync`, for the bench's own setup."""
     engine = make_engine(Settings(database_url=url), worker=worker, pool_size=pool_size)
     if not fsync:
 
@@ -118,8 +115,7 @@ def sessions(
 
 @dataclass
 class Stack:
-    """A database, a redis-server and the service's environment; `worker`, `api` and `beat`
-    start processes that stop with the stack."""
+    """A database, a redis-server, and the service's processes, which stop with the stack."""
 
     url: str
     broker: RedisServer
@@ -150,8 +146,8 @@ class Stack:
 
 @contextmanager
 def stack(prefix: str, **extra: str) -> Iterator[Stack]:
-    """A database and a redis-server of the bench's own; the service's environment (also in
-    `os.environ`), with `extra` settings, points at them."""
+    """A database and a redis-server of the bench's own; the environment, with `extra`
+    settings, points at them."""
     with database(prefix) as url:
         broker = RedisServer().start()
         secret = os.environ.get("AUTH_SECRET") or secrets.token_hex(32)
@@ -209,8 +205,7 @@ def in_threads(target: Callable[..., Any], args: Iterable[tuple[Any, ...]]) -> N
 def append_load(
     base: str, headers: dict[str, str], chats: list[str], count: int, clients: int
 ) -> list[float]:
-    """`count` appends of a `message` spread round robin over `chats` by `clients` keep-alive
-    clients, each sending its next as soon as the last answered; seconds per success."""
+    """Seconds per successful append: `count` over `chats` by `clients` closed-loop clients."""
     counter, latencies = itertools.count(), []
 
     def client() -> None:
@@ -231,8 +226,7 @@ def append_load(
 
 
 class Poller:
-    """Calls `sample()` every `every` seconds in a thread, from `start()` until `stop()`;
-    `samples` holds (seconds since start, value)."""
+    """(seconds since start, `sample()`) every `every` seconds, from `start()` to `stop()`."""
 
     def __init__(self, sample: Callable[[], Any], every: float) -> None:
         self.sample, self.every = sample, every
@@ -300,9 +294,8 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 class CpuMeter:
-    """CPU seconds used between `start()` and `stop()` by the processes of a stack, by group:
-    API, worker (main and pool), Redis, the database backends, and the bench's own client.
-    A process that appears in between counts from zero; one that exits in between is lost."""
+    """CPU seconds used between `start()` and `stop()` by a stack's processes, by group (a
+    process that appears in between counts from zero; one that exits in between is lost)."""
 
     def __init__(self, running: Stack) -> None:
         self.running = running

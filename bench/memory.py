@@ -1,13 +1,9 @@
 """Worker memory over a long run: a mix of real sync tasks (appends, pairs, snapshot edits,
-duplicate deliveries, deleted chats) through a prefork worker (-c 2, as deployed), sampling the
-resident set size of the main process and of each pool child every second.
+duplicate deliveries, deleted chats) through a prefork worker (-c 2, no max_tasks_per_child, so
+growth after warm-up is real), the producer paced to keep the queue short; RSS of the main
+process and each pool child sampled every second. Writes bench/out/memory_rss.csv and .png.
 
     .venv/bin/python -m bench.memory [--tasks 200000] [--chats 300] [--quick]
-
-The producer writes the JSONB with the service's repositories and publishes with its bounded
-publisher (coalescing per chat, as the API does), paced so that the queue stays short and nearly
-every task does real work. No `max_tasks_per_child` is set, so the pool children live for the
-whole run and any growth after warm-up is real. Writes bench/out/memory_rss.csv and .png.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ import argparse
 import random
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -44,9 +39,8 @@ class ChatState:
 
 
 class Producer:
-    """Mutates chats through the service's own operations (`app.services.chats`), each in a
-    transaction of its own with its sync published after the commit, as the API does; plus
-    syncs of deleted chats and duplicate deliveries, sent as they are."""
+    """Mutates chats by the service's own operations (as the API does), and sends syncs of
+    deleted chats and duplicate deliveries as they are."""
 
     def __init__(self, running: infra.Stack, factory: Any, chats: int, seed: int) -> None:
         from tasks.publish import bounded_publisher, producer
@@ -120,12 +114,12 @@ class Producer:
             kind = "duplicate"
         self.ops[kind] += 1
 
-    def run(self, tasks: int, queue_cap: int, stop: threading.Event) -> None:
-        while self.sent < tasks and not stop.is_set():
+    def run(self, tasks: int, queue_cap: int) -> None:
+        """Steps until `tasks` tasks are sent, waiting whenever the queue is above `queue_cap`."""
+        while self.sent < tasks:
             self.step()
             if self.sent % 50 == 0:
-                while infra.queue_length(self.redis_url) > queue_cap and not stop.is_set():
-                    time.sleep(0.02)
+                infra.wait_until(lambda: infra.queue_length(self.redis_url) <= queue_cap, 600, 0.02)
 
 
 Sample = tuple[int, dict[str, dict[str, int]]]  # tasks run; KiB by KINDS, then by process
@@ -217,14 +211,13 @@ def main() -> int:
         queue_cap=(20, "pace the producer above it"),
         every=(1.0, "seconds between samples"),
     )
-    stop = threading.Event()
     # The producer's writes need no fsync each; the worker's commits are untouched.
     with infra.stack("cdw_memory") as running, infra.sessions(running.url, fsync=False) as factory:
         worker, redis = running.worker("worker", "-c", "2"), running.broker.client()
         producer = Producer(running, factory, args.chats, seed=1)
         sampler = infra.Poller(lambda: sample(worker, redis), args.every).start()
         try:
-            producer.run(args.tasks, args.queue_cap, stop)
+            producer.run(args.tasks, args.queue_cap)
             infra.wait_until(
                 lambda: sum(infra.task_outcomes(redis).values()) >= producer.sent,
                 300,
@@ -233,7 +226,6 @@ def main() -> int:
             finished = time.perf_counter() - sampler.started
             time.sleep(3 * args.every)  # a few samples of the idle worker at the end
         finally:
-            stop.set()
             sampler.stop()
         outcomes = infra.task_outcomes(redis)
     report(sampler.values(), producer, outcomes, finished, args)

@@ -1,12 +1,8 @@
-"""The expand migration on the reference data set (revision 0001 data), in the same run:
-
-  (a) today's inline backfill, for reference: the DDL and the whole copy in one transaction;
-  (b) `alembic upgrade head` while a client keeps appending to random chats with plain SQL,
-      as the previous release would: the longest wait of any of its statements, and the total
-      time against (a);
-  (c) the same upgrade killed halfway through its backfill, then run again: time to resume.
-
-Targets: longest client statement during (b) <= 1 s; (b) <= 1.3 x (a).
+"""The expand migration on the reference data set (revision 0001 data), in one run: (a) the old
+inline backfill, DDL and copy in one transaction; (b) `alembic upgrade head` while a client
+appends to random chats with plain SQL (its longest statement, and the time against (a));
+(c) the upgrade killed halfway through its backfill, then run again. Targets: longest client
+statement during (b) <= 1 s; (b) <= 1.3 x (a).
 
     .venv/bin/python -m bench.migration [--scale 1.0] [--quick]
 """
@@ -59,8 +55,7 @@ def inline_backfill(url: str) -> float:
 
 
 def appending(url: str, during: Callable[[], Any]) -> list[float]:
-    """Seconds of each append a client made to a random chat with plain SQL while `during()`
-    ran."""
+    """Seconds per append of a client to random chats, with plain SQL, while `during()` runs."""
     durations: list[float] = []
     stop = threading.Event()
 

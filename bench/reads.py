@@ -58,8 +58,7 @@ PAGERS = {"table": messages_repo.page, "JSONB": chats_repo.page}
 
 
 def setup(url: str, background: float, seed: int) -> dict[int, uuid.UUID]:
-    """The background data set (so the table and its indexes are not trivially small), one chat
-    per size, and their rows copied with the migration's own backfill statement."""
+    """The background data set, one chat per size, and their rows copied by the backfill."""
     if background > 0:
         dataset.load(url, dataset.shape(background, seed))
     rng, chats = random.Random(seed), {}
@@ -107,8 +106,8 @@ def walk(pager: Callable[..., Any], session: Any, chat: uuid.UUID, limit: int) -
 
 
 def reads(session: Any, chats: dict[int, uuid.UUID], args: Any) -> tuple[Samples, ...]:
-    """Milliseconds of every last-50 read on every size, in shuffled order; the server's time of
-    each (EXPLAIN ANALYZE of the statement it sent); milliseconds per paged walk."""
+    """Milliseconds per last-50 read, in shuffled order; its EXPLAIN ANALYZE time; milliseconds
+    per paged walk."""
     ms: Samples = {}
     server: Samples = {}
     walks: Samples = {}
@@ -145,8 +144,7 @@ def reads(session: Any, chats: dict[int, uuid.UUID], args: Any) -> tuple[Samples
 def writes(
     session: Any, worker_session: Any, chats: dict[int, uuid.UUID], args: Any
 ) -> tuple[Samples, Samples, int]:
-    """Appends of one element to each store, ms and WAL bytes each, and the worker's sync after
-    the first JSONB appends; the number of syncs that failed (worker statement timeout)."""
+    """Ms and WAL bytes per append to each store and per sync after one; syncs failed."""
     ms: Samples = {}
     wal: Samples = {}
     diff = text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), CAST(:b AS pg_lsn))")

@@ -1,16 +1,10 @@
-"""Reconcile vs the migration's inline backfill, on the reference data set, in the same run:
+"""Reconcile against the migration's inline backfill on the reference data set, in one run:
+(a) the backfill's one statement (`migrations.backfill.INLINE`) into an empty table, (b) again
+with every row there, (c) `python -m app reconcile`'s code into the emptied table, (d) again, in
+sync. Targets: (c) <= 1.5 x (a), (d) <= 2 x (b); where one is missed (or with --explain), the
+time per statement kind and the plan of one converge batch go to bench/out/.
 
-  (a) the backfill's copy as one statement (`migrations.backfill.INLINE`) into an empty table;
-  (b) the same statement again, every row already there;
-  (c) the table truncated, then the reconcile (`python -m app reconcile`'s code) into it;
-  (d) the reconcile again, everything in sync.
-
-Targets: (c) <= 1.5 x (a) and (d) <= 2 x (b). Where one is missed (or with --explain),
-`EXPLAIN (ANALYZE, BUFFERS)` of one batch of the converge statement goes to bench/out/, beside
-the time per statement kind, to show where the time goes.
-
-    .venv/bin/python -m bench.reconcile [--scale 1.0] [--runs 3] [--batch-size 200]
-                                        [--explain] [--quick]
+    .venv/bin/python -m bench.reconcile [--scale 1.0] [--runs 3] [--batch-size 200] [--quick]
 """
 
 from __future__ import annotations
@@ -98,8 +92,7 @@ def sql(url: str, *statements: str) -> float:
 
 
 def run_reconcile(factory: Any, url: str, batch_size: int) -> tuple[float, Any]:
-    """The reconcile as `python -m app reconcile` runs it; seconds and its report, or the
-    error of a batch past the worker's statement timeout (a result to report, not a crash)."""
+    """Seconds and the report of the reconcile (or the error of a batch past the timeout)."""
     infra.scalar(url, "CHECKPOINT")
     started = time.perf_counter()
     try:

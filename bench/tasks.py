@@ -1,9 +1,6 @@
-"""Bench-only Celery task: the bare round trip the lag bench compares the real sync with.
-
-`bench.touch` upserts one row and does nothing else: no JSONB read, no advisory lock, no Redis
-bookkeeping. Loaded only by bench workers (`celery -A tasks worker --include bench.tasks`), it
-runs on the sync queue, in the same worker processes and with the same engine as the real sync.
-"""
+"""Bench-only Celery task `bench.touch`, the bare round trip bench.lag compares the real sync
+with: one upsert of one row, nothing else, on the sync queue, in the same worker processes and
+with the same engine. Loaded only by bench workers (`--include bench.tasks`)."""
 
 from __future__ import annotations
 
@@ -36,6 +33,5 @@ _UPSERT = text(
 
 @celery.task(name=TOUCH, queue=Queue.SYNC.value, ignore_result=True, max_retries=0)
 def touch(row_id: int, sent_at: str) -> None:
-    """One upsert of one row, in one transaction."""
     with worker_transaction() as session:
         session.execute(_UPSERT, {"id": row_id, "sent_at": sent_at})
