@@ -45,14 +45,11 @@ class Producer:
     def __init__(self, running: infra.Stack, factory: Any, chats: int, seed: int) -> None:
         from tasks.publish import bounded_publisher, producer
 
-        self.factory, self.bounded = factory, bounded_publisher(get_settings())
-        self.raw, self.redis_url = producer(get_settings()), running.broker.url
-        self.rng, self.max_messages, self.sent, self.ops = (
-            random.Random(seed),
-            60,
-            0,
-            Counter[str](),
-        )
+        settings = get_settings()
+        self.factory, self.redis_url = factory, running.broker.url
+        self.bounded, self.raw = bounded_publisher(settings), producer(settings)
+        self.rng, self.sent, self.ops = random.Random(seed), 0, Counter[str]()
+        self.max_messages = 60
         self.chats = [self._create() for _ in range(chats)]
 
     def _publish(self, job: Job) -> None:
@@ -67,9 +64,8 @@ class Producer:
         self.sent += 1
 
     def _create(self) -> ChatState:
-        return ChatState(
-            self._do(service.create_chat, schemas.CreateChat(title="memory", model="m")).id
-        )
+        new = schemas.CreateChat(title="memory", model="m")
+        return ChatState(self._do(service.create_chat, new).id)
 
     def _element(self, role: str) -> dict[str, str]:
         size = self.rng.randint(600, infra.CONTENT_BYTES)
@@ -100,9 +96,8 @@ class Producer:
             kind = "append"
         elif r < 0.82:
             pair = {"user": self._element("user"), "assistant": self._element("assistant")}
-            appended = self._do(
-                service.append_inbox_pair, chat.id, schemas.InboxPair.model_validate(pair)
-            )
+            body = schemas.InboxPair.model_validate(pair)
+            appended = self._do(service.append_inbox_pair, chat.id, body)
             chat.ids, chat.version = chat.ids + appended.message_ids, appended.version
             kind = "append pair"
         elif r < 0.88:
