@@ -25,6 +25,8 @@ import httpx
 
 from bench import infra
 
+FAULTS = ["kill child", "kill worker", "stop redis", "pause redis", "terminate backends"]
+
 
 def message(role: str, **extra: str) -> dict[str, str]:
     """An element without a timestamp, of a random size."""
@@ -102,7 +104,7 @@ class Traffic:
 
 
 class Faults:
-    """Every few seconds, one fault of those below, chosen at random."""
+    """Every few seconds, one of the FAULTS (a method of this class each), chosen at random."""
 
     def __init__(self, running: infra.Stack, worker: Any) -> None:
         self.running, self.worker = running, worker
@@ -113,9 +115,7 @@ class Faults:
     def run(self, every: float) -> None:
         rng = random.Random(7)
         while not self.stop.wait(every * rng.uniform(0.5, 1.5)):
-            fault = rng.choice(
-                ["kill child", "kill worker", "stop redis", "pause redis", "terminate backends"]
-            )
+            fault = rng.choice(FAULTS)
             try:
                 getattr(self, fault.replace(" ", "_"))()
                 self.counts[fault] += 1

@@ -163,11 +163,7 @@ def stack(prefix: str, **extra: str) -> Iterator[Stack]:
 
 
 def unit_of_work(
-    factory: Any,
-    publish: Callable[[Any], Any],
-    user: str,
-    operation: Callable[..., Any],
-    *args: Any,
+    factory: Any, publish: Callable[..., Any], user: str, operation: Callable[..., Any], *args: Any
 ) -> Any:
     """`operation(ctx, *args)`, one of `app.services.chats`, run in this process as the API runs
     it: in a transaction of its own, its jobs published with `publish` after the commit."""

@@ -8,7 +8,6 @@ process and each pool child sampled every second. Writes bench/out/memory_rss.cs
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -153,11 +152,7 @@ def series(samples: list[Sample], kind: str) -> dict[str, list[tuple[int, int]]]
 
 
 def report(
-    samples: list[Sample],
-    producer: Producer,
-    outcomes: dict[str, int],
-    seconds: float,
-    args: argparse.Namespace,
+    samples: list[Sample], producer: Producer, outcomes: dict[str, int], seconds: float, args: Any
 ) -> None:
     done = samples[-1][0]
     print(f"\nworker RSS, prefork -c 2, no max_tasks_per_child: {done:,} tasks in {seconds:.0f}s")
