@@ -136,3 +136,40 @@ def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(  # type:
         ctx = service.Context(session, JobQueue(), SETTINGS, USER)
         _, messages = service.get_chat(ctx, chat)
     assert body.message.id in [m["id"] for m in messages]
+
+
+def test_a_write_that_began_before_a_clear_judges_the_cleared_mark(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+    """A write's statement takes its snapshot, then waits for the chat's row; meanwhile a sync
+    starts and clears the mark. The write must see the clear (and send), not the mark of its
+    snapshot: that sync may have read the chat before this write committed."""
+    chat = new_chat(sessionmaker)
+    write(sessionmaker, service.append_user_message, chat, append_body())  # marks the chat
+    sent: list[JobQueue] = []
+    with engine.connect() as holder:
+        holder.execute(
+            text("SELECT 1 FROM copilot_chats WHERE id = :id FOR NO KEY UPDATE"), {"id": chat}
+        )
+        writer = threading.Thread(
+            target=lambda: sent.append(
+                write(sessionmaker, service.append_user_message, chat, append_body())
+            )
+        )
+        writer.start()
+
+        def write_waits() -> bool:
+            with engine.connect() as conn:
+                return bool(
+                    conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND query LIKE '%UPDATE copilot_chats SET%'"
+                        )
+                    ).scalar_one()
+                )
+
+        wait_until(write_waits, timeout=10, what="the write to wait for the chat's row")
+        clear(sessionmaker, chat)  # the sync starts while the write waits
+        holder.rollback()
+    writer.join(timeout=10)
+    assert len(sent) == 1 and len(sent[0].jobs) == 1
+    assert queued(sessionmaker, chat)

@@ -104,7 +104,11 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
         assert 10 <= failures._value.get() - failures_before <= 100
         with engine.connect() as connection:
             marked = connection.execute(
-                text("SELECT count(*) FROM copilot_chat_sync_state WHERE queued_since IS NOT NULL")
+                text(
+                    "SELECT count(*) FROM copilot_chat_sync_state "
+                    "WHERE queued_since IS NOT NULL AND chat_id = ANY(CAST(:ids AS uuid[]))"
+                ),
+                {"ids": chats},
             ).scalar_one()
         assert marked == 0  # nothing holds back the chats' next writes
     finally:

@@ -117,41 +117,33 @@ class Written(NamedTuple):
 
 
 # The mark a write sets in its own statement when it sends a sync of its chat, as a CTE after
-# `changed` (the write's CTE, returning the chat's `id`): set only where no sync waits, and only
-# when `:queue` (the phase copies). The statement then sends iff `(SELECT count(*) FROM queued)`
-# is not 0. A chat with no sync state yet (no mark to find) is sent too.
+# `changed` (the write's CTE, returning the chat's `id`), when `:queue` (the phase copies). It
+# updates the chat's sync state row whether or not a mark is there: an UPDATE locks the newest
+# version of the row and judges that one (a condition in its WHERE would be judged on the
+# statement's snapshot, which may predate the clear of a sync that started meanwhile), and the
+# lock holds a sync's clear back until this write commits. The write sends iff the mark is its
+# own (`now()` is its transaction's start), or there is no sync state to mark.
 QUEUE_MARK = """
     queued AS (
-        UPDATE copilot_chat_sync_state s SET queued_since = now()
-        FROM changed WHERE s.chat_id = changed.id AND s.queued_since IS NULL
-          AND CAST(:queue AS boolean)
-        RETURNING s.chat_id
+        UPDATE copilot_chat_sync_state s SET queued_since = coalesce(s.queued_since, now())
+        FROM changed WHERE s.chat_id = changed.id AND CAST(:queue AS boolean)
+        RETURNING s.queued_since = now() AS mine
     )"""
-QUEUE_SEND = """(
-        CAST(:queue AS boolean) AND (
-            EXISTS (SELECT 1 FROM queued)
-            OR NOT EXISTS (SELECT 1 FROM copilot_chat_sync_state s, changed
-                           WHERE s.chat_id = changed.id)
-        ))"""
+QUEUE_SEND = "(CAST(:queue AS boolean) AND coalesce((SELECT mine FROM queued), true))"
 
 
 def clear_queued(session: Session | Connection, chat_ids: Sequence[uuid.UUID]) -> None:
     """A sync starts: from now on a write of these chats sends a sync of its own.
 
-    Commit this before the sync reads anything. The chats are locked `FOR SHARE` first, which
-    waits for every write in flight (they hold their chat's row, or in `table_only` its sync
-    state row, until they commit): a write that found the mark set and sent nothing is then
-    committed before the sync takes its snapshot, so the sync reads it. A write that comes
+    Commit this before the sync reads anything. A write holds its chat's sync state row from
+    the moment it finds the mark until it commits (see `QUEUE_MARK`; in `table_only`, the head
+    lock), so this waits for a write that found the mark set and sent nothing: that write is
+    committed before the sync takes its snapshot, and the sync reads it. A write that comes
     after finds the mark cleared and sends its own."""
     session.execute(
         text(
-            """
-            WITH held AS MATERIALIZED (
-                SELECT id FROM copilot_chats WHERE id = ANY(:ids) ORDER BY id FOR SHARE
-            )
-            UPDATE copilot_chat_sync_state SET queued_since = NULL
-            WHERE chat_id IN (SELECT id FROM held) AND queued_since IS NOT NULL
-            """
+            "UPDATE copilot_chat_sync_state SET queued_since = NULL "
+            "WHERE chat_id = ANY(:ids) AND queued_since IS NOT NULL"
         ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
         {"ids": list(chat_ids)},
     )
