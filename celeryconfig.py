@@ -39,9 +39,10 @@ worker_prefetch_multiplier = 1
 task_soft_time_limit = _settings.task_soft_time_limit_seconds
 task_time_limit = _settings.task_time_limit_seconds
 
-# Flower shows tasks from the workers' events. The producers' "task-sent" events would add the
-# "sent" state at a cost of ~40% of every publish on the request path: off unless asked for.
-worker_send_task_events = True
+# Flower shows tasks from the workers' events (`WORKER_TASK_EVENTS`; off, Flower still turns
+# them on while it runs). The producers' "task-sent" events would add the "sent" state at a cost
+# of ~40% of every publish: off unless asked for.
+worker_send_task_events = _settings.worker_task_events
 task_send_sent_event = _settings.task_sent_events
 
 task_default_queue = Queue.SYNC.value

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     coalesce_ttl_seconds: int = Field(default=120, gt=0)
     # Producers' task-sent events (Flower's "sent" state); they double the cost of a send.
     task_sent_events: bool = False
+    # Workers' task events (received, started, succeeded: Flower's task views). Each is a
+    # publish by the worker's main process, about a quarter of a sync's worker CPU. Off, a
+    # worker sends them only while Flower runs: Flower turns them on every few seconds.
+    worker_task_events: bool = True
 
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
     worker_statement_timeout_ms: int = Field(default=60_000, gt=0)

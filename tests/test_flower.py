@@ -9,12 +9,18 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 
+from app.settings import Settings
+from app.task_names import SYNC_CHAT
+from tasks.publish import producer
+from tests.conftest import start_worker
 from tests.support import ROOT, wait_until
 from tests.test_handlers import message, new_chat
 
@@ -28,12 +34,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def flower(worker) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """Flower's base URL; started only once the worker is ready (it caches the workers it saw
-    at start-up), stopped as a process group."""
+@contextmanager
+def running_flower(env: dict[str, str]) -> Iterator[str]:
+    """Flower as an operator starts it, with `env`; its base URL. Stopped as a process group."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    env = {k: v for k, v in env.items() if k != "FLOWER_UNAUTHENTICATED_API"}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"flower-{port}.log"
     with log_path.open("wb") as log:
@@ -74,6 +79,23 @@ def flower(worker) -> Iterator[str]:  # type: ignore[no-untyped-def]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def flower(worker) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Flower's base URL; started only once the worker is ready (it caches the workers it saw
+    at start-up)."""
+    with running_flower(dict(os.environ)) as base:
+        yield base
+
+
+def succeeded(flower: str, task_id: str) -> Any:
+    """The task as Flower lists it once it succeeded, else None."""
+    response = httpx.get(f"{flower}/api/task/info/{task_id}", auth=AUTH, timeout=30)
+    if response.status_code != 200:
+        return None
+    task = response.json()
+    return task if task.get("state") == "SUCCESS" else None
 
 
 def test_flower_lists_the_worker_and_a_sync_task_that_ran(flower, worker, api, auth) -> None:  # type: ignore[no-untyped-def]
@@ -128,3 +150,29 @@ def test_flower_api_needs_the_password(flower) -> None:  # type: ignore[no-untyp
         assert httpx.get(f"{flower}{path}", timeout=10).status_code == 401
         wrong = httpx.get(f"{flower}{path}", auth=(AUTH[0], "nope"), timeout=10)
         assert wrong.status_code == 401
+
+
+def test_a_worker_without_task_events_sends_them_while_flower_runs(broker, hooks) -> None:  # type: ignore[no-untyped-def]
+    """`WORKER_TASK_EVENTS=false`: no event costs the worker while nobody watches, and Flower,
+    once it runs, turns them on and lists the tasks."""
+    worker = start_worker(broker, hooks, "quiet", WORKER_TASK_EVENTS="false")
+    sender = producer(Settings(redis_url=broker.url))
+    try:
+        with running_flower({**os.environ, "REDIS_URL": broker.url}) as base:
+            # Tasks sent before Flower turned the events on are not listed: send until one is.
+            def listed() -> Any:
+                task_id = sender.send_task(SYNC_CHAT, args=[str(uuid.uuid4()), 1]).id
+                return wait_until(lambda: succeeded(base, task_id), timeout=3, interval=0.2)
+
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    found = listed()
+                    break
+                except AssertionError:
+                    assert time.monotonic() < deadline, "Flower never listed a task"
+            assert found["worker"].startswith(f"{worker.name}@")
+        assert "task events: OFF" in worker.log()  # as started
+        assert "Events of group {task} enabled by remote." in worker.log()  # by Flower
+    finally:
+        worker.stop()
