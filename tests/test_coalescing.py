@@ -58,6 +58,20 @@ def queued(sessionmaker, chat: uuid.UUID) -> bool:  # type: ignore[no-untyped-de
         )
 
 
+def waiting_on_a_lock(engine, query: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a statement `LIKE query` waits for a lock."""
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query LIKE :query"
+                ),
+                {"query": query},
+            ).scalar_one()
+        )
+
+
 def clear(sessionmaker, chat: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
     with transaction(sessionmaker) as session:
         sync_state.clear_queued(session, [chat])
@@ -116,18 +130,11 @@ def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(  # type:
         clearing = threading.Thread(target=lambda: (clear(sessionmaker, chat), cleared.set()))
         clearing.start()
 
-        def waits_for_a_lock() -> bool:
-            with engine.connect() as conn:
-                return bool(
-                    conn.execute(
-                        text(
-                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                            "AND query LIKE '%queued_since = NULL%'"
-                        )
-                    ).scalar_one()
-                )
-
-        wait_until(waits_for_a_lock, timeout=10, what="the clear to wait for the write")
+        wait_until(
+            lambda: waiting_on_a_lock(engine, "%queued_since = NULL%"),
+            timeout=10,
+            what="the clear to wait for the write",
+        )
         assert not cleared.is_set()
     # The write committed: the clear goes through, and what reads after it sees the write.
     clearing.join(timeout=10)
@@ -156,18 +163,11 @@ def test_a_write_that_began_before_a_clear_judges_the_cleared_mark(sessionmaker,
         )
         writer.start()
 
-        def write_waits() -> bool:
-            with engine.connect() as conn:
-                return bool(
-                    conn.execute(
-                        text(
-                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                            "AND query LIKE '%UPDATE copilot_chats SET%'"
-                        )
-                    ).scalar_one()
-                )
-
-        wait_until(write_waits, timeout=10, what="the write to wait for the chat's row")
+        wait_until(
+            lambda: waiting_on_a_lock(engine, "%UPDATE copilot_chats SET%"),
+            timeout=10,
+            what="the write to wait for the chat's row",
+        )
         clear(sessionmaker, chat)  # the sync starts while the write waits
         holder.rollback()
     writer.join(timeout=10)

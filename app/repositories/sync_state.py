@@ -133,7 +133,8 @@ QUEUE_SEND = "(CAST(:queue AS boolean) AND coalesce((SELECT mine FROM queued), t
 
 
 def clear_queued(session: Session | Connection, chat_ids: Sequence[uuid.UUID]) -> None:
-    """A sync starts: from now on a write of these chats sends a sync of its own.
+    """A sync starts (or could not be sent): from now on a write of these chats sends a sync
+    of its own.
 
     Commit this before the sync reads anything. A write holds its chat's sync state row from
     the moment it finds the mark until it commits (see `QUEUE_MARK`; in `table_only`, the head
@@ -157,18 +158,6 @@ def hold_queued(session: Session, chat_id: uuid.UUID, *, seconds: float) -> None
             "SET queued_since = now() + make_interval(secs => :seconds) WHERE chat_id = :id"
         ),
         {"id": chat_id, "seconds": seconds},
-    )
-
-
-def release_queued(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
-    """Syncs marked queued were not sent after all (the broker failed): the next write of each
-    chat sends one again, and the sweep takes them after its grace period."""
-    session.execute(
-        text(
-            "UPDATE copilot_chat_sync_state SET queued_since = NULL "
-            "WHERE chat_id = ANY(:ids) AND queued_since IS NOT NULL"
-        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
-        {"ids": list(chat_ids)},
     )
 
 

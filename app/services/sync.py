@@ -185,7 +185,7 @@ def releaser(factory: sessionmaker[Session]) -> Callable[[list[str]], None]:
 
     def release(chats: list[str]) -> None:
         with transaction(factory) as session:
-            sync_state.release_queued(session, [uuid.UUID(chat) for chat in chats])
+            sync_state.clear_queued(session, [uuid.UUID(chat) for chat in chats])
 
     return release
 
