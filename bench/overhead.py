@@ -1,7 +1,9 @@
 """Request overhead of the dual-write: the same appends through the API in `jsonb_only` and in
 `dual_write` (a worker running in both), alternating over runs, each on fresh chats after a
 warm-up of a restarted API; and `no_trigger` (`jsonb_only` without the version triggers) for the
-triggers' own cost. Targets: dual_write / jsonb_only latency, p50 <= 1.10x and p99 <= 1.25x.
+triggers' own cost; and `paused_worker` (`dual_write` with the worker stopped during the
+requests) for the request path's own cost. Targets: dual_write / jsonb_only latency, p50 <=
+1.10x and p99 <= 1.25x.
 
     .venv/bin/python -m bench.overhead [--requests 2000] [--chats 300] [--runs 3] [--clients 1,4]
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import signal
 import statistics
 import sys
 from collections import Counter
@@ -19,7 +23,9 @@ import httpx
 
 from bench import infra
 
-PHASES = ("no_trigger", "jsonb_only", "dual_write")
+# `paused_worker`: `dual_write` with the worker stopped (SIGSTOP) while the requests run, its
+# copies made after them: the request path's own cost, without the copies' CPU beside it.
+PHASES = ("no_trigger", "jsonb_only", "dual_write", "paused_worker")
 PUBLISH_METRICS = {
     "dualwrite_publish_seconds_sum": "publish seconds",
     'dualwrite_enqueued_total{task="chats.sync_messages"}': "tasks sent",
@@ -51,7 +57,7 @@ def publish_counters(base: str) -> dict[str, float]:
 
 def put_phase(url: str, phase: str) -> None:
     """The phase lives in the database; `no_trigger` is `jsonb_only` without the triggers."""
-    stored = "jsonb_only" if phase == "no_trigger" else phase
+    stored = {"no_trigger": "jsonb_only", "paused_worker": "dual_write"}.get(phase, phase)
     infra.scalar(url, "UPDATE dualwrite_phase SET phase = %s", (stored,))
     triggers = "DISABLE" if phase == "no_trigger" else "ENABLE"
     infra.scalar(url, f"ALTER TABLE copilot_chats {triggers} TRIGGER USER")
@@ -61,7 +67,7 @@ def measure(running: infra.Stack, args: argparse.Namespace) -> Results:
     """Every phase and number of clients, `args.runs` times, in ABBA order."""
     results: Results = {(p, c): [] for p in PHASES for c in args.clients}
     headers = running.headers()
-    running.worker()
+    worker = running.worker()
     api = None
     for run in range(args.runs):
         for phase in PHASES if run % 2 == 0 else PHASES[::-1]:
@@ -74,12 +80,19 @@ def measure(running: infra.Stack, args: argparse.Namespace) -> Results:
             warm = infra.create_chats(base, headers, max(1, min(args.chats, 50)))
             infra.append_load(base, headers, warm, args.warmup, max(args.clients))
             for clients in args.clients:
-                chats = infra.create_chats(base, headers, args.chats)
+                # Paused, no sync clears a chat's queued mark: one append per chat, so that each
+                # sends its task as in `dual_write`, and the publisher does the same work.
+                count = args.requests if phase == "paused_worker" else args.chats
+                chats = infra.create_chats(base, headers, count)
                 infra.wait_until(lambda: running.queue() == 0, 120, what="an empty queue")
                 meter = infra.CpuMeter(running)
                 meter.start()
                 before = publish_counters(base)
+                if phase == "paused_worker":
+                    os.killpg(worker.pid, signal.SIGSTOP)
                 latencies = infra.append_load(base, headers, chats, args.requests, clients)
+                if phase == "paused_worker":
+                    os.killpg(worker.pid, signal.SIGCONT)
                 # Rows still being copied belong to this workload's cost too.
                 infra.wait_until(lambda: running.queue() == 0, 120, what="an empty queue")
                 after = publish_counters(base)
@@ -130,12 +143,14 @@ def report(results: Results, args: argparse.Namespace) -> None:
     )
     trigger, ratios = [], []
     for clients, key in itertools.product(sorted(args.clients), TARGETS):
-        bare, base, dual = (medians[(p, clients)][key] for p in PHASES)
+        bare, base = (medians[(p, clients)][key] for p in PHASES[:2])
         trigger.append([clients, key, bare, base, base / bare])
-        figure = f"dual_write / jsonb_only, {clients} client(s), {key}"
-        reference = f"dual_write {dual:.3f} ms, jsonb_only {base:.3f} ms"
-        target, verdict = f"<= {TARGETS[key]:.2f}x", infra.verdict(dual / base, TARGETS[key])
-        ratios.append([figure, f"{dual / base:.2f}x", reference, target, verdict])
+        for phase in PHASES[2:]:
+            dual = medians[(phase, clients)][key]
+            figure = f"{phase} / jsonb_only, {clients} client(s), {key}"
+            reference = f"{phase} {dual:.3f} ms, jsonb_only {base:.3f} ms"
+            target, verdict = f"<= {TARGETS[key]:.2f}x", infra.verdict(dual / base, TARGETS[key])
+            ratios.append([figure, f"{dual / base:.2f}x", reference, target, verdict])
     infra.show(
         "the version triggers' cost: jsonb_only / no_trigger (medians over runs)",
         ["clients", "latency", "no_trigger ms", "jsonb_only ms", "ratio"],
