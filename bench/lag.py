@@ -27,7 +27,9 @@ from typing import Any
 
 import httpx
 import psycopg
+import redis
 
+from app.metrics import WORKER_KEY
 from bench import infra
 
 TARGET_P99_MS = 50.0
@@ -48,6 +50,8 @@ class Run:
     lags: list[float] = field(default_factory=list)
     request_ms: list[float] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # The workers' own lag histogram over the run: syncs per bucket (upper bound, seconds).
+    synced: dict[float, int] = field(default_factory=dict)
 
     def kept_up(self) -> bool:
         """The queue was short when sending stopped and every row landed soon after."""
@@ -143,6 +147,7 @@ def api_appends(running: infra.Stack, args: argparse.Namespace, seconds: float) 
             pass
 
     count = f"SELECT count(*) FROM copilot_chat_messages WHERE message_id LIKE '{prefix}%'"
+    before = worker_lags(running)
     run = paced(
         running,
         args,
@@ -161,7 +166,39 @@ def api_appends(running: infra.Stack, args: argparse.Namespace, seconds: float) 
             )
         ]
     run.lags, run.request_ms = [r[2] for r in run.rows], [r[3] for r in run.rows]
+    after = worker_lags(running)
+    run.synced = {b: after.get(b, 0) - before.get(b, 0) for b in after}
     return run
+
+
+def worker_lags(running: infra.Stack) -> dict[float, int]:
+    """The workers' `dualwrite_sync_lag_seconds` buckets: from the write's transaction (the
+    chat's `updated_at`) to the end of the convergence that copied it, per sync."""
+    counted = redis.Redis.from_url(running.broker.url).hgetall(WORKER_KEY)
+    return {
+        float(k.decode().split("|")[1].replace("+Inf", "inf")): int(float(v))
+        for k, v in counted.items()
+        if k.startswith(b"lag_bucket|")
+    }
+
+
+def lag_bound(synced: dict[float, int], share: float) -> float:
+    """The smallest bucket bound (seconds) within which `share` of the syncs landed."""
+    total, seen = sum(synced.values()), 0
+    for bound in sorted(synced):
+        seen += synced[bound]
+        if total and seen >= share * total:
+            return bound
+    return float("inf")
+
+
+def synced_share(synced: dict[float, int]) -> str:
+    total = max(1, sum(synced.values()))
+    shares = []
+    for limit in (0.01, 0.025, 0.05):
+        within = sum(n for bound, n in synced.items() if bound <= limit)
+        shares.append(f"{100 * within / total:.1f}% <= {limit * 1e3:.0f} ms")
+    return ", ".join(shares)
 
 
 def report(bare: Run, real: Run, args: argparse.Namespace) -> None:
@@ -237,6 +274,13 @@ def report(bare: Run, real: Run, args: argparse.Namespace) -> None:
                 infra.verdict(real_p99, TARGET_P99_MS),
             ],
             ["append p99 / bare p99", ratio, "", f"<= {TARGET_RATIO:.0f}x", ratio_verdict],
+            [
+                "commit-to-row lag, the workers' histogram",
+                synced_share(real.synced),
+                "syncs within each bound",
+                "p99 <= 20 (nearest bound 25)",
+                infra.verdict(lag_bound(real.synced, 0.99) * 1e3, 25),
+            ],
             [
                 "queue does not grow",
                 f"{real.queue_at_end} at end, drained in {real.drain_s:.2f}s",
