@@ -14,9 +14,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from alembic import op
 from psycopg import errors as pg_errors
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
+
+from app.settings import Settings
 
 log = logging.getLogger("alembic.runtime.migration")
 
@@ -93,3 +96,24 @@ def run_ddl(
         log.info("%s: done in %.0f ms", step, (time.perf_counter() - started) * 1000)
 
     retry_on_lock(step, once, attempts=attempts)
+
+
+@contextmanager
+def revision_steps() -> Iterator[Callable[..., None]]:
+    """Inside an alembic revision: `step(name, *statements)` runs `run_ddl` with the settings'
+    `MIGRATION_LOCK_TIMEOUT_MS` and `MIGRATION_LOCK_ATTEMPTS`, out of alembic's transaction, so
+    that each step commits on its own, no lock outlives its step, and a rerun resumes."""
+    settings = Settings()
+    with op.get_context().autocommit_block():
+        engine = op.get_bind().engine
+
+        def step(name: str, *statements: str) -> None:
+            run_ddl(
+                engine,
+                name,
+                statements,
+                lock_timeout_ms=settings.migration_lock_timeout_ms,
+                attempts=settings.migration_lock_attempts,
+            )
+
+        yield step

@@ -145,20 +145,7 @@ TRIGGERS = [
 
 def upgrade() -> None:
     settings = Settings()
-    # Out of alembic's transaction: each step below commits on its own, so that no lock
-    # outlives its step, and a rerun resumes.
-    with op.get_context().autocommit_block():
-        engine = op.get_bind().engine
-
-        def step(name: str, *statements: str) -> None:
-            online.run_ddl(
-                engine,
-                name,
-                statements,
-                lock_timeout_ms=settings.migration_lock_timeout_ms,
-                attempts=settings.migration_lock_attempts,
-            )
-
+    with online.revision_steps() as step:
         step("functions", PARSE_TIMESTAMP, BUMP_VERSION, MARK_WANTED)
         step("add copilot_chats.messages_version", VERSION_COLUMN)
         step("create copilot_chat_messages", MESSAGES_TABLE, *MESSAGES_INDEXES)
@@ -166,7 +153,7 @@ def upgrade() -> None:
         step("create the version triggers", *TRIGGERS)
         step("create dualwrite_backfill", backfill.STATE_TABLE)
         backfill.run(
-            engine,
+            op.get_bind().engine,
             backfill.Config(
                 batch_size=settings.backfill_batch_size,
                 max_batch_size=settings.backfill_max_batch_size,
@@ -179,23 +166,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.get_context().autocommit_block():
-        engine = op.get_bind().engine
-        settings = Settings()
-        online.run_ddl(
-            engine,
+    with online.revision_steps() as step:
+        step(
             "drop the expand",
-            [
-                "DROP TRIGGER IF EXISTS copilot_chats_mark_wanted ON copilot_chats",
-                "DROP TRIGGER IF EXISTS copilot_chats_bump_version ON copilot_chats",
-                "DROP TABLE IF EXISTS dualwrite_backfill",
-                "DROP TABLE IF EXISTS copilot_chat_sync_state",
-                "DROP TABLE IF EXISTS copilot_chat_messages",
-                "DROP FUNCTION IF EXISTS copilot_chats_mark_wanted()",
-                "DROP FUNCTION IF EXISTS copilot_chats_bump_version()",
-                "DROP FUNCTION IF EXISTS copilot_message_timestamp(jsonb)",
-                "ALTER TABLE copilot_chats DROP COLUMN IF EXISTS messages_version",
-            ],
-            lock_timeout_ms=settings.migration_lock_timeout_ms,
-            attempts=settings.migration_lock_attempts,
+            "DROP TRIGGER IF EXISTS copilot_chats_mark_wanted ON copilot_chats",
+            "DROP TRIGGER IF EXISTS copilot_chats_bump_version ON copilot_chats",
+            "DROP TABLE IF EXISTS dualwrite_backfill",
+            "DROP TABLE IF EXISTS copilot_chat_sync_state",
+            "DROP TABLE IF EXISTS copilot_chat_messages",
+            "DROP FUNCTION IF EXISTS copilot_chats_mark_wanted()",
+            "DROP FUNCTION IF EXISTS copilot_chats_bump_version()",
+            "DROP FUNCTION IF EXISTS copilot_message_timestamp(jsonb)",
+            "ALTER TABLE copilot_chats DROP COLUMN IF EXISTS messages_version",
         )

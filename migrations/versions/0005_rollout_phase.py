@@ -135,27 +135,14 @@ def upgrade() -> None:
     # table, and on the chats' trigger functions, runs online: each step committed on its own
     # under `lock_timeout`, retried while its lock is not granted. A rerun after a kill finds
     # what was done (every statement here is idempotent).
-    settings = Settings()
-    with op.get_context().autocommit_block():
-        engine = op.get_bind().engine
-        for name, statements in (
-            # Nullable, no default: a catalog-only change.
-            (
-                "add the table_only head to copilot_chat_sync_state",
-                [
-                    "ALTER TABLE copilot_chat_sync_state ADD COLUMN IF NOT EXISTS next_seq int, "
-                    "ADD COLUMN IF NOT EXISTS active_stream_id text"
-                ],
-            ),
-            ("the version triggers know the phase", [BUMP_VERSION, MARK_WANTED]),
-        ):
-            online.run_ddl(
-                engine,
-                name,
-                statements,
-                lock_timeout_ms=settings.migration_lock_timeout_ms,
-                attempts=settings.migration_lock_attempts,
-            )
+    with online.revision_steps() as step:
+        # Nullable, no default: a catalog-only change.
+        step(
+            "add the table_only head to copilot_chat_sync_state",
+            "ALTER TABLE copilot_chat_sync_state ADD COLUMN IF NOT EXISTS next_seq int, "
+            "ADD COLUMN IF NOT EXISTS active_stream_id text",
+        )
+        step("the version triggers know the phase", BUMP_VERSION, MARK_WANTED)
 
 
 def downgrade() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from alembic import op
 
-from app.settings import Settings
 from migrations import online
 
 revision = "0006"
@@ -27,17 +26,10 @@ depends_on = None
 def upgrade() -> None:
     # Every write to a chat writes its sync state: the DDL waits for its lock no longer than
     # `lock_timeout`, and is retried. Nullable, no default: a catalog-only change.
-    settings = Settings()
-    with op.get_context().autocommit_block():
-        online.run_ddl(
-            op.get_bind().engine,
+    with online.revision_steps() as step:
+        step(
             "add queued_since to copilot_chat_sync_state",
-            [
-                "ALTER TABLE copilot_chat_sync_state "
-                "ADD COLUMN IF NOT EXISTS queued_since timestamptz"
-            ],
-            lock_timeout_ms=settings.migration_lock_timeout_ms,
-            attempts=settings.migration_lock_attempts,
+            "ALTER TABLE copilot_chat_sync_state ADD COLUMN IF NOT EXISTS queued_since timestamptz",
         )
 
 
