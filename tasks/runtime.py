@@ -17,13 +17,17 @@ _engines: dict[int, tuple[Engine, sessionmaker[Session]]] = {}
 _redis: dict[int, redis.Redis] = {}
 
 
-def worker_sessionmaker() -> sessionmaker[Session]:
+def _database() -> tuple[Engine, sessionmaker[Session]]:
     # A connection pool must never cross a fork: each worker process builds its own.
     pid = os.getpid()
     if pid not in _engines:
         engine = make_engine(get_settings(), worker=True, pool_size=2)
         _engines[pid] = (engine, make_sessionmaker(engine))
-    return _engines[pid][1]
+    return _engines[pid]
+
+
+def worker_sessionmaker() -> sessionmaker[Session]:
+    return _database()[1]
 
 
 @contextmanager
@@ -36,8 +40,7 @@ def worker_transaction() -> Iterator[Session]:
 @contextmanager
 def worker_statement() -> Iterator[Connection]:
     """A connection in autocommit: each statement commits on its own, in one round trip."""
-    worker_sessionmaker()
-    engine = _engines[os.getpid()][0]
+    engine, _ = _database()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         yield connection
 
