@@ -51,7 +51,12 @@ REQUESTS = Counter(
 )
 
 WORKER_KEY = "dualwrite:metrics"
-DEAD_LETTER_REASONS = ("failed", "worker_lost", "bad_elements")  # always shown, 0 when none
+DEAD_LETTER_REASONS = (
+    "failed",
+    "worker_lost",
+    "bad_elements",
+    "diverged",
+)  # always shown, 0 when none
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     # Gates of `phase set` and `contract`: how long the current phase must have held.
     phase_gate_min_seconds: float = Field(default=3600.0, ge=0)
     contract_min_table_only_seconds: float = Field(default=7 * 86400.0, ge=0)
+    # A `phase set` (and a `contract`) finishes or refuses within this bound, whatever the write
+    # rate: its catch-up works through finite sets of chats, then holds every writer for the few
+    # that are left, or refuses saying why.
+    phase_step_timeout_seconds: float = Field(default=600.0, gt=0)
+    # How long one try to take the phase for a change may queue (every write queues behind it
+    # meanwhile); tries repeat, with backoff, until the step's timeout.
+    phase_lock_wait_ms: int = Field(default=2_000, gt=0)
 
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
@@ -317,23 +317,60 @@ def count(session: Session, *, since: timedelta | None = None) -> int:
     )
 
 
-def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+class Diverged(NamedTuple):
+    """A chat whose JSONB moved on by itself: its version is not the one the rows last wrote."""
+
+    chat_id: uuid.UUID
+    jsonb_version: int
+    applied_version: int
+
+
+class FromRows(NamedTuple):
+    written: dict[uuid.UUID, int]  # chat -> the version its JSONB holds now
+    diverged: list[Diverged]
+
+
+def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> FromRows:
     """Rewrite these chats' JSONB from their live rows (the reverse sync, in `table_only`) and
-    record the version each one now holds as applied; returns it (chats that no longer exist
-    are absent). The caller must hold the chats' sync locks.
+    record the version each one now holds as applied (chats that no longer exist are absent).
+    The caller must hold the chats' sync locks.
 
     The rows and their version are read in the same statement, so the pair is consistent. The
     write carries `dualwrite.reverse_sync` (transaction-local, set before any row is written),
     which the version triggers skip: this is the JSONB following the rows, not a new change to
     copy the other way.
+
+    A chat whose JSONB version is not the one last applied was written by something else since
+    (which the triggers refuse in `table_only`): rewriting it would erase that write, so it is
+    left as it is and returned as diverged.
+
+    The live rows are renumbered to their positions in the JSONB written (0, 1, 2, ...): rows
+    copied from a JSONB with elements the table could not hold have gaps in `seq`, and a page
+    cursor must name the same message in both stores. The head's cached next `seq` follows
+    unless an append moved it meanwhile (that append's own reverse sync renumbers again).
     """
     if not chat_ids:
-        return {}
+        return FromRows({}, [])
     rows = session.execute(
         text(
             """
             WITH marker AS MATERIALIZED (
                 SELECT set_config('dualwrite.reverse_sync', 'on', true) AS flag
+            ),
+            target AS MATERIALIZED (
+                SELECT c.id, c.messages_version, s.applied_version, s.wanted_version,
+                       s.active_stream_id, s.next_seq,
+                       c.messages_version = s.applied_version AS follows
+                FROM copilot_chats c JOIN copilot_chat_sync_state s ON s.chat_id = c.id
+                WHERE c.id = ANY(:ids)
+            ),
+            positions AS MATERIALIZED (
+                SELECT m.id, m.chat_id, m.seq,
+                       (row_number() OVER (PARTITION BY m.chat_id ORDER BY m.seq) - 1)::int
+                           AS pos
+                FROM copilot_chat_messages m
+                WHERE m.chat_id IN (SELECT id FROM target WHERE follows)
+                  AND m.deleted_at IS NULL
             ),
             written AS (
                 UPDATE copilot_chats c SET
@@ -341,25 +378,41 @@ def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uui
                         SELECT jsonb_agg(m.content ORDER BY m.seq) FROM copilot_chat_messages m
                         WHERE m.chat_id = c.id AND m.deleted_at IS NULL
                     ), '[]'::jsonb),
-                    messages_version = s.wanted_version,
-                    active_stream_id = s.active_stream_id,
+                    messages_version = t.wanted_version,
+                    active_stream_id = t.active_stream_id,
                     updated_at = now()
-                FROM copilot_chat_sync_state s
-                WHERE c.id = ANY(:ids) AND s.chat_id = c.id
-                  AND (SELECT flag FROM marker) = 'on'
-                RETURNING c.id, s.wanted_version
+                FROM target t
+                WHERE c.id = t.id AND t.follows AND (SELECT flag FROM marker) = 'on'
+                RETURNING c.id, t.wanted_version
+            ),
+            renumbered AS (
+                UPDATE copilot_chat_messages m SET seq = p.pos
+                FROM positions p WHERE m.id = p.id AND p.seq <> p.pos
+                RETURNING m.chat_id
             ),
             marked AS (
                 UPDATE copilot_chat_sync_state s
                 SET applied_version = greatest(s.applied_version, w.wanted_version),
-                    synced_at = now()
-                FROM written w WHERE s.chat_id = w.id
+                    synced_at = now(),
+                    next_seq = CASE
+                        WHEN w.id IN (SELECT chat_id FROM renumbered)
+                             AND s.next_seq IS NOT DISTINCT FROM t.next_seq
+                        THEN (SELECT count(*) FROM positions p WHERE p.chat_id = w.id)
+                        ELSE s.next_seq END
+                FROM written w JOIN target t ON t.id = w.id
+                WHERE s.chat_id = w.id
                 RETURNING s.chat_id
             )
-            SELECT w.id, w.wanted_version FROM written w
+            SELECT w.id, w.wanted_version, NULL::bigint, true FROM written w
             WHERE (SELECT count(*) FROM marked) >= 0
+            UNION ALL
+            SELECT t.id, t.messages_version, t.applied_version, false FROM target t
+            WHERE NOT t.follows
             """
         ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
         {"ids": sorted(chat_ids)},
     ).all()
-    return {row[0]: int(row[1]) for row in rows}
+    return FromRows(
+        {row[0]: int(row[1]) for row in rows if row[3]},
+        [Diverged(row[0], int(row[1]), int(row[2])) for row in rows if not row[3]],
+    )

@@ -22,15 +22,22 @@ class Reason(StrEnum):
     # A reconcile gave up on the chat alone: it waited past the reconcile's lock timeout (a sync
     # held the chat) or ran past its statement timeout.
     RECONCILE_TIMEOUT = "reconcile_timeout"
+    # In `table_only`, the chat's JSONB was written by something other than this service (the
+    # triggers refuse that; a writer that bypasses them): the reverse sync leaves it alone.
+    DIVERGED = "diverged"
 
 
 # Reasons that stop the sweep from re-enqueueing a chat until an operator replays it.
 # `reconcile_timeout` is not one: the timeout says nothing against the chat's own sync (a lock
 # held by a sync means one is running), so the sweep, the next sync or the next reconcile may
 # well succeed, and any success closes it.
-BLOCKING = (Reason.FAILED.value, Reason.WORKER_LOST.value)
+BLOCKING = (Reason.FAILED.value, Reason.WORKER_LOST.value, Reason.DIVERGED.value)
 # Reasons a successful sync of the chat closes.
-RESOLVED_BY_SYNC = (*BLOCKING, Reason.RECONCILE_TIMEOUT.value)
+RESOLVED_BY_SYNC = (
+    Reason.FAILED.value,
+    Reason.WORKER_LOST.value,
+    Reason.RECONCILE_TIMEOUT.value,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,20 @@ def chats_with_open(
         {"reason": reason.value, "ids": list(chat_ids)},
     ).scalars()
     return set(rows)
+
+
+def open_reasons(session: Session, chat_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Of these chats, those with an open dead letter, and its reason (one per chat)."""
+    if not chat_ids:
+        return {}
+    rows = session.execute(
+        text(
+            "SELECT DISTINCT ON (chat_id) chat_id, reason FROM dualwrite_dead_letters "
+            "WHERE resolved_at IS NULL AND chat_id = ANY(:ids) ORDER BY chat_id, id"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": list(chat_ids)},
+    ).all()
+    return {row[0]: row[1] for row in rows}
 
 
 def list_(

@@ -1,8 +1,9 @@
 """SQL on the rollout phase (`dualwrite_phase`, one row), its history, and shadow mismatches.
 
 Every mutation reads the phase with `FOR SHARE` inside its own transaction, before it touches a
-chat; a change takes the row `FOR UPDATE`, so it waits for the mutations in flight and the next
-ones wait for it. No write is therefore ever applied under two phases.
+chat (writers that are not this service too: the version triggers take it, see revision 0007);
+a change locks the table against those share locks, so it waits for the mutations in flight and
+the next ones queue behind it. No write is therefore ever applied under two phases.
 """
 
 from __future__ import annotations
@@ -67,7 +68,14 @@ def for_mutation(session: Session) -> State:
 
 
 def for_change(session: Session) -> State:
-    """The phase, locked against every mutation until this transaction ends."""
+    """The phase, locked against every mutation until this transaction ends.
+
+    A row lock alone could starve: a share lock on a row is granted while an update of it
+    waits, so steady writers may never leave it free. `EXCLUSIVE` on the table conflicts with
+    the share lockers' `ROW SHARE` and queues fairly: writers that come after it wait for it.
+    Plain reads of the phase (`ACCESS SHARE`) do not wait. Run it under a short `lock_timeout`:
+    every writer queues behind it while it waits."""
+    session.execute(text("LOCK TABLE dualwrite_phase IN EXCLUSIVE MODE"))
     return _state(session.execute(text(f"SELECT {_COLUMNS} FROM dualwrite_phase FOR UPDATE")).one())
 
 

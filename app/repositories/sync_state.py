@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy import Connection, bindparam, text
@@ -195,16 +195,59 @@ def count_behind(session: Session) -> int:
     )
 
 
-def behind_ids(session: Session, *, limit: int) -> dict[uuid.UUID, int]:
-    """Up to `limit` chats that are behind, dead-lettered or not: chat id -> wanted version."""
+def behind_ids(
+    session: Session, *, after: uuid.UUID | None = None, limit: int
+) -> dict[uuid.UUID, int]:
+    """Up to `limit` chats that are behind, dead-lettered or not, after chat id `after` in id
+    order: chat id -> wanted version."""
     rows = session.execute(
         text(
             "SELECT chat_id, wanted_version FROM copilot_chat_sync_state "
-            "WHERE applied_version < wanted_version ORDER BY chat_id LIMIT :limit"
+            "WHERE applied_version < wanted_version "
+            "AND (CAST(:after AS uuid) IS NULL OR chat_id > :after) "
+            "ORDER BY chat_id LIMIT :limit"
         ),
-        {"limit": limit},
+        {"after": after, "limit": limit},
     ).all()
     return {row.chat_id: row.wanted_version for row in rows}
+
+
+class Behind(NamedTuple):
+    chat_id: uuid.UUID
+    wanted_version: int
+    dirty_since: datetime
+
+
+def behind_before(
+    session: Session, started: datetime, after: Behind | None, *, limit: int
+) -> list[Behind]:
+    """The next `limit` chats that have been behind since `started` or earlier, after `after`
+    in (`dirty_since`, id) order: a walk over a finite set, however fast chats fall behind
+    meanwhile (one that catches up and falls behind again moves past `started`). Reads the
+    partial index of chats behind."""
+    rows = session.execute(
+        text(
+            """
+            SELECT chat_id, wanted_version, dirty_since FROM copilot_chat_sync_state
+            WHERE applied_version < wanted_version AND dirty_since <= :started
+              AND (CAST(:after_at AS timestamptz) IS NULL
+                   OR (dirty_since, chat_id) > (:after_at, CAST(:after_id AS uuid)))
+            ORDER BY dirty_since, chat_id LIMIT :limit
+            """
+        ),
+        {
+            "started": started,
+            "after_at": after.dirty_since if after else None,
+            "after_id": after.chat_id if after else None,
+            "limit": limit,
+        },
+    ).all()
+    return [Behind(*row) for row in rows]
+
+
+def now(session: Session) -> datetime:
+    """The database's clock (`clock_timestamp()`), for comparisons with its timestamps."""
+    return session.execute(text("SELECT clock_timestamp()")).scalar_one()  # type: ignore[no-any-return]
 
 
 def start_table_heads(session: Session) -> None:

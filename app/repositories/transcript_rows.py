@@ -391,4 +391,71 @@ def page(
     return list(messages.page(session, chat_id, limit=limit, before_seq=before_seq))
 
 
+def adopt_strays(session: Session, chat_id: uuid.UUID) -> int:
+    """Append to the rows the elements of the chat's JSONB that the rows have never held (a
+    write to the JSONB that the reverse sync refused to erase, see `chats.write_from_rows`), in
+    the JSONB's order, and take the JSONB's version as applied, so that the reverse sync
+    follows the rows again. How many were added. An element the rows hold (live, or removed
+    by a replace) is the rows' business: theirs stands."""
+    head = session.execute(
+        text(
+            """
+            SELECT s.wanted_version, coalesce(s.next_seq, (
+                       SELECT max(m.seq) + 1 FROM copilot_chat_messages m
+                       WHERE m.chat_id = s.chat_id AND m.deleted_at IS NULL
+                   ), 0)
+            FROM copilot_chat_sync_state s WHERE s.chat_id = :id FOR UPDATE
+            """
+        ),
+        {"id": chat_id},
+    ).one_or_none()
+    if head is None:
+        return 0
+    version, next_seq = int(head[0]), int(head[1])
+    added = session.execute(
+        text(
+            f"""
+            WITH c AS (
+                SELECT id, created_at, messages_version, messages FROM copilot_chats
+                WHERE id = :id AND jsonb_typeof(messages) = 'array'
+            ),
+            strays AS (
+                SELECT DISTINCT ON (e.elem ->> 'id') e.elem, e.ord
+                FROM c CROSS JOIN LATERAL jsonb_array_elements(c.messages)
+                    WITH ORDINALITY AS e(elem, ord)
+                WHERE jsonb_typeof(e.elem -> 'id') = 'string' AND e.elem ->> 'id' <> ''
+                  AND octet_length(e.elem ->> 'id') <= 1024
+                  AND NOT EXISTS (
+                      SELECT 1 FROM copilot_chat_messages m
+                      WHERE m.chat_id = c.id AND m.message_id = e.elem ->> 'id'
+                  )
+                ORDER BY e.elem ->> 'id', e.ord
+            ),
+            inserted AS (
+                INSERT INTO copilot_chat_messages AS m
+                    (chat_id, seq, source_version, {_ROW_COLUMNS})
+                SELECT c.id, :next_seq + (row_number() OVER (ORDER BY e.ord) - 1)::int,
+                       :version, {_ROW}
+                FROM c, strays e
+                ON CONFLICT (chat_id, message_id) DO NOTHING
+                RETURNING 1
+            ),
+            head AS (
+                UPDATE copilot_chat_sync_state s SET
+                    wanted_version = CASE WHEN (SELECT count(*) FROM inserted) > 0
+                                          THEN :version ELSE s.wanted_version END,
+                    next_seq = :next_seq + (SELECT count(*) FROM inserted),
+                    applied_version = (SELECT messages_version FROM c),
+                    dirty_since = now()
+                WHERE s.chat_id = :id AND EXISTS (SELECT 1 FROM c)
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM inserted) WHERE (SELECT count(*) FROM head) >= 0
+            """
+        ),
+        {"id": chat_id, "next_seq": next_seq, "version": version + 1},
+    ).scalar_one()
+    return int(added)
+
+
 delete = chats.delete

@@ -1,17 +1,23 @@
 """Moving the rollout from one phase to the next, behind gates, and the final contract.
 
-A step runs in one transaction that locks the phase row `FOR UPDATE`: it waits for the
-mutations and syncs in flight (each holds the row `FOR SHARE`) and holds the next ones until it
-commits. A step that changes which store is the source of truth (into or out of `table_only`)
-first catches the follower up, in batches, outside that lock, recorded as `pending` (an
-interrupted step is finished or undone by the next `phase set`), then converges what is still
-behind under the lock, so that the new source of truth starts complete: no acknowledged write is
-left behind in the store that stops being read.
+A step runs in one transaction that locks the phase for a change (`phase_repo.for_change`): it
+waits for the writes and syncs in flight (each holds the phase row `FOR SHARE`: this service's
+mutations and syncs, and through the version triggers any other writer of the JSONB) and holds
+the next ones until it commits. A step that changes which store is the source of truth (into or
+out of `table_only`) first catches the follower up outside that lock, in passes over finite sets
+of chats, recorded as `pending` (an interrupted step is finished or undone by the next `phase
+set`), then converges the few still behind under the lock, so that the new source of truth
+starts complete: no acknowledged write is left behind in the store that stops being read.
+
+Every step and the contract finish or refuse within `PHASE_STEP_TIMEOUT_SECONDS`; a refusal is
+one line naming why, and changes nothing.
 """
 
 from __future__ import annotations
 
+import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,15 +26,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import transaction
+from app.repositories import dead_letters, reconcile_runs, sync_state
 from app.repositories import phase as phase_repo
-from app.repositories import reconcile_runs, sync_state
 from app.services import sync
 from app.settings import Phase, Settings
-
-CATCH_UP_BATCH = 200
-# What may still be behind when the step takes its lock and converges the rest: small enough
-# that the mutations it holds up wait a moment, not a backlog.
-CATCH_UP_LEFT = 5
 
 
 class Refused(Exception):
@@ -113,6 +114,29 @@ def _changes_source(a: Phase, b: Phase) -> bool:
     return (a is Phase.TABLE_ONLY) != (b is Phase.TABLE_ONLY)
 
 
+Progress = Callable[[str], None]
+
+
+class _Deadline:
+    """The step's time budget (`PHASE_STEP_TIMEOUT_SECONDS`), from its start."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def check(self, doing: str) -> None:
+        if self.left() <= 0:
+            raise Refused(
+                f"{doing} did not finish within PHASE_STEP_TIMEOUT_SECONDS ({self.seconds:.0f}s)"
+            )
+
+
 def set_phase(
     factory: sessionmaker[Session],
     settings: Settings,
@@ -120,109 +144,228 @@ def set_phase(
     *,
     who: str,
     force: bool = False,
-    lock_timeout_ms: int = 10_000,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> Moved:
-    """Move to `to` (one step), or raise `Refused` naming the failed gate, changing nothing."""
-    with transaction(factory) as session:
-        state = phase_repo.current(session)
-        checked = gates(session, settings, state, to)
-        failed = [g for g in checked if not g.ok]
-        if state.contracted:
-            raise Refused(failed[0].detail)
-        if to is state.phase:
-            # Nothing to move; an interrupted step towards another phase is undone.
-            phase_repo.set_pending(session, None)
-            return Moved(state.phase, to, force, 0, [])
-        # `--force` steps past the evidence, never past a phase: each step's catch-up and
-        # checks assume the phase next to it.
-        binding = failed if not force else [g for g in failed if g.name == "one step"]
-        if binding:
-            raise Refused("; ".join(f"gate '{g.name}' failed: {g.detail}" for g in binding))
-        catch_up = _changes_source(state.phase, to)
-        if catch_up:
-            phase_repo.set_pending(session, to)
-    caught_up = 0
-    if catch_up:
-        caught_up += _catch_up(factory, progress)
-    with transaction(factory) as session:
-        locked = _lock_for_change(session, lock_timeout_ms)
-        if locked.phase is not state.phase or locked.contracted:
-            raise Refused(f"the phase changed meanwhile (now {locked.phase.value}); run it again")
-        if catch_up:
-            # Mutations wait now: converge what is still behind in the direction still in force.
-            session.execute(text("SET LOCAL lock_timeout = 0"))
-            caught_up += _converge_behind(session, limit=None)
-            if to is Phase.TABLE_ONLY:
-                sync_state.start_table_heads(session)
-        phase_repo.change(
-            session,
-            to=to,
-            who=who,
-            forced=bool(failed),
-            note="; ".join(f"{g.name}: {g.detail}" for g in failed) if failed else None,
-        )
+    """Move to `to` (one step), or raise `Refused` naming why, changing nothing.
+
+    Finishes or refuses within `PHASE_STEP_TIMEOUT_SECONDS`, whatever the write rate: a step
+    that changes the source of truth catches the follower up outside the lock in passes over
+    finite sets of chats until few are behind, then holds every writer (this service's, the
+    previous release's, a script's: all hold the phase) while it converges those few.
+    """
+    deadline = _Deadline(settings.phase_step_timeout_seconds)
+    say = progress or (lambda line: None)
+    pending = False
+    try:
+        with transaction(factory) as session:
+            state = phase_repo.current(session)
+            checked = gates(session, settings, state, to)
+            failed = [g for g in checked if not g.ok]
+            if state.contracted:
+                raise Refused(failed[0].detail)
+            # `--force` steps past the evidence, never past a phase: each step's catch-up and
+            # checks assume the phase next to it.
+            binding = failed if not force else [g for g in failed if g.name == "one step"]
+            if to is not state.phase and binding:
+                raise Refused("; ".join(f"gate '{g.name}' failed: {g.detail}" for g in binding))
+            catch_up = _changes_source(state.phase, to)
+            if to is state.phase or catch_up:
+                locked = _lock_for_change(session, settings, deadline, say)
+                _same_phase(locked, state)
+                if to is state.phase:
+                    # Nothing to move; an interrupted step towards another phase is undone.
+                    if locked.pending is not None:
+                        phase_repo.set_pending(session, None)
+                    return Moved(state.phase, to, force, 0, [])
+                phase_repo.set_pending(session, to)
+                pending = True
+        caught_up = _catch_up(factory, settings, deadline, say) if catch_up else 0
+        with transaction(factory) as session:
+            locked = _lock_for_change(session, settings, deadline, say)
+            _same_phase(locked, state)
+            if catch_up:
+                # Every writer waits now: converge what is still behind, in the direction still
+                # in force, within what is left of the step's time.
+                left_ms = max(1000, int(deadline.left() * 1000))
+                session.execute(text(f"SET LOCAL lock_timeout = {left_ms}"))
+                caught_up += _converge_held(session, deadline, say)
+                if to is Phase.TABLE_ONLY:
+                    sync_state.start_table_heads(session)
+            phase_repo.change(
+                session,
+                to=to,
+                who=who,
+                forced=bool(failed),
+                note="; ".join(f"{g.name}: {g.detail}" for g in failed) if failed else None,
+            )
+            pending = False
+    except DBAPIError as exc:
+        raise Refused(f"a statement of the step failed: {_one_line(exc)}") from None
+    except Refused:
+        if pending:
+            _undo_pending(factory, settings)
+        raise
     return Moved(state.phase, to, bool(failed), caught_up, failed)
 
 
-def _lock_for_change(session: Session, lock_timeout_ms: int, attempts: int = 5) -> phase_repo.State:
-    """The phase row `FOR UPDATE`. Mutations and syncs hold it `FOR SHARE` while they run, and a
-    share lock is granted even while an update waits, so a busy system may leave no moment
-    free: each try waits at most `lock_timeout_ms`, in a savepoint, and a few are made."""
-    for attempt in range(attempts):
+def _one_line(exc: DBAPIError) -> str:
+    lines = str(exc.orig).strip().splitlines()
+    return f"{type(exc.orig).__name__}: {lines[0] if lines else ''}"
+
+
+def _same_phase(locked: phase_repo.State, seen: phase_repo.State) -> None:
+    if locked.phase is not seen.phase or locked.contracted:
+        raise Refused(f"the phase changed meanwhile (now {locked.phase.value}); run it again")
+
+
+def _undo_pending(factory: sessionmaker[Session], settings: Settings) -> None:
+    """A refused step leaves no pending mark (best effort, briefly: a mark left behind only
+    says that a step was interrupted, and the next `phase set` clears it)."""
+    try:
+        with transaction(factory) as session:
+            _lock_for_change(session, settings, _Deadline(10.0), None)
+            phase_repo.set_pending(session, None)
+    except (DBAPIError, Refused):
+        pass
+
+
+def _lock_for_change(
+    session: Session, settings: Settings, deadline: _Deadline, say: Progress | None
+) -> phase_repo.State:
+    """The phase, locked for a change (`phase_repo.for_change`). Each try queues at most
+    `PHASE_LOCK_WAIT_MS` (every writer waits behind it meanwhile), in a savepoint; tries repeat
+    with backoff until the step's time is up."""
+    attempt = 0
+    while True:
         try:
             with session.begin_nested():
-                session.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
+                session.execute(text(f"SET LOCAL lock_timeout = {settings.phase_lock_wait_ms}"))
                 return phase_repo.for_change(session)
         except DBAPIError as exc:
-            if attempt + 1 == attempts:
+            if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            attempt += 1
+            pause = min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+            if deadline.left() < pause + settings.phase_lock_wait_ms / 1000:
                 raise Refused(
-                    f"could not lock the phase within {attempts} tries of {lock_timeout_ms} ms "
-                    f"(long transactions hold it); nothing changed, try again: {exc.orig}"
+                    f"could not lock the phase in {attempt} tries of "
+                    f"{settings.phase_lock_wait_ms} ms (PHASE_LOCK_WAIT_MS) within "
+                    f"PHASE_STEP_TIMEOUT_SECONDS ({deadline.seconds:.0f}s): long transactions "
+                    "that write chats hold it; try again"
                 ) from None
-    raise AssertionError("unreachable")
+            if say is not None:
+                say(f"waiting for the phase lock: try {attempt} timed out; writers hold it")
+            time.sleep(pause)
 
 
-def _converge_behind(session: Session, *, limit: int | None) -> int:
-    """Sync the chats that are behind, in the direction of the phase in force; how many."""
+# Chats synced per transaction while catching up.
+CATCH_UP_BATCH = 200
+# What may still be behind when the step holds every writer and converges the rest: about what
+# one batch converges in well under a second, so the writers it holds wait a moment.
+CATCH_UP_LEFT = 200
+# Passes over the chats behind, outside the lock, before the step looks at whether they shrink.
+MIN_PASSES = 3
+
+
+def _catch_up(
+    factory: sessionmaker[Session], settings: Settings, deadline: _Deadline, say: Progress
+) -> int:
+    """Outside the lock: bring the follower up until at most `CATCH_UP_LEFT` chats are behind.
+
+    Each pass walks the chats that were behind when it began (a finite set, however fast
+    writes come) and is judged by versions: a chat is done once its copy holds the version it
+    wanted when it was read, whatever was written to it since. A chat that is not is stuck (its
+    sync fails) and refuses the step. Passes repeat while they leave more than `CATCH_UP_LEFT`
+    behind; when the backlog stops shrinking (writes outpace the catch-up), or the step's time
+    runs short, the step is refused, saying how many are behind.
+    """
     done = 0
-    previous: set[object] = set()
-    while True:
-        behind = sync_state.behind_ids(session, limit=CATCH_UP_BATCH)
-        if not behind:
-            return done
-        if set(behind) == previous:
-            raise Refused(
-                f"{len(behind)} chats stay behind after a sync (first: {min(behind)}); see "
-                "`python -m app dead-letters list`; nothing changed"
-            )
-        previous = set(behind)
-        sync.sync_chats(session, behind)
-        done += len(behind)
-        if limit is not None and done >= limit:
-            return done
-
-
-def _catch_up(factory: sessionmaker[Session], progress: Callable[[str], None] | None) -> int:
-    """Outside the lock, in batches: bring the follower up until little is left."""
-    done = 0
-    started = time.monotonic()
+    passes = 0
+    best: int | None = None
     while True:
         with transaction(factory) as session:
             left = sync_state.count_behind(session)
-            if left <= CATCH_UP_LEFT:
-                return done
-            done += _converge_behind(session, limit=CATCH_UP_BATCH)
-        if progress is not None:
-            progress(
-                f"catching up: {done} chats converged, {left} were behind "
-                f"({time.monotonic() - started:.0f}s)"
+            started = sync_state.now(session)
+        if left <= CATCH_UP_LEFT:
+            return done
+        if passes >= MIN_PASSES and best is not None and left >= best:
+            raise Refused(
+                f"{left} chats are still behind after {passes} passes of catching up "
+                f"({deadline.elapsed():.0f}s): writes outpace the catch-up; try again when "
+                "traffic is lower"
             )
+        best = left if best is None else min(best, left)
+        passes += 1
+        say(f"catching up, pass {passes}: {left} chats behind")
+        after: sync_state.Behind | None = None
+        while True:
+            deadline.check(f"catching up ({left} chats behind at pass {passes})")
+            with transaction(factory) as session:
+                batch = sync_state.behind_before(session, started, after, limit=CATCH_UP_BATCH)
+            if not batch:
+                break
+            _sync_batch(factory, batch)
+            done += len(batch)
+            after = batch[-1]
+            say(f"catching up, pass {passes}: {done} chats converged ({deadline.elapsed():.0f}s)")
+
+
+def _sync_batch(factory: sessionmaker[Session], batch: list[sync_state.Behind]) -> None:
+    """Sync a batch in a transaction of its own (tried twice: a worker's sync of the same
+    chats may win a race), then check by versions that each chat reached what it wanted."""
+    wanted = {b.chat_id: b.wanted_version for b in batch}
+    for attempt in range(2):
+        try:
+            with transaction(factory) as session:
+                sync.sync_chats(session, wanted)
+            break
+        except DBAPIError:
+            if attempt == 1:
+                raise
+    with transaction(factory) as session:
+        _check_reached(session, wanted)
+
+
+def _check_reached(session: Session, wanted: dict[uuid.UUID, int]) -> None:
+    """Refuse if a chat's copy is still below the version its sync was asked for."""
+    recorded = sync_state.versions(session, list(wanted))
+    stuck = sorted(c for c, v in wanted.items() if c in recorded and recorded[c][1] < v)
+    if stuck:
+        letters = dead_letters.open_reasons(session, stuck)
+        why = ", ".join(sorted(set(letters.values()))) or "no dead letter"
+        raise Refused(
+            f"{len(stuck)} chats stay behind after a sync (first: {stuck[0]}; open dead "
+            f"letters: {why}); see `python -m app dead-letters list`"
+        )
+
+
+def _converge_held(session: Session, deadline: _Deadline, say: Progress) -> int:
+    """Under the phase lock, nothing writes: converge every chat still behind, once. A chat
+    still behind after its sync is stuck, and refuses the step."""
+    done = 0
+    after: uuid.UUID | None = None
+    while True:
+        deadline.check(f"converging the last chats behind ({done} done) with writers held")
+        batch = sync_state.behind_ids(session, after=after, limit=CATCH_UP_BATCH)
+        if not batch:
+            return done
+        sync.sync_chats(session, batch)
+        _check_reached(session, batch)
+        done += len(batch)
+        after = max(batch)
+        say(f"writers held: {done} chats converged")
 
 
 def contract(factory: sessionmaker[Session], settings: Settings, *, who: str) -> None:
     """Drop the JSONB column and what only served it. Refused unless the phase is `table_only`
     and has held for `CONTRACT_MIN_TABLE_ONLY_SECONDS`, or while a reconcile runs."""
+    try:
+        _contract(factory, settings, who=who)
+    except DBAPIError as exc:
+        raise Refused(f"a statement of the contract failed: {_one_line(exc)}") from None
+
+
+def _contract(factory: sessionmaker[Session], settings: Settings, *, who: str) -> None:
     engine = factory.kw["bind"]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
         # Held for the whole contract: no reconcile starts while the column goes.
@@ -230,7 +373,9 @@ def contract(factory: sessionmaker[Session], settings: Settings, *, who: str) ->
             raise Refused("a reconcile holds its lock; wait for it to finish, then contract")
         try:
             with transaction(factory) as session:
-                state = _lock_for_change(session, 5000)
+                state = _lock_for_change(
+                    session, settings, _Deadline(settings.phase_step_timeout_seconds), None
+                )
                 # The column goes under ACCESS EXCLUSIVE: every chat read queues behind it.
                 session.execute(text("SET LOCAL lock_timeout = 5000"))
                 if state.contracted:
@@ -263,10 +408,13 @@ def contract(factory: sessionmaker[Session], settings: Settings, *, who: str) ->
 # Everything that only served the JSONB: the column, its version and triggers, the backfill's
 # state. Catalog changes only (a dropped column is not rewritten), under one short lock.
 CONTRACT = [
+    "DROP TRIGGER IF EXISTS copilot_chats_hold_phase ON copilot_chats",
     "DROP TRIGGER IF EXISTS copilot_chats_mark_wanted ON copilot_chats",
     "DROP TRIGGER IF EXISTS copilot_chats_bump_version ON copilot_chats",
     "DROP FUNCTION IF EXISTS copilot_chats_mark_wanted()",
     "DROP FUNCTION IF EXISTS copilot_chats_bump_version()",
+    "DROP FUNCTION IF EXISTS copilot_chats_hold_phase()",
+    "DROP FUNCTION IF EXISTS dualwrite_hold_phase()",
     "ALTER TABLE copilot_chats DROP COLUMN messages, DROP COLUMN messages_version",
     "DROP TABLE IF EXISTS dualwrite_backfill",
 ]

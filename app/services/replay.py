@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from app.jobs import SYNC_CHAT, JobQueue
-from app.repositories import dead_letters, sync_state
+from app.repositories import dead_letters, sync_state, transcript_rows
 from app.repositories import phase as phase_repo
 from app.services import sync
 from app.settings import Phase
@@ -38,6 +38,7 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
     recorded = sync_state.versions(session, [d.chat_id for d in letters])
     wanted = {chat: versions[0] for chat, versions in recorded.items()}
     phase = phase_repo.current(session)
+    closed: list[Replayed] = []
     if phase.phase is Phase.TABLE_ONLY or phase.contracted:
         # The rows are the source of truth: elements the table could not hold are no longer
         # part of the transcript, and the reverse sync writes the JSONB without them.
@@ -45,8 +46,10 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
         letters = [d for d in letters if d.reason != dead_letters.Reason.BAD_ELEMENTS]
         dead_letters.close(session, [d.id for d in moot])
         closed = [Replayed(d, "closed: the rows are the source of truth now") for d in moot]
-    else:
-        closed = []
+    diverged = [d for d in letters if d.reason == dead_letters.Reason.DIVERGED]
+    letters = [d for d in letters if d.reason != dead_letters.Reason.DIVERGED]
+    for letter in diverged:
+        closed.append(_adopt(session, jobs, phase, letter))
     bad = sorted(
         {
             d.chat_id
@@ -81,5 +84,22 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
             jobs.enqueue(SYNC_CHAT, str(letter.chat_id), wanted[letter.chat_id])
             done.append(Replayed(letter, "enqueued"))
     dead_letters.close(session, gone)
-    dead_letters.mark_replayed(session, [d.letter.id for d in done])
+    dead_letters.mark_replayed(session, [d.letter.id for d in [*closed, *done]])
     return closed + done
+
+
+def _adopt(
+    session: Session, jobs: JobQueue, phase: phase_repo.State, letter: dead_letters.DeadLetter
+) -> Replayed:
+    """A chat whose JSONB was written by something else in `table_only`: the elements the rows
+    lack join the rows, then the JSONB follows the rows again."""
+    dead_letters.close(session, [letter.id])
+    if phase.phase is not Phase.TABLE_ONLY or phase.contracted:
+        return Replayed(letter, "closed: the JSONB no longer follows the rows")
+    sync_state.lock_chats(session, [letter.chat_id])
+    added = transcript_rows.adopt_strays(session, letter.chat_id)
+    version = sync_state.versions(session, [letter.chat_id]).get(letter.chat_id)
+    if version is None:
+        return Replayed(letter, "closed: chat deleted")
+    jobs.enqueue(SYNC_CHAT, str(letter.chat_id), version[0])
+    return Replayed(letter, f"adopted: {added} elements of the JSONB added to the rows; enqueued")

@@ -40,6 +40,8 @@ class SyncReport:
     behind: int = 0
     behind_rows: int = 0
     picked: int = 0  # other chats behind that this sync converged too
+    # Chats whose JSONB was written by something else in `table_only`: left as they are.
+    diverged: int = 0
     lag_seconds: list[float] = field(default_factory=list)
 
     def add(self, counts: messages.ChatCounts) -> None:
@@ -117,9 +119,11 @@ def sync_chats(
                 settled.append(chat.chat_id)
     report.picked = sum(1 for c in claim.chats if not c.own and c.chat_id in todo)
     if claim.phase == Phase.TABLE_ONLY.value:
-        written = chats_repo.write_from_rows(session, todo)
+        written, diverged = chats_repo.write_from_rows(session, todo)
         report.chats = len(written)
+        report.diverged = len(diverged)
         dead_letters.resolve(session, [*written, *settled], [*written, *settled])
+        _record_diverged(session, diverged, task=task)
         return report
     results = messages.converge(session, todo)
     for counts in results:
@@ -177,6 +181,26 @@ def _record_bad_elements(
                 ),
                 attempts=1,
             )
+
+
+def _record_diverged(session: Session, diverged: list[chats_repo.Diverged], *, task: str) -> None:
+    """A chat whose JSONB moved on by itself in `table_only` is not rewritten from the rows
+    (that would erase the write): it waits for an operator, who sees what differs."""
+    for chat in diverged:
+        dead_letters.record(
+            session,
+            task=task,
+            chat_id=chat.chat_id,
+            args=[str(chat.chat_id), chat.jsonb_version],
+            reason=dead_letters.Reason.DIVERGED,
+            error=(
+                f"the JSONB is at version {chat.jsonb_version} but the rows last wrote version "
+                f"{chat.applied_version}: something other than this service wrote it in "
+                "table_only; the reverse sync leaves it as it is. Replay adds the elements "
+                "that the rows lack to the rows, then the JSONB follows the rows again"
+            ),
+            attempts=1,
+        )
 
 
 def releaser(factory: sessionmaker[Session]) -> Callable[[list[str]], None]:
