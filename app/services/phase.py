@@ -169,14 +169,14 @@ def set_phase(
             if to is not state.phase and binding:
                 raise Refused("; ".join(f"gate '{g.name}' failed: {g.detail}" for g in binding))
             catch_up = _changes_source(state.phase, to)
-            if to is state.phase or catch_up:
-                locked = _lock_for_change(session, settings, deadline, say)
-                _same_phase(locked, state)
-                if to is state.phase:
-                    # Nothing to move; an interrupted step towards another phase is undone.
-                    if locked.pending is not None:
-                        phase_repo.set_pending(session, None)
-                    return Moved(state.phase, to, force, 0, [])
+            if to is state.phase:
+                # Nothing to move; an interrupted step towards another phase is undone.
+                if state.pending is not None:
+                    _same_phase(_lock_for_change(session, settings, deadline, say), state)
+                    phase_repo.set_pending(session, None)
+                return Moved(state.phase, to, force, 0, [])
+            if catch_up:
+                _same_phase(_lock_for_change(session, settings, deadline, say), state)
                 phase_repo.set_pending(session, to)
                 pending = True
         caught_up = _catch_up(factory, settings, deadline, say) if catch_up else 0
