@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # How long one try to take the phase for a change may queue (every write queues behind it
     # meanwhile); tries repeat, with backoff, until the step's timeout.
     phase_lock_wait_ms: int = Field(default=2_000, gt=0)
+    # The longest a step may hold every writer while it converges the chats still behind, when
+    # writes keep them behind as fast as the catch-up converges them (at its measured rate).
+    phase_hold_max_seconds: float = Field(default=5.0, gt=0)
 
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)

@@ -182,14 +182,19 @@ def test_the_reverse_sync_leaves_a_jsonb_that_moved_on_by_itself_and_replay_adop
     sync_now(sessionmaker, chat)  # again: still left alone, still one letter
     assert jsonb_ids(engine, chat) == ["stray"]
 
+    later = message()  # the service goes on writing the rows meanwhile
+    assert api.post(f"/chats/{chat}/messages", json={"message": later}, headers=auth()).is_success
+    sync_now(sessionmaker, chat)
+    assert jsonb_ids(engine, chat) == ["stray"]
+
     jobs = JobQueue()
     with transaction(sessionmaker) as session:
         (done,) = replay.replay(session, jobs, [letters[0].id])
     assert done.action.startswith("adopted: 1 elements")
     assert [job.args[0] for job in jobs.jobs] == [chat]
     sync_now(sessionmaker, chat)
-    assert row_ids(engine, chat) == [ours["id"], "stray"]
-    assert jsonb_ids(engine, chat) == [ours["id"], "stray"]
+    assert row_ids(engine, chat) == [ours["id"], later["id"], "stray"]
+    assert jsonb_ids(engine, chat) == row_ids(engine, chat)
 
 
 def test_a_step_refuses_within_its_timeout_in_one_line_and_changes_nothing(  # type: ignore[no-untyped-def]
@@ -394,3 +399,81 @@ def test_a_page_cursor_names_the_same_message_in_both_stores_after_a_step_back( 
             {"id": chat},
         ).scalars()
         assert list(seqs) == [0, 1, 2, 3, 4]
+
+
+def test_renumbering_waits_for_a_writer_of_the_rows_and_keeps_its_order(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, set_phase
+) -> None:
+    """The reverse sync renumbers a chat's rows under the chat's head lock, as every writer of
+    the rows takes it: a snapshot replace in flight is waited for, and its order stands."""
+    chat = new_chat(api, auth)
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE copilot_chats SET messages = CAST(:m AS jsonb) WHERE id = :id"),
+            {
+                "m": json.dumps([message(id="a"), "gap", message(id="b"), message(id="c")]),
+                "id": chat,
+            },
+        )
+    sync_now(sessionmaker, chat)
+    set_phase("table_only")
+    with engine.begin() as connection:  # the chat is behind: its JSONB must follow
+        connection.execute(
+            text(
+                "UPDATE copilot_chat_sync_state SET wanted_version = wanted_version + 1 "
+                "WHERE chat_id = :id"
+            ),
+            {"id": chat},
+        )
+    done: list[sync.SyncReport] = []
+    with engine.connect() as writer:  # a replace to [c, a, b], holding the head as writers do
+        writer.execute(
+            text("SELECT 1 FROM copilot_chat_sync_state WHERE chat_id = :id FOR UPDATE"),
+            {"id": chat},
+        )
+        writer.execute(
+            text(
+                "UPDATE copilot_chat_messages SET seq = CASE message_id WHEN 'c' THEN 0 "
+                "WHEN 'a' THEN 1 ELSE 2 END WHERE chat_id = :id"
+            ),
+            {"id": chat},
+        )
+        reverse = threading.Thread(target=lambda: done.append(sync_now(sessionmaker, chat)))
+        reverse.start()
+        time.sleep(1.0)
+        writer.commit()
+    reverse.join(30)
+    assert done and done[0].chats == 1
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT message_id, seq FROM copilot_chat_messages WHERE chat_id = :id "
+                "AND deleted_at IS NULL ORDER BY seq"
+            ),
+            {"id": chat},
+        ).all()
+    assert [tuple(r) for r in rows] == [("c", 0), ("a", 1), ("b", 2)]
+    assert jsonb_ids(engine, chat) == ["c", "a", "b"]
+
+
+def test_a_step_refuses_rather_than_hold_writers_behind_a_chat_someone_holds(  # type: ignore[no-untyped-def]
+    api, auth, engine, set_phase
+) -> None:
+    """Under the phase lock every writer waits: a chat that the step must converge but that a
+    long transaction holds makes the step refuse after PHASE_LOCK_WAIT_MS, not wait with every
+    writer held; the refusal changes nothing, the pending mark included."""
+    set_phase("read_table")
+    chat = new_chat(api, auth)
+    with engine.begin() as connection:  # behind: a write no sync was sent for
+        connection.execute(text(APPEND_STRAY), {"e": STRAY, "id": chat})
+    with engine.connect() as holder:
+        holder.execute(text("SELECT 1 FROM copilot_chats WHERE id = :id FOR UPDATE"), {"id": chat})
+        started = time.monotonic()
+        refused = phase_set("table_only", PHASE_LOCK_WAIT_MS="500")
+        took = time.monotonic() - started
+        holder.rollback()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "lock was not granted within PHASE_LOCK_WAIT_MS" in refused.stderr, refused.stderr
+    assert took < 30
+    assert current_phase(engine) == ("read_table", None)

@@ -343,14 +343,10 @@ def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> FromRows
     A chat whose JSONB version is not the one last applied was written by something else since
     (which the triggers refuse in `table_only`): rewriting it would erase that write, so it is
     left as it is and returned as diverged.
-
-    The live rows are renumbered to their positions in the JSONB written (0, 1, 2, ...): rows
-    copied from a JSONB with elements the table could not hold have gaps in `seq`, and a page
-    cursor must name the same message in both stores. The head's cached next `seq` follows
-    unless an append moved it meanwhile (that append's own reverse sync renumbers again).
     """
     if not chat_ids:
         return FromRows({}, [])
+    _close_gaps(session, chat_ids)
     rows = session.execute(
         text(
             """
@@ -359,18 +355,9 @@ def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> FromRows
             ),
             target AS MATERIALIZED (
                 SELECT c.id, c.messages_version, s.applied_version, s.wanted_version,
-                       s.active_stream_id, s.next_seq,
-                       c.messages_version = s.applied_version AS follows
+                       s.active_stream_id, c.messages_version = s.applied_version AS follows
                 FROM copilot_chats c JOIN copilot_chat_sync_state s ON s.chat_id = c.id
                 WHERE c.id = ANY(:ids)
-            ),
-            positions AS MATERIALIZED (
-                SELECT m.id, m.chat_id, m.seq,
-                       (row_number() OVER (PARTITION BY m.chat_id ORDER BY m.seq) - 1)::int
-                           AS pos
-                FROM copilot_chat_messages m
-                WHERE m.chat_id IN (SELECT id FROM target WHERE follows)
-                  AND m.deleted_at IS NULL
             ),
             written AS (
                 UPDATE copilot_chats c SET
@@ -382,25 +369,16 @@ def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> FromRows
                     active_stream_id = t.active_stream_id,
                     updated_at = now()
                 FROM target t
-                WHERE c.id = t.id AND t.follows AND (SELECT flag FROM marker) = 'on'
+                -- The version again: judged on the newest row, should a write commit meanwhile.
+                WHERE c.id = t.id AND t.follows AND c.messages_version = t.messages_version
+                  AND (SELECT flag FROM marker) = 'on'
                 RETURNING c.id, t.wanted_version
-            ),
-            renumbered AS (
-                UPDATE copilot_chat_messages m SET seq = p.pos
-                FROM positions p WHERE m.id = p.id AND p.seq <> p.pos
-                RETURNING m.chat_id
             ),
             marked AS (
                 UPDATE copilot_chat_sync_state s
                 SET applied_version = greatest(s.applied_version, w.wanted_version),
-                    synced_at = now(),
-                    next_seq = CASE
-                        WHEN w.id IN (SELECT chat_id FROM renumbered)
-                             AND s.next_seq IS NOT DISTINCT FROM t.next_seq
-                        THEN (SELECT count(*) FROM positions p WHERE p.chat_id = w.id)
-                        ELSE s.next_seq END
-                FROM written w JOIN target t ON t.id = w.id
-                WHERE s.chat_id = w.id
+                    synced_at = now()
+                FROM written w WHERE s.chat_id = w.id
                 RETURNING s.chat_id
             )
             SELECT w.id, w.wanted_version, NULL::bigint, true FROM written w
@@ -415,4 +393,60 @@ def write_from_rows(session: Session, chat_ids: Sequence[uuid.UUID]) -> FromRows
     return FromRows(
         {row[0]: int(row[1]) for row in rows if row[3]},
         [Diverged(row[0], int(row[1]), int(row[2])) for row in rows if not row[3]],
+    )
+
+
+def _close_gaps(session: Session, chat_ids: Sequence[uuid.UUID]) -> None:
+    """Renumber the live rows of these chats to 0, 1, 2, ... where they have gaps, which is
+    what their positions in the JSONB about to be written will be. Rows copied from a JSONB with
+    elements the table could not hold have gaps in `seq`, and a page cursor must name the same
+    message in both stores.
+
+    Rare (once per such chat), so only those chats' heads are locked, as every writer of the
+    rows locks them, before the rows are read: no write of theirs interleaves, and the head's
+    next `seq` moves with them."""
+    ids = {"ids": sorted(chat_ids)}
+    gapped = list(
+        session.execute(
+            text(
+                """
+                SELECT chat_id FROM copilot_chat_messages
+                WHERE chat_id = ANY(:ids) AND deleted_at IS NULL
+                GROUP BY chat_id
+                HAVING min(seq) <> 0 OR max(seq) + 1 <> count(*)
+                    OR count(DISTINCT seq) <> count(*)
+                """
+            ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+            ids,
+        ).scalars()
+    )
+    if not gapped:
+        return
+    session.execute(
+        text(
+            "SELECT 1 FROM copilot_chat_sync_state WHERE chat_id = ANY(:ids) "
+            "ORDER BY chat_id FOR UPDATE"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": sorted(gapped)},
+    )
+    session.execute(
+        text(
+            """
+            WITH positions AS MATERIALIZED (
+                SELECT id, chat_id, seq,
+                       (row_number() OVER (PARTITION BY chat_id ORDER BY seq, id) - 1)::int AS pos
+                FROM copilot_chat_messages
+                WHERE chat_id = ANY(:ids) AND deleted_at IS NULL
+            ),
+            moved AS (
+                UPDATE copilot_chat_messages m SET seq = p.pos
+                FROM positions p WHERE m.id = p.id AND p.seq <> p.pos
+                RETURNING 1
+            )
+            UPDATE copilot_chat_sync_state s
+            SET next_seq = (SELECT count(*) FROM positions p WHERE p.chat_id = s.chat_id)
+            WHERE s.chat_id = ANY(:ids) AND (SELECT count(*) FROM moved) >= 0
+            """
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"ids": sorted(gapped)},
     )

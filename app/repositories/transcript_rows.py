@@ -395,7 +395,8 @@ def adopt_strays(session: Session, chat_id: uuid.UUID) -> int:
     """Append to the rows the elements of the chat's JSONB that the rows have never held (a
     write to the JSONB that the reverse sync refused to erase, see `chats.write_from_rows`), in
     the JSONB's order, and take the JSONB's version as applied, so that the reverse sync
-    follows the rows again. How many were added. An element the rows hold (live, or removed
+    follows the rows again (the head moves past both versions: the JSONB is rewritten). How
+    many were added. An element the rows hold (live, or removed
     by a replace) is the rows' business: theirs stands."""
     head = session.execute(
         text(
@@ -441,13 +442,14 @@ def adopt_strays(session: Session, chat_id: uuid.UUID) -> int:
                 RETURNING 1
             ),
             head AS (
+                -- A new version above both stores': the reverse sync then rewrites the JSONB.
                 UPDATE copilot_chat_sync_state s SET
-                    wanted_version = CASE WHEN (SELECT count(*) FROM inserted) > 0
-                                          THEN :version ELSE s.wanted_version END,
+                    wanted_version = greatest(s.wanted_version, c.messages_version) + 1,
                     next_seq = :next_seq + (SELECT count(*) FROM inserted),
-                    applied_version = (SELECT messages_version FROM c),
+                    applied_version = c.messages_version,
                     dirty_since = now()
-                WHERE s.chat_id = :id AND EXISTS (SELECT 1 FROM c)
+                FROM c
+                WHERE s.chat_id = c.id
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM inserted) WHERE (SELECT count(*) FROM head) >= 0

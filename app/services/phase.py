@@ -123,12 +123,18 @@ class _Deadline:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.started = time.monotonic()
+        self.pending_set = False  # the step marked itself pending: a refusal clears the mark
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def left(self) -> float:
         return self.seconds - self.elapsed()
+
+    def bound(self, session: Session, settings: Settings) -> None:
+        """No statement of this transaction outlives the step's time."""
+        ms = min(settings.worker_statement_timeout_ms, max(1000, int(self.left() * 1000)))
+        session.execute(text(f"SET LOCAL statement_timeout = {ms}"))
 
     def check(self, doing: str) -> None:
         if self.left() <= 0:
@@ -155,60 +161,80 @@ def set_phase(
     """
     deadline = _Deadline(settings.phase_step_timeout_seconds)
     say = progress or (lambda line: None)
-    pending = False
     try:
-        with transaction(factory) as session:
-            state = phase_repo.current(session)
-            checked = gates(session, settings, state, to)
-            failed = [g for g in checked if not g.ok]
-            if state.contracted:
-                raise Refused(failed[0].detail)
-            # `--force` steps past the evidence, never past a phase: each step's catch-up and
-            # checks assume the phase next to it.
-            binding = failed if not force else [g for g in failed if g.name == "one step"]
-            if to is not state.phase and binding:
-                raise Refused("; ".join(f"gate '{g.name}' failed: {g.detail}" for g in binding))
-            catch_up = _changes_source(state.phase, to)
-            if to is state.phase:
-                # Nothing to move; an interrupted step towards another phase is undone.
-                if state.pending is not None:
-                    _same_phase(_lock_for_change(session, settings, deadline, say), state)
-                    phase_repo.set_pending(session, None)
-                return Moved(state.phase, to, force, 0, [])
-            if catch_up:
-                _same_phase(_lock_for_change(session, settings, deadline, say), state)
-                phase_repo.set_pending(session, to)
-                pending = True
-        caught_up = _catch_up(factory, settings, deadline, say) if catch_up else 0
-        with transaction(factory) as session:
-            locked = _lock_for_change(session, settings, deadline, say)
-            _same_phase(locked, state)
-            if catch_up:
-                # Every writer waits now: converge what is still behind, in the direction still
-                # in force, within what is left of the step's time.
-                left_ms = max(1000, int(deadline.left() * 1000))
-                session.execute(text(f"SET LOCAL lock_timeout = {left_ms}"))
-                caught_up += _converge_held(session, deadline, say)
-                if to is Phase.TABLE_ONLY:
-                    sync_state.start_table_heads(session)
-            phase_repo.change(
-                session,
-                to=to,
-                who=who,
-                forced=bool(failed),
-                note="; ".join(f"{g.name}: {g.detail}" for g in failed) if failed else None,
-            )
-            pending = False
-    except DBAPIError as exc:
-        raise Refused(f"a statement of the step failed: {_one_line(exc)}") from None
+        try:
+            return _step(factory, settings, to, who=who, force=force, deadline=deadline, say=say)
+        except DBAPIError as exc:
+            raise Refused(f"a statement of the step failed: {_one_line(exc)}") from None
     except Refused:
-        if pending:
+        if deadline.pending_set:
             _undo_pending(factory, settings)
         raise
+
+
+def _step(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    to: Phase,
+    *,
+    who: str,
+    force: bool,
+    deadline: _Deadline,
+    say: Progress,
+) -> Moved:
+    with transaction(factory) as session:
+        state = phase_repo.current(session)
+        checked = gates(session, settings, state, to)
+        failed = [g for g in checked if not g.ok]
+        if state.contracted:
+            raise Refused(failed[0].detail)
+        # `--force` steps past the evidence, never past a phase: each step's catch-up and
+        # checks assume the phase next to it.
+        binding = failed if not force else [g for g in failed if g.name == "one step"]
+        if to is not state.phase and binding:
+            raise Refused("; ".join(f"gate '{g.name}' failed: {g.detail}" for g in binding))
+        catch_up = _changes_source(state.phase, to)
+        if to is state.phase:
+            # Nothing to move; an interrupted step towards another phase is undone.
+            if state.pending is not None:
+                _same_phase(_lock_for_change(session, settings, deadline, say), state)
+                phase_repo.set_pending(session, None)
+            return Moved(state.phase, to, force, 0, [])
+        if catch_up:
+            _same_phase(_lock_for_change(session, settings, deadline, say), state)
+            phase_repo.set_pending(session, to)
+    deadline.pending_set = catch_up
+    caught_up = _catch_up(factory, settings, deadline, say) if catch_up else 0
+    with transaction(factory) as session:
+        _same_phase(_lock_for_change(session, settings, deadline, say), state)
+        if catch_up:
+            # Every writer waits now: converge what is still behind, in the direction still in
+            # force. Nothing here may wait long for a lock (a transaction holding a chat would
+            # hold every writer with it): refuse instead.
+            session.execute(text(f"SET LOCAL lock_timeout = {settings.phase_lock_wait_ms}"))
+            caught_up += _converge_held(session, settings, deadline, say)
+            if to is Phase.TABLE_ONLY:
+                sync_state.start_table_heads(session)
+        phase_repo.change(
+            session,
+            to=to,
+            who=who,
+            forced=bool(failed),
+            note="; ".join(f"{g.name}: {g.detail}" for g in failed) if failed else None,
+        )
+    deadline.pending_set = False
     return Moved(state.phase, to, bool(failed), caught_up, failed)
 
 
 def _one_line(exc: DBAPIError) -> str:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate == "55P03":  # lock_not_available
+        return (
+            "a lock was not granted within PHASE_LOCK_WAIT_MS (another transaction holds a "
+            "chat or its sync state); try again"
+        )
+    if sqlstate == "57014":  # query_canceled: statement_timeout
+        return "a statement ran past the step's time (PHASE_STEP_TIMEOUT_SECONDS)"
     lines = str(exc.orig).strip().splitlines()
     return f"{type(exc.orig).__name__}: {lines[0] if lines else ''}"
 
@@ -260,26 +286,31 @@ def _lock_for_change(
 
 # Chats synced per transaction while catching up.
 CATCH_UP_BATCH = 200
-# What may still be behind when the step holds every writer and converges the rest: about what
-# one batch converges in well under a second, so the writers it holds wait a moment.
+# What may be left behind for the step to converge with every writer held, when the catch-up
+# goes no further (hot chats written again as fast as they are converged): at most this many
+# seconds of converging, at the rate the catch-up measured, or `CATCH_UP_LEFT` chats.
 CATCH_UP_LEFT = 200
-# Passes over the chats behind, outside the lock, before the step looks at whether they shrink.
+# Passes over the chats behind, outside the lock, before the step judges whether they shrink.
 MIN_PASSES = 3
 
 
 def _catch_up(
     factory: sessionmaker[Session], settings: Settings, deadline: _Deadline, say: Progress
 ) -> int:
-    """Outside the lock: bring the follower up until at most `CATCH_UP_LEFT` chats are behind.
+    """Outside the lock: bring the follower up until little is left for the step to converge
+    with every writer held.
 
     Each pass walks the chats that were behind when it began (a finite set, however fast
     writes come) and is judged by versions: a chat is done once its copy holds the version it
     wanted when it was read, whatever was written to it since. A chat that is not is stuck (its
     sync fails) and refuses the step. Passes repeat while they leave more than `CATCH_UP_LEFT`
-    behind; when the backlog stops shrinking (writes outpace the catch-up), or the step's time
-    runs short, the step is refused, saying how many are behind.
+    chats behind. When the backlog stops shrinking (the same chats written again as fast as
+    they are converged), what is left is converged under the lock if that takes at most
+    `PHASE_HOLD_MAX_SECONDS` at the rate measured so far; otherwise (or when the step's time
+    runs short) the step refuses, saying how many are behind.
     """
     done = 0
+    spent = 0.0  # seconds spent converging, for the rate
     passes = 0
     best: int | None = None
     while True:
@@ -289,10 +320,19 @@ def _catch_up(
         if left <= CATCH_UP_LEFT:
             return done
         if passes >= MIN_PASSES and best is not None and left >= best:
+            hold = left * spent / done if done else float("inf")
+            if hold <= settings.phase_hold_max_seconds:
+                say(
+                    f"catching up: {left} chats keep falling behind; converging them with "
+                    f"writers held (~{hold:.1f}s)"
+                )
+                return done
             raise Refused(
                 f"{left} chats are still behind after {passes} passes of catching up "
-                f"({deadline.elapsed():.0f}s): writes outpace the catch-up; try again when "
-                "traffic is lower"
+                f"({deadline.elapsed():.0f}s), and converging them with writers held would take "
+                f"~{hold:.0f}s, above PHASE_HOLD_MAX_SECONDS "
+                f"({settings.phase_hold_max_seconds:.0f}s): writes outpace the catch-up; try "
+                "again when traffic is lower"
             )
         best = left if best is None else min(best, left)
         passes += 1
@@ -304,23 +344,31 @@ def _catch_up(
                 batch = sync_state.behind_before(session, started, after, limit=CATCH_UP_BATCH)
             if not batch:
                 break
-            _sync_batch(factory, batch)
+            began = time.monotonic()
+            _sync_batch(factory, settings, deadline, batch)
+            spent += time.monotonic() - began
             done += len(batch)
             after = batch[-1]
             say(f"catching up, pass {passes}: {done} chats converged ({deadline.elapsed():.0f}s)")
 
 
-def _sync_batch(factory: sessionmaker[Session], batch: list[sync_state.Behind]) -> None:
+def _sync_batch(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    deadline: _Deadline,
+    batch: list[sync_state.Behind],
+) -> None:
     """Sync a batch in a transaction of its own (tried twice: a worker's sync of the same
     chats may win a race), then check by versions that each chat reached what it wanted."""
     wanted = {b.chat_id: b.wanted_version for b in batch}
     for attempt in range(2):
         try:
             with transaction(factory) as session:
+                deadline.bound(session, settings)
                 sync.sync_chats(session, wanted)
             break
         except DBAPIError:
-            if attempt == 1:
+            if attempt == 1 or deadline.left() <= 0:
                 raise
     with transaction(factory) as session:
         _check_reached(session, wanted)
@@ -339,9 +387,10 @@ def _check_reached(session: Session, wanted: dict[uuid.UUID, int]) -> None:
         )
 
 
-def _converge_held(session: Session, deadline: _Deadline, say: Progress) -> int:
+def _converge_held(session: Session, settings: Settings, deadline: _Deadline, say: Progress) -> int:
     """Under the phase lock, nothing writes: converge every chat still behind, once. A chat
     still behind after its sync is stuck, and refuses the step."""
+    deadline.bound(session, settings)
     done = 0
     after: uuid.UUID | None = None
     while True:

@@ -49,7 +49,7 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
     diverged = [d for d in letters if d.reason == dead_letters.Reason.DIVERGED]
     letters = [d for d in letters if d.reason != dead_letters.Reason.DIVERGED]
     for letter in diverged:
-        closed.append(_adopt(session, jobs, phase, letter))
+        closed.append(_adopt(session, jobs, letter))
     bad = sorted(
         {
             d.chat_id
@@ -88,12 +88,11 @@ def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[
     return closed + done
 
 
-def _adopt(
-    session: Session, jobs: JobQueue, phase: phase_repo.State, letter: dead_letters.DeadLetter
-) -> Replayed:
+def _adopt(session: Session, jobs: JobQueue, letter: dead_letters.DeadLetter) -> Replayed:
     """A chat whose JSONB was written by something else in `table_only`: the elements the rows
     lack join the rows, then the JSONB follows the rows again."""
     dead_letters.close(session, [letter.id])
+    phase = phase_repo.for_mutation(session)  # a step waits for this transaction
     if phase.phase is not Phase.TABLE_ONLY or phase.contracted:
         return Replayed(letter, "closed: the JSONB no longer follows the rows")
     sync_state.lock_chats(session, [letter.chat_id])

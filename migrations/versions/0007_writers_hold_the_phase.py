@@ -22,8 +22,6 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
-from alembic import op
-
 from migrations import online
 
 revision = "0007"
@@ -96,9 +94,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER IF EXISTS copilot_chats_hold_phase ON copilot_chats")
-    op.execute(
-        BUMP_VERSION.replace("dualwrite_hold_phase()", "(SELECT phase FROM dualwrite_phase)")
-    )
-    op.execute("DROP FUNCTION IF EXISTS copilot_chats_hold_phase()")
-    op.execute("DROP FUNCTION IF EXISTS dualwrite_hold_phase()")
+    plain_read = "(SELECT phase FROM dualwrite_phase)"
+    with online.revision_steps() as step:
+        step(
+            "writers of the JSONB read the phase without holding it",
+            "DROP TRIGGER IF EXISTS copilot_chats_hold_phase ON copilot_chats",
+            BUMP_VERSION.replace("dualwrite_hold_phase()", plain_read),
+            "DROP FUNCTION IF EXISTS copilot_chats_hold_phase()",
+            "DROP FUNCTION IF EXISTS dualwrite_hold_phase()",
+        )
