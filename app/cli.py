@@ -60,8 +60,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     with _sessions() as factory, transaction(factory) as session:
-        state = phase_repo.current(session)
-        if state.contracted:
+        phase = phase_repo.current(session)
+        if phase.contracted:
             print("nothing to check: the JSONB column is gone (contracted)")
             return 0
         found = find_drift(session, batch_size=args.batch_size)
@@ -74,7 +74,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if found.behind:
         print(_behind_note(found.behind, repaired=False))
     if found.stalled:
-        print(_stalled_note(found.stalled, state.phase, repaired=False))
+        print(_stalled_note(found.stalled, phase.phase, repaired=False))
     print(f"drift: {found.rows} rows in {len(found.drifted)} chats")
     return 1 if found.drifted else 0
 

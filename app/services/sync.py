@@ -41,8 +41,8 @@ class SyncReport:
     # reconciles tell them apart.
     behind: int = 0
     behind_rows: int = 0
-    # Chats behind with no sync on its way (`drift.State.STALLED`): drift, counted in the rows
-    # above like any other.
+    # Chats behind with no sync on its way (`drift.State.STALLED`): drift, their rows counted
+    # in `inserted`, `updated`, `removed` like any other.
     stalled: int = 0
     picked: int = 0  # other chats behind that this sync converged too
     lag_seconds: list[float] = field(default_factory=list)
