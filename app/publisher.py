@@ -74,6 +74,7 @@ class BackgroundPublisher:
         self._wake = threading.Condition(self._lock)
         self._buffer: deque[Job] = deque()
         self._in_flight: list[Job] = []
+        self._releasing = 0  # failed jobs of the last batch whose marks are being released
         # Chats whose jobs were dropped (a full buffer, a shutdown): their queued marks are
         # released off the request, by the thread or by `close`, whichever takes them first.
         self._unsent: list[str] = []
@@ -104,9 +105,10 @@ class BackgroundPublisher:
         return self._closing
 
     def pending(self) -> int:
-        """Jobs handed over and not sent yet: buffered or in the batch being sent."""
+        """Jobs handed over and not done with yet: buffered, in the batch being sent, or failed
+        with their marks being released."""
         with self._lock:
-            return len(self._buffer) + len(self._in_flight)
+            return len(self._buffer) + len(self._in_flight) + self._releasing
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Hand committed jobs over for sending. Never blocks on the broker and never raises:
@@ -257,15 +259,22 @@ class BackgroundPublisher:
             # Counted before the batch leaves `pending`, so that an idle publisher's counters
             # are final.
             published, first_error = count_outcomes(batch, outcomes)
+            failed = [
+                job.queued
+                for job, outcome in zip(batch, outcomes, strict=True)
+                if outcome is not None and job.queued is not None
+            ]
+            # Out of `close`'s reach (the thread releases them), yet still pending until
+            # released: an idle publisher has released every mark it will.
             self._in_flight = []
+            self._releasing = len(failed)
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        failed = [
-            job.queued
-            for job, outcome in zip(batch, outcomes, strict=True)
-            if outcome is not None and job.queued is not None
-        ]
         if failed:
-            self._release_quietly(failed)
+            try:
+                self._release_quietly(failed)
+            finally:
+                with self._lock:
+                    self._releasing = 0
         if published.failed:
             if not self._failed_burst and first_error is not None:
                 job, error = first_error
