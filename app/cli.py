@@ -21,7 +21,7 @@ from app.repositories import dead_letters, reconcile_runs
 from app.repositories import phase as phase_repo
 from app.services import phase as phase_service
 from app.services import replay, status
-from app.services.drift import find_drift
+from app.services.drift import State, find_drift
 from app.services.reconcile import ReconcileReport, parse_interval, reconcile
 from app.services.sync import WrongPhase
 from app.settings import Phase, get_settings
@@ -64,16 +64,41 @@ def cmd_check(args: argparse.Namespace) -> int:
         if phase.contracted:
             print("nothing to check: the JSONB column is gone (contracted)")
             return 0
-        drifted = find_drift(session, batch_size=args.batch_size)
-    total = 0
-    for chat in drifted:
+        found = find_drift(session, batch_size=args.batch_size)
+    for chat, kind in found.drifted:
+        stalled = " (behind, no sync on its way)" if kind is State.STALLED else ""
         print(
-            f"{chat.chat_id}  version {chat.version}: {chat.inserted} missing, "
+            f"{chat.chat_id}  version {chat.version}{stalled}: {chat.inserted} missing, "
             f"{chat.updated} stale, {chat.removed} extra"
         )
-        total += chat.drift
-    print(f"drift: {total} rows in {len(drifted)} chats")
-    return 1 if total else 0
+    if found.behind:
+        print(_behind_note(found.behind, repaired=False))
+    if found.stalled:
+        print(_stalled_note(found.stalled, phase.phase, repaired=False))
+    print(f"drift: {found.rows} rows in {len(found.drifted)} chats")
+    return 1 if found.drifted else 0
+
+
+# `check` and `reconcile` say the same thing of the same state (see `app.services.drift`).
+def _behind_note(chats: int, *, repaired: bool) -> str:
+    return (
+        f"{chats} chats were merely behind (their JSONB changed after their copy and a sync is "
+        "on its way: live traffic, "
+        + ("converged here" if repaired else "left to their sync")
+        + "); not drift"
+    )
+
+
+def _stalled_note(chats: int, phase: Phase, *, repaired: bool) -> str:
+    why = (
+        "nothing copies in jsonb_only"
+        if phase is Phase.JSONB_ONLY
+        else "an open failed or worker_lost dead letter keeps the sweep off them; "
+        "see dead-letters list"
+    )
+    return f"{chats} chats were behind with no sync on its way ({why}): drift" + (
+        "; repaired here" if repaired else ""
+    )
 
 
 def _progress(report: ReconcileReport) -> None:
@@ -156,12 +181,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         )
     )
     if report.behind:
-        print(
-            f"{report.behind} chats were merely behind (their JSONB changed after their copy: "
-            "live traffic, left to their sync"
-            + ("" if report.dry_run else ", and converged here")
-            + "); not drift"
-        )
+        print(_behind_note(report.behind, repaired=not report.dry_run))
+    if report.stalled:
+        print(_stalled_note(report.stalled, report.phase, repaired=not report.dry_run))
     if report.timed_out:
         print(
             f"{report.timed_out} chats timed out alone (lock or statement timeout) and were not "

@@ -262,7 +262,8 @@ def task_outcomes(client: redis.Redis) -> dict[str, int]:
 def state(url: str) -> tuple[int, int, int]:
     """(rows of drift, chats behind, open dead letters), by the service's own checkers."""
     with sessions(url) as factory, transaction(factory) as session:
-        drift = sum(c.drift for c in find_drift(session))
+        found = find_drift(session)
+        drift = found.rows + found.behind_rows  # every row that differs, lag included
         letters = sum(dead_letters.count_open(session).values())
         return drift, sync_state.count_behind(session), letters
 

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -25,10 +26,11 @@ from app.jobs import (
     publish_many_after_commit,
 )
 from app.main import create_app
-from app.publisher import BackgroundPublisher
+from app.publisher import RELEASE_SECONDS, BackgroundPublisher
 from app.settings import Settings
+from harness.processes import ApiProcess
 from tasks import publish as sweep_publisher
-from tests.conftest import start_worker
+from tests.conftest import LOG_DIR, RUN_ID, start_worker
 from tests.support import wait_converged, wait_until
 from tests.test_faults import run_sweep_and_wait
 from tests.test_handlers import message, new_chat
@@ -343,7 +345,30 @@ def test_shutdown_sends_the_jobs_still_buffered(settings, auth, engine, converge
         app.state.engine.dispose()
 
 
-def test_shutdown_with_a_hung_broker_returns_within_its_bound_and_counts_the_dropped(  # type: ignore[no-untyped-def]
+def queued(engine, chat_ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Those of these chats whose queued mark is set."""
+    with engine.connect() as connection:
+        return sorted(
+            str(chat)
+            for (chat,) in connection.execute(
+                text(
+                    "SELECT chat_id FROM copilot_chat_sync_state "
+                    "WHERE chat_id = ANY(CAST(:ids AS uuid[])) AND queued_since IS NOT NULL"
+                ),
+                {"ids": chat_ids},
+            )
+        )
+
+
+def mark_queued(engine, chat_id: str) -> None:  # type: ignore[no-untyped-def]
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE copilot_chat_sync_state SET queued_since = now() WHERE chat_id = :c"),
+            {"c": chat_id},
+        )
+
+
+def test_shutdown_with_a_hung_broker_ends_within_its_bounds_and_releases_every_dropped_job(  # type: ignore[no-untyped-def]
     broker, auth, engine
 ) -> None:
     # Timeouts far beyond the drain bound: only the bound can end the shutdown in time.
@@ -364,21 +389,104 @@ def test_shutdown_with_a_hung_broker_returns_within_its_bound_and_counts_the_dro
             chats = [new_chat(client, auth) for _ in range(3)]
             for chat in chats:
                 append(client, auth, chat)
-            assert publisher.pending() == 3
+            assert publisher.pending() == 3  # one batch hangs in its send, two wait behind it
+            assert queued(engine, chats) == sorted(chats)
         finally:
             started = time.monotonic()
             client.__exit__(None, None, None)
             took = time.monotonic() - started
+        assert took < settings.publish_drain_seconds + RELEASE_SECONDS + 1.0, (
+            f"shutdown took {took:.1f}s"
+        )
+        assert dropped("shutdown") - before == 3
+        assert publisher.pending() == 0
+        # Released: their chats' next writes send syncs again; still behind for the sweep.
+        assert queued(engine, chats) == []
+        assert behind(engine, chats) == sorted(chats)
+        # A job handed over after the shutdown is dropped, counted and released too.
+        mark_queued(engine, chats[0])
+        publisher.submit([Job(SYNC_CHAT, (chats[0], 1), chats[0])])
+        assert dropped("shutdown") - before == 4
+        wait_until(lambda: queued(engine, chats) == [], timeout=10)
     finally:
         os.kill(broker.pid, signal.SIGCONT)
         app.state.engine.dispose()
-    assert took < settings.publish_drain_seconds + 2.0, f"shutdown took {took:.1f}s"
-    assert dropped("shutdown") - before == 3
-    assert publisher.pending() == 0
+
+
+def test_every_job_not_sent_at_shutdown_is_released_and_counted_once() -> None:
+    released: list[str] = []
+    gate = Gate(lambda jobs: [ConnectionError("broker went away")] * len(jobs))
+    background = BackgroundPublisher(
+        gate, release=released.extend, buffer_size=2, batch_size=1, drain_seconds=0.3
+    )
+    shutdown, full = dropped("shutdown"), dropped("buffer_full")
+    try:
+        background.submit([Job(SYNC_CHAT, ("chat-a", 1), "chat-a")])
+        wait_until(gate.entered.is_set, timeout=10)  # chat-a's batch hangs in its send
+        background.submit([Job(SYNC_CHAT, ("chat-b", 1), "chat-b")])
+        background.submit([Job(SYNC_CHAT, ("chat-c", 1), "chat-c")])
+        background.submit([Job(SYNC_CHAT, ("chat-d", 1), "chat-d")])  # the buffer is full
+        assert dropped("buffer_full") - full == 1
+        closing = threading.Thread(target=background.close)
+        closing.start()
+        wait_until(lambda: background.closing, timeout=10)
+        background.submit([Job(SYNC_CHAT, ("chat-e", 1), "chat-e")])  # while closing
+        closing.join(30)
+        assert not closing.is_alive()
+        assert sorted(released) == ["chat-a", "chat-b", "chat-c", "chat-d", "chat-e"]
+        background.submit([Job(SYNC_CHAT, ("chat-f", 1), "chat-f")])  # after closing
+        wait_until(lambda: "chat-f" in released, timeout=10)
+        assert dropped("shutdown") - shutdown == 5  # a, b, c at the close; e and f submitted
+        # The abandoned send returns at last, failed: its job is neither released nor counted
+        # a second time.
+        failures = metrics.ENQUEUE_FAILURES.labels(SYNC_CHAT)._value.get()
+        gate.released.set()
+        wait_until(lambda: gate.batches, timeout=10)
+        time.sleep(0.2)
+        assert sorted(released) == [f"chat-{c}" for c in "abcdef"]
+        assert metrics.ENQUEUE_FAILURES.labels(SYNC_CHAT)._value.get() == failures
+        assert dropped("shutdown") - shutdown == 5 and dropped("buffer_full") - full == 1
+    finally:
+        gate.released.set()
+
+
+def test_an_api_process_stopped_while_its_broker_hangs_releases_its_jobs_marks(  # type: ignore[no-untyped-def]
+    broker, auth, engine
+) -> None:
+    drain = 0.5
+    api = ApiProcess(
+        {
+            **os.environ,
+            "REDIS_URL": broker.url,
+            "PUBLISH_DRAIN_SECONDS": str(drain),
+            "PUBLISH_CONNECT_TIMEOUT_SECONDS": "30",
+            "PUBLISH_SOCKET_TIMEOUT_SECONDS": "30",
+        },
+        LOG_DIR / f"api-shutdown-{RUN_ID}.log",
+    ).start()
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=api.base, headers=auth(), timeout=10) as client:
+            chats = []
+            for _ in range(3):
+                created = client.post("/chats", json={})
+                assert created.status_code == 201, created.text
+                chats.append(created.json()["id"])
+                appended = client.post(f"/chats/{chats[-1]}/messages", json={"message": message()})
+                assert appended.status_code == 201, appended.text
+        assert queued(engine, chats) == sorted(chats)
+        started = time.monotonic()
+        os.killpg(api.pid, signal.SIGTERM)
+        code = api.wait(timeout=drain + RELEASE_SECONDS + 10)
+        took = time.monotonic() - started
+    finally:
+        api.kill()
+        os.kill(broker.pid, signal.SIGCONT)
+    # uvicorn exits by the signal it stopped for, once its shutdown is complete.
+    assert code in (0, -signal.SIGTERM), api.log()
+    assert took < drain + RELEASE_SECONDS + 3.0, f"the API took {took:.1f}s to stop"
+    assert queued(engine, chats) == [], api.log()
     assert behind(engine, chats) == sorted(chats)  # recorded: the sweep repairs them
-    # Jobs handed over after the shutdown are dropped and counted too.
-    publisher.submit([Job(SYNC_CHAT, (chats[0], 1), chats[0])])
-    assert dropped("shutdown") - before == 4
 
 
 def test_jobs_buffered_during_a_send_go_out_in_batches(memory_publisher) -> None:  # type: ignore[no-untyped-def]

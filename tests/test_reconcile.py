@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from app.db import transaction
+from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.repositories.sync_state import SYNC_LOCK_CLASS
@@ -317,6 +318,95 @@ def test_a_chat_merely_behind_is_lag_not_drift(  # type: ignore[no-untyped-def]
     assert_converged(engine, [behind, drifted])
     clean_run = run_cli("reconcile", "--dry-run")
     assert clean_run.returncode == 0 and summary(clean_run.stdout)["drift"] == "0"
+
+
+LAG = (
+    "1 chats were merely behind (their JSONB changed after their copy and a sync is on its way: "
+    "live traffic, left to their sync); not drift"
+)
+
+
+def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike(  # type: ignore[no-untyped-def]
+    api, auth, engine, converged, clean, set_phase
+) -> None:
+    chats = seed(api, auth, 2)
+    written, quiet = sorted(chats)
+    converged(written, quiet)
+    set_phase("jsonb_only")
+    # Committed to the JSONB; in this phase no sync is sent and the sweep copies nothing.
+    response = api.post(f"/chats/{written}/messages", json={"message": message()}, headers=auth())
+    assert response.status_code == 201, response.text
+    stalled = "1 chats were behind with no sync on its way (nothing copies in jsonb_only): drift"
+
+    dry = run_cli("reconcile", "--dry-run")
+    assert dry.returncode == 1, dry.stdout + dry.stderr
+    found = summary(dry.stdout)
+    assert (found["missing"], found["drift"], found["behind"]) == ("1", "1", "0"), dry.stdout
+    assert stalled in dry.stdout.splitlines(), dry.stdout
+    assert "left to their sync" not in dry.stdout
+    assert run_row(engine, printed_run_id(dry.stdout))["outcome"] == "drift"
+
+    check = run_cli("check")
+    assert check.returncode == 1, check.stdout + check.stderr
+    lines = check.stdout.splitlines()
+    assert any(
+        line.startswith(written)
+        and line.endswith("(behind, no sync on its way): 1 missing, 0 stale, 0 extra")
+        for line in lines
+    ), lines
+    assert stalled in lines
+    assert lines[-1] == "drift: 1 rows in 1 chats"
+
+    repair = run_cli("reconcile")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert (summary(repair.stdout)["inserted"], summary(repair.stdout)["drift"]) == ("1", "1")
+    assert f"{stalled}; repaired here" in repair.stdout.splitlines()
+    assert_converged(engine, [written, quiet])
+    assert run_cli("reconcile", "--dry-run").returncode == 0
+    assert run_cli("check").returncode == 0
+
+
+def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(  # type: ignore[no-untyped-def]
+    api, auth, engine, sessionmaker, converged, clean
+) -> None:
+    (chat,) = seed(api, auth, 1)
+    converged(chat)
+    # A write whose sync has not run yet (its task is never published here): the sweep's.
+    bring_back(engine, chat, {"id": "late", "role": "user", "content": "late"})
+    for args in (("reconcile", "--dry-run"), ("check",)):
+        lag = run_cli(*args)
+        assert lag.returncode == 0, lag.stdout + lag.stderr
+        assert LAG in lag.stdout.splitlines(), lag.stdout
+
+    # Its sync failed for good: the sweep skips the chat until an operator replays it.
+    with transaction(sessionmaker) as session:
+        dead_letters.record(
+            session,
+            task=SYNC_CHAT,
+            chat_id=uuid.UUID(chat),
+            args=[chat, 1],
+            reason=dead_letters.Reason.FAILED,
+            error="gave up",
+            attempts=4,
+        )
+    stalled = (
+        "1 chats were behind with no sync on its way (an open failed or worker_lost dead letter "
+        "keeps the sweep off them; see dead-letters list): drift"
+    )
+    dry = run_cli("reconcile", "--dry-run")
+    assert dry.returncode == 1, dry.stdout + dry.stderr
+    assert (summary(dry.stdout)["drift"], summary(dry.stdout)["behind"]) == ("1", "0")
+    assert stalled in dry.stdout.splitlines(), dry.stdout
+    check = run_cli("check")
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert stalled in check.stdout.splitlines(), check.stdout
+    assert check.stdout.splitlines()[-1] == "drift: 1 rows in 1 chats"
+
+    repair = run_cli("reconcile")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert f"{stalled}; repaired here" in repair.stdout.splitlines()
+    assert_converged(engine, [chat])
+    assert run_cli("check").returncode == 0
 
 
 def test_since_only_touches_recently_updated_chats(  # type: ignore[no-untyped-def]

@@ -128,6 +128,20 @@ def resolve(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def chats_blocked(session: Session, chat_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of these chats that the sweep skips: an open dead letter of a `BLOCKING` reason."""
+    if not chat_ids:
+        return set()
+    rows = session.execute(
+        text(
+            "SELECT DISTINCT chat_id FROM dualwrite_dead_letters "
+            "WHERE resolved_at IS NULL AND reason = ANY(:blocking) AND chat_id = ANY(:ids)"
+        ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        {"blocking": list(BLOCKING), "ids": list(chat_ids)},
+    ).scalars()
+    return set(rows)
+
+
 def chats_with_open(
     session: Session, chat_ids: Sequence[uuid.UUID], reason: Reason
 ) -> set[uuid.UUID]:

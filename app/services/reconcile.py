@@ -29,7 +29,7 @@ from app.repositories import chats as chats_repo
 from app.repositories import dead_letters, reconcile_runs, sync_state
 from app.repositories import messages as messages_repo
 from app.repositories import phase as phase_repo
-from app.services import sync
+from app.services import drift, sync
 from app.settings import Phase, get_settings
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,13 @@ class ReconcileReport:
     soft_deleted: int = 0
     timed_out: int = 0  # chats given up on alone after a lock or statement timeout
     skipped: int = 0  # chats left alone for an open `worker_lost` dead letter
-    # Chats whose JSONB moved on after their copy (live traffic): repaired or left to their
-    # sync, and not drift (`SyncReport.add_checked`).
+    # Chats whose JSONB moved on after their copy (live traffic) while a sync is on its way:
+    # converged by a repair, left to their sync by a dry run, and not drift (`drift.state`).
     behind: int = 0
+    # Chats behind with no sync on its way (`jsonb_only`, or an open blocking dead letter):
+    # drift, their rows counted in `inserted`, `updated`, `soft_deleted` like any other.
+    stalled: int = 0
+    phase: Phase = Phase.DUAL_WRITE  # as the run started: says why no sync is on its way
     killed_runs: list[int] = field(default_factory=list)  # earlier runs found unfinished
     seconds: float = 0.0
     outcome: str = "running"
@@ -144,7 +148,17 @@ def reconcile(
         if not reconcile_runs.try_lock(lock):
             return None
         try:
-            return _run(factory, since, dry_run, batch_size, trigger, count_first, progress, limits)
+            return _run(
+                factory,
+                since,
+                dry_run,
+                batch_size,
+                trigger,
+                count_first,
+                progress,
+                limits,
+                phase.phase,
+            )
         finally:
             reconcile_runs.unlock(lock)
 
@@ -158,6 +172,7 @@ def _run(
     count_first: bool,
     progress: Callable[[ReconcileReport], None] | None,
     limits: Limits,
+    phase: Phase,
 ) -> ReconcileReport:
     with transaction(factory) as session:
         # The lock is held by this process alone, and a run holds it from start to finish: a
@@ -165,7 +180,9 @@ def _run(
         killed = reconcile_runs.mark_killed(session)
         run_id = reconcile_runs.start(session, since=since, dry_run=dry_run, trigger=trigger)
         total = chats_repo.count(session, since=since) if count_first else None
-    report = ReconcileReport(run_id=run_id, dry_run=dry_run, total_chats=total, killed_runs=killed)
+    report = ReconcileReport(
+        run_id=run_id, dry_run=dry_run, total_chats=total, killed_runs=killed, phase=phase
+    )
     if killed:
         log.warning("reconcile #%d: marked unfinished runs %s as killed", run_id, killed)
     started = time.perf_counter()
@@ -235,9 +252,13 @@ def _check(
             with _limited(factory, limits) as session:
                 if dry_run:
                     # Versions first: a copy that claimed to be current before the diff's
-                    # snapshot and still differs in it is drift; a newer JSONB is lag.
+                    # snapshot and still differs in it is drift; a newer JSONB is lag, if a
+                    # sync is on its way to copy it (as `resync` judges a repair).
                     recorded = sync_state.versions(session, piece)
-                    done = sync.SyncReport.checked(messages_repo.diff(session, piece), recorded)
+                    phase = phase_repo.current(session).phase
+                    unfollowed = drift.unfollowed(session, piece, phase)
+                    diff = messages_repo.diff(session, piece)
+                    done = sync.SyncReport.checked(diff, recorded, unfollowed)
                 else:
                     done = sync.resync(session, piece)
         except DBAPIError as exc:
@@ -304,3 +325,4 @@ def _add(report: ReconcileReport, batch: sync.SyncReport) -> None:
     report.updated += batch.updated
     report.soft_deleted += batch.removed
     report.behind += batch.behind
+    report.stalled += batch.stalled

@@ -9,7 +9,7 @@ JSONB at all, which is also how a backlog of many tasks for one chat collapses i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -20,6 +20,7 @@ from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters, messages, sync_state
 from app.repositories import phase as phase_repo
+from app.services import drift
 from app.settings import Phase
 
 
@@ -35,10 +36,14 @@ class SyncReport:
     inserted: int = 0
     updated: int = 0
     removed: int = 0
-    # Chats found merely behind (a newer JSONB version than their copy claims) and the rows in
-    # which they differed: lag under live traffic, not drift. Only reconciles tell them apart.
+    # Chats found merely behind (a newer JSONB version than their copy claims, and a sync on
+    # its way) and the rows in which they differed: lag under live traffic, not drift. Only
+    # reconciles tell them apart.
     behind: int = 0
     behind_rows: int = 0
+    # Chats behind with no sync on its way (`drift.State.STALLED`): drift, their rows counted
+    # in `inserted`, `updated`, `removed` like any other.
+    stalled: int = 0
     picked: int = 0  # other chats behind that this sync converged too
     # Chats whose JSONB was written by something else in `table_only`: left as they are.
     diverged: int = 0
@@ -52,26 +57,34 @@ class SyncReport:
         self.updated += counts.updated
         self.removed += counts.removed
 
-    def add_checked(self, counts: messages.ChatCounts, applied: int) -> None:
-        """Add a chat that a reconcile compared: differences in a chat whose copy does not
-        claim to be current (`applied` below the version compared) are lag, not drift."""
-        if counts.version > applied:
+    def add_checked(self, counts: messages.ChatCounts, applied: int, followed: bool = True) -> None:
+        """Add a chat that a reconcile compared (see `drift.state`): differences in a chat
+        whose copy does not claim to be current (`applied` below the version compared) are lag,
+        not drift, as long as a sync is on its way (`followed`)."""
+        kind = drift.state(counts, applied, followed)
+        if kind is drift.State.BEHIND:
             self.chats += 1
             self.elements += counts.elements
             self.bad_elements += counts.bad_elements
-            if counts.drift:
-                self.behind += 1
-                self.behind_rows += counts.drift
+            self.behind += 1
+            self.behind_rows += counts.drift
         else:
             self.add(counts)
+            self.stalled += kind is drift.State.STALLED
 
     @staticmethod
     def checked(
-        results: Sequence[messages.ChatCounts], applied: dict[uuid.UUID, tuple[int, int]]
+        results: Sequence[messages.ChatCounts],
+        applied: dict[uuid.UUID, tuple[int, int]],
+        unfollowed: Collection[uuid.UUID] = (),
     ) -> SyncReport:
         report = SyncReport()
         for counts in results:
-            report.add_checked(counts, applied.get(counts.chat_id, (0, -1))[1])
+            report.add_checked(
+                counts,
+                drift.applied_version(applied, counts.chat_id),
+                counts.chat_id not in unfollowed,
+            )
         return report
 
 
@@ -153,10 +166,12 @@ def resync(session: Session, chat_ids: Sequence[uuid.UUID]) -> SyncReport:
             "undo writes; the reverse sync keeps the JSONB up to them"
         )
     sync_state.lock_chats(session, chat_ids)
-    # Under the locks no sync moves these; a handler's newer version shows up as lag.
+    # Under the locks no sync moves these; a handler's newer version shows up as lag, unless
+    # no sync is on its way to copy it (read before the convergence closes dead letters).
     recorded = sync_state.versions(session, chat_ids)
+    unfollowed = drift.unfollowed(session, chat_ids, phase.phase)
     results = messages.converge(session, chat_ids)
-    report = SyncReport.checked(results, recorded)
+    report = SyncReport.checked(results, recorded, unfollowed)
     report.missing = len(chat_ids) - len(results)
     _record_bad_elements(session, results, task=SYNC_CHAT)
     return report
