@@ -115,7 +115,7 @@ def test_a_script_writing_during_a_step_into_table_only_waits_then_is_refused(  
 
 
 def test_a_step_waits_for_a_script_in_flight_and_copies_its_write(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, set_phase
+    api, auth, engine, sessionmaker, set_phase, clean
 ) -> None:
     """A script's transaction that wrote the JSONB before the step holds the phase: the step
     waits for it to commit, then converges its write, so the rows (and after them the JSONB)
@@ -269,7 +269,7 @@ def script_chats(engine: Engine, count: int) -> list[str]:
 
 
 def test_script_writers_and_api_clients_through_repeated_steps_lose_nothing(  # type: ignore[no-untyped-def]
-    api_process, auth, engine, sessionmaker, broker, set_phase
+    api_process, auth, engine, sessionmaker, broker, set_phase, clean
 ) -> None:
     """Two plain-SQL connections append ~100 times a second, two API clients chat, and the
     phase steps `read_table` <-> `table_only` eight times: every step goes through, and every
@@ -312,7 +312,7 @@ def test_script_writers_and_api_clients_through_repeated_steps_lose_nothing(  # 
 
 
 def test_a_step_under_a_fast_script_writer_finishes_within_its_bound(  # type: ignore[no-untyped-def]
-    engine, sessionmaker, set_phase
+    engine, sessionmaker, set_phase, clean
 ) -> None:
     """A script appending as fast as it can, to many chats (none of its writes sends a sync):
     the step into `table_only` works through finite sets, prints its progress, then holds the
@@ -457,7 +457,7 @@ def test_renumbering_waits_for_a_writer_of_the_rows_and_keeps_its_order(  # type
 
 
 def test_a_step_refuses_rather_than_hold_writers_behind_a_chat_someone_holds(  # type: ignore[no-untyped-def]
-    api, auth, engine, set_phase
+    api, auth, engine, set_phase, clean
 ) -> None:
     """Under the phase lock every writer waits: a chat that the step must converge but that a
     long transaction holds makes the step refuse after PHASE_LOCK_WAIT_MS, not wait with every

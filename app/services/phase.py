@@ -132,9 +132,11 @@ class _Deadline:
         return self.seconds - self.elapsed()
 
     def bound(self, session: Session, settings: Settings) -> None:
-        """No statement of this transaction outlives the step's time."""
+        """No statement of this transaction outlives the step's time, nor waits for a lock
+        longer than `PHASE_LOCK_WAIT_MS` (a sync of the same chats takes far less)."""
         ms = min(settings.worker_statement_timeout_ms, max(1000, int(self.left() * 1000)))
         session.execute(text(f"SET LOCAL statement_timeout = {ms}"))
+        session.execute(text(f"SET LOCAL lock_timeout = {settings.phase_lock_wait_ms}"))
 
     def check(self, doing: str) -> None:
         if self.left() <= 0:
@@ -210,8 +212,7 @@ def _step(
         if catch_up:
             # Every writer waits now: converge what is still behind, in the direction still in
             # force. Nothing here may wait long for a lock (a transaction holding a chat would
-            # hold every writer with it): refuse instead.
-            session.execute(text(f"SET LOCAL lock_timeout = {settings.phase_lock_wait_ms}"))
+            # hold every writer with it): refuse instead (see `_Deadline.bound`).
             caught_up += _converge_held(session, settings, deadline, say)
             if to is Phase.TABLE_ONLY:
                 sync_state.start_table_heads(session)
