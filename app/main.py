@@ -195,7 +195,9 @@ def create_app(
 
     shared = CollectorRegistry()
     shared.register(metrics.WorkerMetricsCollector(broker))
-    shared.register(metrics.DatabaseCollector(read_gauges))
+    shared.register(
+        metrics.DatabaseCollector(metrics.Cached(read_gauges, settings.metrics_cache_seconds))
+    )
     shared.register(metrics.PublisherCollector(publisher.pending))
 
     @api.get("/metrics")

@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret"}
+# HS256 signs with HMAC-SHA256: a key shorter than the hash's 32 bytes weakens it (RFC 7518 3.2).
+MIN_SECRET_BYTES = 32
 
 
 class Phase(StrEnum):
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
     # Above about 255 levels pydantic can no longer serialize the message, so the cap is 250.
     max_message_depth: int = Field(default=64, ge=1, le=250)
     max_page_size: int = Field(default=500, gt=0)
+    # `/metrics` reads its database gauges (about six queries) at most this often; scrapes in
+    # between show the last values.
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
 
     # The API publishes after the commit from a background thread (`app.publisher`), never in
     # the request: a buffer of committed jobs, sent in batches. A full buffer drops (and counts)
@@ -154,8 +159,14 @@ class Settings(BaseSettings):
         if value is None:
             return None
         secret = value.get_secret_value()
-        if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < 16:
-            raise ValueError("AUTH_SECRET must be a real secret of at least 16 characters")
+        if secret.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("AUTH_SECRET must be a real secret, not a placeholder")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes for HS256 (it has "
+                f"{len(secret.encode())}); make one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
         return value
 
     @model_validator(mode="after")

@@ -11,13 +11,15 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from app.db import transaction
 from app.jobs import Job
 from app.main import create_app
+from app.metrics import WORKER_KEY
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.services import sync
@@ -255,3 +257,54 @@ def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: 
     finally:
         with transaction(sessionmaker) as session:
             dead_letters.close(session, [letter])
+
+
+def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # type: ignore[no-untyped-def]
+    cached = create_app(
+        settings.model_copy(update={"metrics_cache_seconds": 60}),
+        send_many=lambda jobs: [True] * len(jobs),
+    )
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(cached.state.engine, "before_cursor_execute", count)
+    try:
+        with TestClient(cached) as client:
+            first = scrape(client)
+            read = len(statements)
+            assert read >= 1 and value(first, "dualwrite_chats_behind") is not None
+            for _ in range(3):
+                again = scrape(client)
+                assert value(again, "dualwrite_chats_behind") == value(
+                    first, "dualwrite_chats_behind"
+                )
+            assert len(statements) == read, statements[read:]  # no query within the window
+    finally:
+        cached.state.engine.dispose()
+
+
+def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(  # type: ignore[no-untyped-def]
+    api, settings, caplog
+) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    bad = {
+        "tasks|chats.not_a_task|applied": "not a number",
+        "tasks|chats.also_not|nan": "nan",
+        "rows": "3",  # no kind
+        "tasks|chats.sync_chat": "1",  # no outcome
+    }
+    client.hset(WORKER_KEY, mapping=bad)
+    try:
+        with caplog.at_level("WARNING", logger="app.metrics"):
+            samples = scrape(api)
+            scrape(api)
+        tasks = {s.labels.get("task") for s in samples.get("dualwrite_tasks_total", [])}
+        assert not tasks & {"chats.not_a_task", "chats.also_not"}
+        assert all(s.labels.get("kind") for s in samples.get("dualwrite_rows_written_total", []))
+        assert "dualwrite_sync_lag_seconds_count" in samples  # the rest is still there
+        warned = [r.getMessage() for r in caplog.records if "worker metrics hash" in r.getMessage()]
+        assert len(warned) == len(bad), warned  # once per field, not once per scrape
+    finally:
+        client.hdel(WORKER_KEY, *bad)
