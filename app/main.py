@@ -154,15 +154,14 @@ def create_app(
     async def count_requests(
         request: Request, call_next: Callable[[Request], Awaitable[Any]]
     ) -> Any:
-        status = "500"
+        status = 500
         try:
             response = await call_next(request)
-            status = str(response.status_code)
+            status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(request.method, path, status).inc()
+            labels = metrics.request_labels(request.method, request.scope.get("route"), status)
+            metrics.REQUESTS.labels(*labels).inc()
 
     # One pooled client of the broker's Redis for health checks and worker metrics.
     broker = redis.Redis.from_url(

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import redis
@@ -49,8 +50,28 @@ SHADOW_READS = Counter(
     ["outcome"],
 )
 REQUESTS = Counter(
-    "dualwrite_requests_total", "HTTP requests by route and status.", ["method", "route", "status"]
+    "dualwrite_requests_total",
+    "HTTP requests by method (other: none of the usual ones), route template (unmatched: no "
+    "route) and status.",
+    ["method", "route", "status"],
 )
+# Every label of a request comes from a fixed set, whatever the client sends: the server takes
+# any token as a method, and each new label value would be a new series held for good.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STATUSES = frozenset(int(status) for status in HTTPStatus)
+
+
+
+def request_labels(method: str, route: object, status: int) -> tuple[str, str, str]:
+    """The labels of a request in `dualwrite_requests_total`, each from a bounded set: a usual
+    method or "other", a route's template or "unmatched", a standard status or its class."""
+    path = getattr(route, "path", None)
+    return (
+        method if method in METHODS else "other",
+        path if isinstance(path, str) else "unmatched",
+        str(status) if status in STATUSES else f"{status // 100}xx",
+    )
+
 
 WORKER_KEY = "dualwrite:metrics"
 DEAD_LETTER_REASONS = ("failed", "worker_lost", "bad_elements")  # always shown, 0 when none

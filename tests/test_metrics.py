@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import random
 import socket
+import string
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,6 +29,7 @@ from app.repositories import dead_letters
 from app.services import sync
 from app.services.reconcile import reconcile
 from app.settings import Settings
+from harness.processes import ApiProcess
 from tests.support import wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import drop_row, seed
@@ -308,3 +313,33 @@ def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(  # 
         assert len(warned) == len(bad), warned  # once per field, not once per scrape
     finally:
         client.hdel(WORKER_KEY, *bad)
+
+
+def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Unauthenticated clients choose the method and the path of a request; the series they can
+    create are those of a fixed set, however many requests they send."""
+    api = ApiProcess(dict(os.environ), tmp_path / "api.log").start()
+    rng = random.Random(14)
+
+    def series() -> int:
+        body = httpx.get(api.base + "/metrics", timeout=30).raise_for_status().text
+        return sum(1 for line in body.splitlines() if line and not line.startswith("#"))
+
+    def token(size: int) -> str:
+        return "".join(rng.choices(string.ascii_letters + string.digits, k=size))
+
+    try:
+        with httpx.Client(base_url=api.base, timeout=30) as client:
+            # Every route, every method it knows, and a first stranger: the set itself.
+            for path in ("/chats", f"/chats/{uuid.uuid4()}", "/healthz", "/nowhere"):
+                for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "X"):
+                    client.request(method, path)
+            before = series()
+            for i in range(3000):
+                method = token(rng.randint(1, 12)).upper() if i % 3 else rng.choice(["get", "Get"])
+                path = rng.choice(["/chats", "/healthz", f"/{token(8)}", f"/chats/{token(5)}"])
+                client.request(method, path)
+            after = series()
+    finally:
+        api.stop()
+    assert after - before <= 10, (before, after)
