@@ -61,7 +61,6 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 STATUSES = frozenset(int(status) for status in HTTPStatus)
 
 
-
 def request_labels(method: str, route: object, status: int) -> tuple[str, str, str]:
     """The labels of a request in `dualwrite_requests_total`, each from a bounded set: a usual
     method or "other", a route's template or "unmatched", a standard status or its class."""
