@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # JSON values (objects, arrays, strings, numbers, literals) a request body may hold, counted
+    # before it is parsed: what decoding and validating it costs grows with them, not its bytes.
+    max_request_nodes: int = Field(default=100_000, gt=0)
     # How deeply objects and arrays may nest in a message, the message itself being level 1.
     # Above about 255 levels pydantic can no longer serialize the message, so the cap is 250.
     max_message_depth: int = Field(default=64, ge=1, le=250)
