@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # JSON values (objects, arrays, strings, numbers, literals) a request body may hold, counted
     # before it is parsed: what decoding and validating it costs grows with them, not its bytes.
     max_request_nodes: int = Field(default=100_000, gt=0)
+    # The API process's GIL switch interval (Python's default is 5 ms): how long a thread busy
+    # in Python (parsing a large body) may make the event loop, and so every request, wait.
+    api_gil_switch_seconds: float = Field(default=0.001, gt=0, le=0.1)
     # How deeply objects and arrays may nest in a message, the message itself being level 1.
     # Above about 255 levels pydantic can no longer serialize the message, so the cap is 250.
     max_message_depth: int = Field(default=64, ge=1, le=250)

@@ -60,9 +60,9 @@ def count_values(raw: bytes, limit: int) -> int:
     than two per value allowed (a key and a value) is over the limit without looking further.
     """
     total = 1 + raw.count(b",") + raw.count(b"[") + raw.count(b"{")
-    if total <= limit:
+    if total <= limit or b'"' not in raw:  # no string: the count is exact
         return total
-    plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
     strings = plain.count(b'"') // 2
     if strings > 2 * limit + 2:
         return strings
@@ -134,6 +134,18 @@ def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
         raise RequestValidationError(errors) from None
 
 
+def _parsing(request: Request) -> anyio.CapacityLimiter:
+    """The process's one slot for parsing bodies. Decoding holds the GIL: each thread that
+    parses beside the event loop's makes every step of every other request wait longer for it
+    (a /healthz needs a dozen such steps), so bodies are parsed one at a time, and the rest
+    wait for their turn without holding the GIL."""
+    state = request.app.state
+    if not hasattr(state, "body_parsing"):
+        state.body_parsing = anyio.CapacityLimiter(1)
+    limiter: anyio.CapacityLimiter = state.body_parsing
+    return limiter
+
+
 def json_body(model: type[M], cap: Callable[[Settings], int]) -> Any:
     """A dependency for a route's body: `body: Annotated[Model, json_body(Model, cap)]`.
 
@@ -144,7 +156,9 @@ def json_body(model: type[M], cap: Callable[[Settings], int]) -> Any:
     async def dependency(request: Request, user: CurrentUser) -> M:
         settings: Settings = request.app.state.settings
         raw = await read_capped(request, cap(settings))
-        return await anyio.to_thread.run_sync(parse, raw, model, settings.max_request_nodes)
+        return await anyio.to_thread.run_sync(
+            parse, raw, model, settings.max_request_nodes, limiter=_parsing(request)
+        )
 
     return Depends(dependency)
 
