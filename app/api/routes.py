@@ -60,9 +60,19 @@ def create_chat(body: CreateBody, ctx: Ctx) -> schemas.ChatOut:
 
 
 @router.get("/chats/{chat_id}", response_model=schemas.ChatWithMessages)
-def get_chat(ctx: Ctx, chat_id: uuid.UUID) -> schemas.ChatWithMessages:
-    chat, messages = service.get_chat(ctx, chat_id)
-    return schemas.ChatWithMessages(**_chat_out(chat).model_dump(), messages=messages)
+def get_chat(
+    ctx: Ctx, chat_id: uuid.UUID, limit: Annotated[int | None, Query()] = None
+) -> schemas.ChatWithMessages:
+    """The chat and the last page of its transcript (`limit`, default and at most
+    MAX_PAGE_SIZE); `next_before_seq` pages back through `GET /chats/{id}/messages`."""
+    size = ctx.settings.max_page_size if limit is None else limit
+    chat, page = service.get_chat_page(ctx, chat_id, limit=size)
+    return schemas.ChatWithMessages(
+        **_chat_out(chat).model_dump(),
+        messages=page.messages,
+        seqs=page.seqs,
+        next_before_seq=page.next_before_seq,
+    )
 
 
 @router.delete("/chats/{chat_id}", status_code=status.HTTP_204_NO_CONTENT)
