@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import jwt
 
 ALGORITHM = "HS256"
+# A token cannot be revoked (there is no list of them to strike it from): bound how long a leaked
+# one stays good.
+MAX_TTL_SECONDS = 30 * 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,8 @@ class InvalidToken(Exception):
 
 
 def issue_token(secret: str, user_id: str, *, admin: bool = False, ttl_seconds: int = 86400) -> str:
+    if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise ValueError(f"a token's lifetime must be 1 to {MAX_TTL_SECONDS} seconds")
     now = int(time.time())
     claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + ttl_seconds}
     if admin:

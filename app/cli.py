@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.auth import issue_token
+from app.auth import MAX_TTL_SECONDS, issue_token
 from app.db import make_engine, make_sessionmaker, transaction
 from app.jobs import JobQueue, publish_after_commit
 from app.repositories import dead_letters, reconcile_runs
@@ -466,6 +466,16 @@ def positive_int(value: str) -> int:
     return number
 
 
+def token_ttl(value: str) -> int:
+    seconds = positive_int(value)
+    if seconds > MAX_TTL_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{value} seconds is longer than the longest token lifetime, {MAX_TTL_SECONDS} "
+            f"seconds ({MAX_TTL_SECONDS // 86400} days)"
+        )
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -473,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print a bearer token for USER")
     token.add_argument("user")
     token.add_argument("--admin", action="store_true", help="the token may import chats")
-    token.add_argument("--ttl", type=positive_int, default=86400, help="seconds the token is valid")
+    token.add_argument(
+        "--ttl",
+        type=token_ttl,
+        default=86400,
+        help=f"seconds the token is valid (default 86400, at most {MAX_TTL_SECONDS})",
+    )
     token.set_defaults(func=cmd_token)
 
     check = commands.add_parser("check", help="print drift between JSONB and table; exit 1 if any")

@@ -8,8 +8,11 @@ whatever process or container the workers run in. Database gauges are read at sc
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import redis
@@ -47,8 +50,27 @@ SHADOW_READS = Counter(
     ["outcome"],
 )
 REQUESTS = Counter(
-    "dualwrite_requests_total", "HTTP requests by route and status.", ["method", "route", "status"]
+    "dualwrite_requests_total",
+    "HTTP requests by method (other: none of the usual ones), route template (unmatched: no "
+    "route) and status.",
+    ["method", "route", "status"],
 )
+# Every label of a request comes from a fixed set, whatever the client sends: the server takes
+# any token as a method, and each new label value would be a new series held for good.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STATUSES = frozenset(int(status) for status in HTTPStatus)
+
+
+def request_labels(method: str, route: object, status: int) -> tuple[str, str, str]:
+    """The labels of a request in `dualwrite_requests_total`, each from a bounded set: a usual
+    method or "other", a route's template or "unmatched", a standard status or its class."""
+    path = getattr(route, "path", None)
+    return (
+        method if method in METHODS else "other",
+        path if isinstance(path, str) else "unmatched",
+        str(status) if status in STATUSES else f"{status // 100}xx",
+    )
+
 
 WORKER_KEY = "dualwrite:metrics"
 DEAD_LETTER_REASONS = (
@@ -108,17 +130,49 @@ class PublisherCollector(Collector):
 
 
 class WorkerMetricsCollector(Collector):
-    """Exposes the worker measurements from Redis on the API's `/metrics`."""
+    """Exposes the worker measurements from Redis on the API's `/metrics`.
+
+    The hash is shared with whatever else can write to that Redis: a field that is not a finite
+    number, or not of a shape the workers write, is left out (and logged once), so that one bad
+    field never costs the whole scrape.
+    """
+
+    # Field name -> how many parts separated by "|" it has.
+    _SHAPES = {"tasks": 3, "rows": 2, "lag_bucket": 2}
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
+        self._reported: set[str] = set()
+
+    def _values(self, raw: Mapping[Any, Any]) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for key, value in raw.items():
+            field = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            parts = field.split("|")
+            shape = self._SHAPES.get(parts[0], 1)
+            if math.isfinite(number) and len(parts) == shape:
+                values[field] = number
+            elif field not in self._reported and len(self._reported) < 100:
+                self._reported.add(field)
+                log.warning(
+                    "ignoring field %r of the worker metrics hash %s: %r is not a count the "
+                    "workers write",
+                    field,
+                    WORKER_KEY,
+                    value,
+                )
+        return values
 
     def collect(self) -> Iterator[Any]:
         try:
             raw = self._client.hgetall(WORKER_KEY)
         except redis.RedisError:
             return
-        values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        values = self._values(raw)
         tasks = CounterMetricFamily(
             "dualwrite_tasks",
             "Sync tasks by outcome, counted by the workers.",
@@ -144,6 +198,26 @@ class WorkerMetricsCollector(Collector):
             sum_value=values.get("lag_sum", 0.0),
         )
         yield from (tasks, rows, lag)
+
+
+class Cached:
+    """`read()`, kept for `seconds`: scrapes in that window (from several Prometheus servers, or
+    a client that scrapes in a loop) share one read instead of each running its queries on the
+    API's pool. A failed read is not kept."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]], seconds: float) -> None:
+        self._read, self._seconds = read, seconds
+        self._lock = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = -math.inf
+
+    def __call__(self) -> dict[str, Any]:
+        # One reader at a time: concurrent scrapes wait for it rather than read beside it.
+        with self._lock:
+            if self._value is None or time.monotonic() - self._at >= self._seconds:
+                self._value = self._read()
+                self._at = time.monotonic()
+            return self._value
 
 
 class DatabaseCollector(Collector):

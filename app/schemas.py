@@ -270,7 +270,12 @@ class ChatOut(BaseModel):
 
 
 class ChatWithMessages(ChatOut):
-    messages: Any
+    """The chat and the last page of its transcript (`GET /chats/{id}?limit=`): older messages
+    are paged with `GET /chats/{id}/messages?before_seq=next_before_seq`."""
+
+    messages: list[dict[str, Any]]
+    seqs: list[int]
+    next_before_seq: int | None
 
 
 class MessagePage(BaseModel):

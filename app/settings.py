@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret"}
+# HS256 signs with HMAC-SHA256: a key shorter than the hash's 32 bytes weakens it (RFC 7518 3.2).
+MIN_SECRET_BYTES = 32
 
 
 class Phase(StrEnum):
@@ -53,10 +55,24 @@ class Settings(BaseSettings):
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # JSON values (objects, arrays, strings, numbers, literals) a request body may hold, counted
+    # before it is parsed: what decoding and validating it costs grows with them, not its bytes.
+    max_request_nodes: int = Field(default=100_000, gt=0)
+    # The API process's GIL switch interval (Python's default is 5 ms): how long a thread busy
+    # in Python (parsing a large body) may make the event loop, and so every request, wait.
+    api_gil_switch_seconds: float = Field(default=0.001, gt=0, le=0.1)
     # How deeply objects and arrays may nest in a message, the message itself being level 1.
     # Above about 255 levels pydantic can no longer serialize the message, so the cap is 250.
     max_message_depth: int = Field(default=64, ge=1, le=250)
     max_page_size: int = Field(default=500, gt=0)
+    # What a chat may hold; a write that would take it past either is refused (413), nothing
+    # stored. Bytes are its stored size as PostgreSQL reports it (`pg_column_size`: large
+    # values compressed), plus the new messages' JSON.
+    max_chat_messages: int = Field(default=10_000, gt=0)
+    max_chat_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # `/metrics` reads its database gauges (about six queries) at most this often; scrapes in
+    # between show the last values.
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
 
     # The API publishes after the commit from a background thread (`app.publisher`), never in
     # the request: a buffer of committed jobs, sent in batches. A full buffer drops (and counts)
@@ -164,8 +180,14 @@ class Settings(BaseSettings):
         if value is None:
             return None
         secret = value.get_secret_value()
-        if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < 16:
-            raise ValueError("AUTH_SECRET must be a real secret of at least 16 characters")
+        if secret.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("AUTH_SECRET must be a real secret, not a placeholder")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes for HS256 (it has "
+                f"{len(secret.encode())}); make one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
         return value
 
     @model_validator(mode="after")

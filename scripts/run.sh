@@ -6,21 +6,13 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/services.sh
 
-mkdir -p .run
 export DATABASE_URL=${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/chat_dualwrite}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
-if [ -z "${AUTH_SECRET:-}" ]; then
-    [ -f .run/auth_secret ] || .venv/bin/python -c 'import secrets; print(secrets.token_hex(32))' > .run/auth_secret
-    AUTH_SECRET=$(cat .run/auth_secret)
-    export AUTH_SECRET
-fi
+# AUTH_SECRET and FLOWER_PASSWORD; umask 077 from here on (logs included).
+. scripts/secrets.sh
 API_PORT=${API_PORT:-8000}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 FLOWER_USER=${FLOWER_USER:-admin}
-if [ -z "${FLOWER_PASSWORD:-}" ]; then
-    [ -f .run/flower_password ] || .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(12))' > .run/flower_password
-    FLOWER_PASSWORD=$(cat .run/flower_password)
-fi
 
 # Create the database when it does not exist yet, then migrate (the backfill runs here).
 .venv/bin/python - <<'PY'
@@ -56,8 +48,10 @@ for _ in $(seq 1 60); do
     grep -q " ready." .run/worker.log 2>/dev/null && break
     sleep 0.5
 done
-.venv/bin/celery -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" \
-    --basic-auth="$FLOWER_USER:$FLOWER_PASSWORD" > .run/flower.log 2>&1 &
+# Its credentials go through the environment, as in docker-compose.yml: a command-line flag
+# would show the password to every user of the machine (`ps`); an environment is the owner's.
+FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD" \
+    .venv/bin/celery -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" > .run/flower.log 2>&1 &
 pids+=($!)
 
 for _ in $(seq 1 60); do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from app import schemas
+from app.api import body as body_module
+from app.api.body import ENVELOPE_BYTES, count_values
 from tests.support import snapshot
 from tests.test_handlers import jsonb, message, new_chat
 
@@ -452,3 +455,129 @@ def test_validation_error_about_nan_or_a_lone_surrogate_is_a_422_itself(api, aut
         assert response.status_code == 422, (url, response.text)
         assert response.json()["detail"][0]["loc"] == loc
         assert "input" not in response.json()["detail"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The work a body costs is bounded before it is parsed: a byte cap per route, a cap on its JSON
+# values, and decoding and validation off the event loop, after the token is checked.
+
+
+def values_of(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + sum(values_of(v) for v in value.values())
+    if isinstance(value, list):
+        return 1 + sum(values_of(v) for v in value)
+    return 1
+
+
+TRICKY = ["a,b", "[{,}]", 'quote " inside', "back\\slash", 'both \\" and \\\\"', "é,ü[{", ""]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_counting_values_accepts_exactly_the_bodies_within_the_limit(seed: int) -> None:
+    """Commas, brackets and escaped quotes inside strings are not values; a body of exactly
+    `limit` values passes, one more is refused."""
+    rng = random.Random(seed)
+
+    def document(depth: int) -> object:
+        kind = rng.randrange(5 if depth < 4 else 3)
+        if kind == 0:
+            return rng.choice(TRICKY) + str(rng.random())
+        if kind == 1:
+            return rng.choice([0, -1.5e10, True, None, False])
+        if kind == 2:
+            return rng.choice(TRICKY)
+        if kind == 3:
+            return [document(depth + 1) for _ in range(rng.randint(1, 4))]
+        return {rng.choice(TRICKY) + str(i): document(depth + 1) for i in range(rng.randint(1, 4))}
+
+    doc = {"root": document(0)}
+    values = values_of(doc)
+    for ensure_ascii in (True, False):
+        raw = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+        assert count_values(raw, values) <= values
+        assert count_values(raw, values - 1) > values - 1
+        assert count_values(raw, 10**9) >= values  # the quick count is an upper bound
+
+
+def test_a_body_with_more_values_than_the_limit_is_413_before_it_is_parsed(  # type: ignore[no-untyped-def]
+    api, auth, engine, settings, monkeypatch
+) -> None:
+    chat_id = new_chat(api, auth)
+    before = snapshot(engine, chat_id)
+    not_json = type("NotJson", (), {"loads": None})  # a parse would fail loudly
+    monkeypatch.setattr(body_module, "json", not_json)
+    limit = settings.max_request_nodes
+    tiny_objects = b"[" + b"{}," * limit + b"{}]"
+    raw = b'{"message": {"id": "m", "role": "user", "content": "x", "meta": %s}}' % tiny_objects
+    response = api.post(
+        f"/chats/{chat_id}/messages",
+        content=raw,
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body"]
+    assert f"more than {limit} JSON values" in error["msg"] and "MAX_REQUEST_NODES" in error["msg"]
+    assert snapshot(engine, chat_id) == before
+
+
+def test_commas_and_brackets_inside_strings_are_not_values(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    chat_id = new_chat(api, auth)
+    code = '{"a": [1, 2, "\\"]"], "b": {}}, ' * (settings.max_request_nodes // 4)
+    response = api.post(
+        f"/chats/{chat_id}/messages", json={"message": message(content=code)}, headers=auth()
+    )
+    assert response.status_code == 201, response.text[:500]
+
+
+def test_a_body_nested_too_deep_to_decode_is_422(api, auth) -> None:  # type: ignore[no-untyped-def]
+    chat_id = new_chat(api, auth)
+    raw = b'{"message": {"id": "m", "role": "user", "content": "x", "meta": %s}}' % (
+        b"[" * 5000 + b"]" * 5000
+    )
+    response = api.post(
+        f"/chats/{chat_id}/messages",
+        content=raw,
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][0] == "body"
+
+
+@pytest.mark.parametrize(
+    ("route", "cap"),
+    [
+        ("create", lambda s: ENVELOPE_BYTES),
+        ("fork", lambda s: ENVELOPE_BYTES),
+        ("append", lambda s: s.max_message_bytes + ENVELOPE_BYTES),
+    ],
+)
+def test_a_route_that_carries_less_has_a_smaller_body_cap(  # type: ignore[no-untyped-def]
+    api, auth, engine, settings, monkeypatch, route, cap
+) -> None:
+    chat_id = new_chat(api, auth)
+    before = snapshot(engine, chat_id)
+    monkeypatch.setattr(body_module, "json", type("NotJson", (), {"loads": None}))
+    size = cap(settings) + 1
+    assert size < settings.max_request_bytes
+    padding = "x" * size
+    url, payload = {
+        "create": ("/chats", {"title": padding}),
+        "fork": (f"/chats/{chat_id}/fork", {"up_to_message_id": padding}),
+        "append": (f"/chats/{chat_id}/messages", {"message": message(content=padding)}),
+    }[route]
+    response = api.post(url, json=payload, headers=auth())
+    assert response.status_code == 413, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body"] and f"larger than {cap(settings)} bytes" in error["msg"]
+    assert snapshot(engine, chat_id) == before
+
+
+def test_an_unauthenticated_body_is_never_read(api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(body_module, "json", type("NotJson", (), {"loads": None}))
+    raw = b"[" + b"{}," * 1_000_000 + b"{}]"
+    response = api.post(
+        "/admin/chats/import", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 401

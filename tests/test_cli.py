@@ -11,8 +11,10 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+import jwt
 from sqlalchemy import text
 
+from app.auth import MAX_TTL_SECONDS
 from app.db import transaction
 from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
@@ -370,3 +372,13 @@ def test_batch_size_must_be_positive(api, auth, engine, converged, clean) -> Non
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 2, (key, proc.returncode, out, err)
         assert "--batch-size" in err and "Traceback" not in err, (key, err)
+
+
+def test_token_lifetime_is_capped() -> None:
+    too_long = run_cli("token", "alice", "--ttl", str(MAX_TTL_SECONDS + 1))
+    assert too_long.returncode == 2 and not too_long.stdout
+    assert "longer than the longest token lifetime, 2592000 seconds (30 days)" in too_long.stderr
+    longest = run_cli("token", "alice", "--ttl", str(MAX_TTL_SECONDS))
+    assert longest.returncode == 0, longest.stderr
+    claims = jwt.decode(longest.stdout.strip(), options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == MAX_TTL_SECONDS

@@ -52,10 +52,10 @@ def running_flower(env: dict[str, str]) -> Iterator[str]:
                 "flower",
                 "--address=127.0.0.1",
                 f"--port={port}",
-                f"--basic-auth={AUTH[0]}:{AUTH[1]}",
             ],
             cwd=ROOT,
-            env=env,
+            # As scripts/run.sh and the compose file give it: not on the command line.
+            env={**env, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

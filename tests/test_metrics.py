@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import random
 import socket
+import string
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import httpx
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from app.db import transaction
 from app.jobs import Job
 from app.main import create_app
+from app.metrics import WORKER_KEY
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.services import sync
 from app.services.reconcile import reconcile
 from app.settings import Settings
+from harness.processes import ApiProcess
 from tests.support import wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import drop_row, seed
@@ -256,3 +263,84 @@ def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: 
     finally:
         with transaction(sessionmaker) as session:
             dead_letters.close(session, [letter])
+
+
+def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # type: ignore[no-untyped-def]
+    cached = create_app(
+        settings.model_copy(update={"metrics_cache_seconds": 60}),
+        send_many=lambda jobs: [True] * len(jobs),
+    )
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(cached.state.engine, "before_cursor_execute", count)
+    try:
+        with TestClient(cached) as client:
+            first = scrape(client)
+            read = len(statements)
+            assert read >= 1 and value(first, "dualwrite_chats_behind") is not None
+            for _ in range(3):
+                again = scrape(client)
+                assert value(again, "dualwrite_chats_behind") == value(
+                    first, "dualwrite_chats_behind"
+                )
+            assert len(statements) == read, statements[read:]  # no query within the window
+    finally:
+        cached.state.engine.dispose()
+
+
+def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(  # type: ignore[no-untyped-def]
+    api, settings, caplog
+) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    bad = {
+        "tasks|chats.not_a_task|applied": "not a number",
+        "tasks|chats.also_not|nan": "nan",
+        "rows": "3",  # no kind
+        "tasks|chats.sync_chat": "1",  # no outcome
+    }
+    client.hset(WORKER_KEY, mapping=bad)
+    try:
+        with caplog.at_level("WARNING", logger="app.metrics"):
+            samples = scrape(api)
+            scrape(api)
+        tasks = {s.labels.get("task") for s in samples.get("dualwrite_tasks_total", [])}
+        assert not tasks & {"chats.not_a_task", "chats.also_not"}
+        assert all(s.labels.get("kind") for s in samples.get("dualwrite_rows_written_total", []))
+        assert "dualwrite_sync_lag_seconds_count" in samples  # the rest is still there
+        warned = [r.getMessage() for r in caplog.records if "worker metrics hash" in r.getMessage()]
+        assert len(warned) == len(bad), warned  # once per field, not once per scrape
+    finally:
+        client.hdel(WORKER_KEY, *bad)
+
+
+def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Unauthenticated clients choose the method and the path of a request; the series they can
+    create are those of a fixed set, however many requests they send."""
+    api = ApiProcess(dict(os.environ), tmp_path / "api.log").start()
+    rng = random.Random(14)
+
+    def series() -> int:
+        body = httpx.get(api.base + "/metrics", timeout=30).raise_for_status().text
+        return sum(1 for line in body.splitlines() if line and not line.startswith("#"))
+
+    def token(size: int) -> str:
+        return "".join(rng.choices(string.ascii_letters + string.digits, k=size))
+
+    try:
+        with httpx.Client(base_url=api.base, timeout=30) as client:
+            # Every route, every method it knows, and a first stranger: the set itself.
+            for path in ("/chats", f"/chats/{uuid.uuid4()}", "/healthz", "/nowhere"):
+                for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "X"):
+                    client.request(method, path)
+            before = series()
+            for i in range(3000):
+                method = token(rng.randint(1, 12)).upper() if i % 3 else rng.choice(["get", "Get"])
+                path = rng.choice(["/chats", "/healthz", f"/{token(8)}", f"/chats/{token(5)}"])
+                client.request(method, path)
+            after = series()
+    finally:
+        api.stop()
+    assert after - before <= 10, (before, after)

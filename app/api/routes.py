@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import JSONResponse
 
 from app import schemas
+from app.api import body as bodies
+from app.api.body import documented, json_body
 from app.api.deps import AdminUser, Ctx
 from app.repositories.chats import Chat
 from app.services import chats as service
@@ -33,15 +35,44 @@ def _appended(result: service.Appended) -> JSONResponse:
     )
 
 
-@router.post("/chats", status_code=status.HTTP_201_CREATED, response_model=schemas.ChatOut)
-def create_chat(ctx: Ctx, body: schemas.CreateChat) -> schemas.ChatOut:
+# A body is a dependency declared before the unit of work (see `app.api.body`): it is read and
+# parsed off the event loop, within the route's byte cap, after the token is checked and before
+# the request's transaction begins.
+CreateBody = Annotated[schemas.CreateChat, json_body(schemas.CreateChat, bodies.small)]
+AppendBody = Annotated[schemas.AppendMessage, json_body(schemas.AppendMessage, bodies.messages(1))]
+CompleteBody = Annotated[schemas.CompleteTurn, json_body(schemas.CompleteTurn, bodies.messages(1))]
+InboxBody = Annotated[schemas.InboxPair, json_body(schemas.InboxPair, bodies.messages(2))]
+ForkBody = Annotated[schemas.Fork, json_body(schemas.Fork, bodies.small)]
+ReplaceBody = Annotated[
+    schemas.ReplaceMessages, json_body(schemas.ReplaceMessages, bodies.transcript)
+]
+ImportBody = Annotated[schemas.ImportChat, json_body(schemas.ImportChat, bodies.transcript)]
+
+
+@router.post(
+    "/chats",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.ChatOut,
+    openapi_extra=documented(schemas.CreateChat),
+)
+def create_chat(body: CreateBody, ctx: Ctx) -> schemas.ChatOut:
     return _chat_out(service.create_chat(ctx, body))
 
 
 @router.get("/chats/{chat_id}", response_model=schemas.ChatWithMessages)
-def get_chat(ctx: Ctx, chat_id: uuid.UUID) -> schemas.ChatWithMessages:
-    chat, messages = service.get_chat(ctx, chat_id)
-    return schemas.ChatWithMessages(**_chat_out(chat).model_dump(), messages=messages)
+def get_chat(
+    ctx: Ctx, chat_id: uuid.UUID, limit: Annotated[int | None, Query()] = None
+) -> schemas.ChatWithMessages:
+    """The chat and the last page of its transcript (`limit`, default and at most
+    MAX_PAGE_SIZE); `next_before_seq` pages back through `GET /chats/{id}/messages`."""
+    size = ctx.settings.max_page_size if limit is None else limit
+    chat, page = service.get_chat_page(ctx, chat_id, limit=size)
+    return schemas.ChatWithMessages(
+        **_chat_out(chat).model_dump(),
+        messages=page.messages,
+        seqs=page.seqs,
+        next_before_seq=page.next_before_seq,
+    )
 
 
 @router.delete("/chats/{chat_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -50,34 +81,47 @@ def delete_chat(ctx: Ctx, chat_id: uuid.UUID) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/chats/{chat_id}/messages", response_model=schemas.AppendResult)
-def append_message(ctx: Ctx, chat_id: uuid.UUID, body: schemas.AppendMessage) -> JSONResponse:
+@router.post(
+    "/chats/{chat_id}/messages",
+    response_model=schemas.AppendResult,
+    openapi_extra=documented(schemas.AppendMessage),
+)
+def append_message(body: AppendBody, ctx: Ctx, chat_id: uuid.UUID) -> JSONResponse:
     return _appended(service.append_user_message(ctx, chat_id, body))
 
 
 @router.post(
-    "/chats/{chat_id}/turns/{user_message_id}/complete", response_model=schemas.AppendResult
+    "/chats/{chat_id}/turns/{user_message_id}/complete",
+    response_model=schemas.AppendResult,
+    openapi_extra=documented(schemas.CompleteTurn),
 )
 def complete_turn(
-    ctx: Ctx, chat_id: uuid.UUID, user_message_id: str, body: schemas.CompleteTurn
+    body: CompleteBody, ctx: Ctx, chat_id: uuid.UUID, user_message_id: str
 ) -> JSONResponse:
     return _appended(service.complete_turn(ctx, chat_id, user_message_id, body))
 
 
-@router.post("/chats/{chat_id}/inbox", response_model=schemas.AppendResult)
-def inbox_pair(ctx: Ctx, chat_id: uuid.UUID, body: schemas.InboxPair) -> JSONResponse:
+@router.post(
+    "/chats/{chat_id}/inbox",
+    response_model=schemas.AppendResult,
+    openapi_extra=documented(schemas.InboxPair),
+)
+def inbox_pair(body: InboxBody, ctx: Ctx, chat_id: uuid.UUID) -> JSONResponse:
     return _appended(service.append_inbox_pair(ctx, chat_id, body))
 
 
 @router.post(
-    "/chats/{chat_id}/fork", status_code=status.HTTP_201_CREATED, response_model=schemas.ChatOut
+    "/chats/{chat_id}/fork",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.ChatOut,
+    openapi_extra=documented(schemas.Fork),
 )
-def fork_chat(ctx: Ctx, chat_id: uuid.UUID, body: schemas.Fork) -> schemas.ChatOut:
+def fork_chat(body: ForkBody, ctx: Ctx, chat_id: uuid.UUID) -> schemas.ChatOut:
     return _chat_out(service.fork_chat(ctx, chat_id, body))
 
 
-@router.put("/chats/{chat_id}/messages")
-def replace_messages(ctx: Ctx, chat_id: uuid.UUID, body: schemas.ReplaceMessages) -> dict[str, Any]:
+@router.put("/chats/{chat_id}/messages", openapi_extra=documented(schemas.ReplaceMessages))
+def replace_messages(body: ReplaceBody, ctx: Ctx, chat_id: uuid.UUID) -> dict[str, Any]:
     version = service.replace_messages(ctx, chat_id, body)
     return {"chat_id": str(chat_id), "messages_version": version}
 
@@ -93,7 +137,10 @@ def read_messages(
 
 
 @router.post(
-    "/admin/chats/import", status_code=status.HTTP_201_CREATED, response_model=schemas.ChatOut
+    "/admin/chats/import",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.ChatOut,
+    openapi_extra=documented(schemas.ImportChat),
 )
-def import_chat(ctx: Ctx, admin: AdminUser, body: schemas.ImportChat) -> schemas.ChatOut:
+def import_chat(admin: AdminUser, body: ImportBody, ctx: Ctx) -> schemas.ChatOut:
     return _chat_out(service.import_chat(ctx, body))

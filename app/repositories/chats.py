@@ -48,6 +48,47 @@ class TurnState:
     last_message_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ChatLimit:
+    """What a chat may hold (`MAX_CHAT_MESSAGES`, `MAX_CHAT_BYTES`)."""
+
+    messages: int
+    bytes: int
+
+
+# The chat row (`messages`) with `:count` more elements of `:bytes` bytes stays within the limit.
+_FITS = """
+    coalesce(CASE WHEN jsonb_typeof(messages) = 'array' THEN jsonb_array_length(messages) END, 0)
+        + :count <= :max_messages
+    AND pg_column_size(messages) + :bytes <= :max_bytes
+"""
+
+
+def _limit_params(limit: ChatLimit, count: int, size: int) -> dict[str, int]:
+    return {
+        "count": count,
+        "bytes": size,
+        "max_messages": limit.messages,
+        "max_bytes": limit.bytes,
+    }
+
+
+def size(session: Session, chat_id: uuid.UUID) -> tuple[int, int]:
+    """(messages, stored bytes) of a chat's transcript, as the limit counts them."""
+    row = session.execute(
+        text(
+            """
+            SELECT coalesce(CASE WHEN jsonb_typeof(messages) = 'array'
+                                 THEN jsonb_array_length(messages) END, 0),
+                   pg_column_size(messages)
+            FROM copilot_chats WHERE id = :id
+            """
+        ),
+        {"id": chat_id},
+    ).one_or_none()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
 def _jsonb(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -137,12 +178,15 @@ def append(
     queue: bool = False,
     set_active_stream: str | None = None,
     clear_active_stream: bool = False,
+    limit: ChatLimit | None = None,
 ) -> Written | None:
-    """Append elements unless one of their ids is already in the array; the new version (and
-    whether to send its sync: `queue` and none waits, see `sync_state.QUEUE_MARK`) or None.
+    """Append elements unless one of their ids is already in the array, or the chat would grow
+    past `limit`; the new version (and whether to send its sync: `queue` and none waits, see
+    `sync_state.QUEUE_MARK`) or None.
 
-    The id check is in the `UPDATE`'s own `WHERE`, so two concurrent retries of the same append
-    serialize on the row lock and the second sees the first's element.
+    The id and size checks are in the `UPDATE`'s own `WHERE`, so concurrent appends serialize on
+    the row lock and each judges the array the one before left: a retry sees the first's
+    element, and two appends cannot both slip under the limit.
     """
     stream_sql = "active_stream_id"
     if set_active_stream is not None:
@@ -159,6 +203,10 @@ def append(
     }
     for i, element in enumerate(elements):
         params[f"probe{i}"] = _jsonb([{"id": element["id"]}])
+    fits = ""
+    if limit is not None:
+        fits = f"AND {_FITS}"
+        params.update(_limit_params(limit, len(elements), len(params["elements"].encode())))
     return _written(
         session,
         f"""
@@ -167,7 +215,7 @@ def append(
                             ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
             active_stream_id = {stream_sql},
             updated_at = now()
-        WHERE id = :id AND user_id = :user_id AND NOT ({probes})
+        WHERE id = :id AND user_id = :user_id AND NOT ({probes}) {fits}
         RETURNING id, messages_version
         """,
         params,

@@ -165,6 +165,18 @@ def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[
     return found
 
 
+def size(session: Session, chat_id: uuid.UUID) -> tuple[int, int]:
+    """(messages, stored bytes) of a chat's live rows, as the limit counts them."""
+    row = session.execute(
+        text(
+            "SELECT count(*), coalesce(sum(pg_column_size(content)), 0) "
+            "FROM copilot_chat_messages WHERE chat_id = :id AND deleted_at IS NULL"
+        ),
+        {"id": chat_id},
+    ).one()
+    return int(row[0]), int(row[1])
+
+
 class _Head(NamedTuple):
     version: int
     next_seq: int
@@ -233,14 +245,21 @@ def append(
     queue: bool = False,
     set_active_stream: str | None = None,
     clear_active_stream: bool = False,
+    limit: chats.ChatLimit | None = None,
 ) -> Written | None:
     """Insert the elements as the chat's next rows; the new version (and whether to send its
-    sync: `queue` and none waits), or None when they are all there already (a retry). Some
-    there and some not is a conflict."""
+    sync: `queue` and none waits), or None when they are all there already (a retry) or the
+    chat would grow past `limit` (judged under the head's lock, so two appends cannot both slip
+    under it). Some there and some not is a conflict."""
     head = _lock_head(session, chat_id, user_id)
     if head is None:
         return None
     version, next_seq, free = head
+    if limit is not None:
+        count, stored = size(session, chat_id)
+        new_bytes = len(_jsonb(elements).encode())
+        if count + len(elements) > limit.messages or stored + new_bytes > limit.bytes:
+            return None
     stream_sql = "s.active_stream_id"
     if set_active_stream is not None:
         stream_sql = "CAST(:stream AS text)"

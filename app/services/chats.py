@@ -82,7 +82,9 @@ class Store(Protocol):
         queue: bool = False,
         set_active_stream: str | None = None,
         clear_active_stream: bool = False,
+        limit: chats_repo.ChatLimit | None = None,
     ) -> sync_state.Written | None: ...
+    def size(self, session: Session, chat_id: uuid.UUID) -> tuple[int, int]: ...
     def replace_messages(
         self,
         session: Session,
@@ -119,11 +121,33 @@ def _writer(ctx: Context) -> Store:
     return _store(phase)
 
 
-def _check_size(settings: Settings, element: dict[str, Any], field: tuple[str | int, ...]) -> None:
+def _check_size(settings: Settings, element: dict[str, Any], field: tuple[str | int, ...]) -> int:
+    """The element's size in bytes; 413 above `max_message_bytes`."""
     size = len(json.dumps(element, ensure_ascii=False).encode())
     if size > settings.max_message_bytes:
         raise TooLarge(
             f"message is {size} bytes, above the limit of {settings.max_message_bytes}",
+            field=field,
+        )
+    return size
+
+
+def _limit(settings: Settings) -> chats_repo.ChatLimit:
+    return chats_repo.ChatLimit(settings.max_chat_messages, settings.max_chat_bytes)
+
+
+def _chat_full(settings: Settings, count: int, size: int, field: tuple[str | int, ...]) -> None:
+    """413 when a chat of `count` messages and `size` bytes would be past the chat limits."""
+    if count > settings.max_chat_messages:
+        raise TooLarge(
+            f"the chat would hold {count} messages, above the limit of "
+            f"{settings.max_chat_messages} (MAX_CHAT_MESSAGES)",
+            field=field,
+        )
+    if size > settings.max_chat_bytes:
+        raise TooLarge(
+            f"the chat would hold {size} bytes, above the limit of {settings.max_chat_bytes} "
+            "(MAX_CHAT_BYTES)",
             field=field,
         )
 
@@ -157,6 +181,18 @@ def get_chat(ctx: Context, chat_id: uuid.UUID) -> tuple[chats_repo.Chat, Any]:
     return chat, store.get_messages(ctx.session, chat_id)
 
 
+def get_chat_page(
+    ctx: Context, chat_id: uuid.UUID, *, limit: int
+) -> tuple[chats_repo.Chat, schemas.MessagePage]:
+    """The chat and the last `limit` messages of its transcript (`read_page`), never more: a
+    transcript can be far larger than a response should be."""
+    page = read_page(ctx, chat_id, limit=limit, before_seq=None)
+    chat = _store(phase_repo.current(ctx.session)).get(ctx.session, chat_id, ctx.user_id)
+    if chat is None:
+        raise NotFound("chat not found", field=("path", "chat_id"))
+    return chat, page
+
+
 def delete_chat(ctx: Context, chat_id: uuid.UUID) -> None:
     """Delete a chat. Its rows go in the same transaction through the foreign key's cascade,
     so there is nothing left for a task to copy."""
@@ -180,9 +216,9 @@ def _append(
     elements: list[tuple[tuple[str | int, ...], dict[str, Any]]],
     **stream: Any,
 ) -> Appended:
-    """Append elements atomically, idempotent on their ids; enqueue their copy."""
-    for field, element in elements:
-        _check_size(ctx.settings, element, field)
+    """Append elements atomically, idempotent on their ids, within the chat limits; enqueue
+    their copy."""
+    added = sum(_check_size(ctx.settings, element, field) for field, element in elements)
     ids = [element["id"] for _, element in elements]
     written = store.append(
         ctx.session,
@@ -190,6 +226,7 @@ def _append(
         ctx.user_id,
         [e for _, e in elements],
         queue=ctx.jobs.enabled,
+        limit=_limit(ctx.settings),
         **stream,
     )
     if written is not None:
@@ -198,6 +235,10 @@ def _append(
     chat = store.get(ctx.session, chat_id, ctx.user_id)
     if chat is None:
         raise NotFound("chat not found", field=("path", "chat_id"))
+    if not all(store.find_message(ctx.session, chat_id, e["id"]) for _, e in elements):
+        # Not a retry: the store refused them for the chat's size.
+        count, size = store.size(ctx.session, chat_id)
+        _chat_full(ctx.settings, count + len(elements), size + added, ("body",))
     for field, element in elements:
         stored = store.find_message(ctx.session, chat_id, element["id"])
         if not _same(stored, element):
@@ -286,11 +327,12 @@ def fork_chat(ctx: Context, chat_id: uuid.UUID, body: schemas.Fork) -> chats_rep
 
 def replace_messages(ctx: Context, chat_id: uuid.UUID, body: schemas.ReplaceMessages) -> int:
     """Replace the whole transcript with a snapshot; returns the chat's version."""
-    elements = []
+    elements, size = [], 0
     for index, message in enumerate(body.messages):
         element = message.element()
-        _check_size(ctx.settings, element, ("body", "messages", index))
+        size += _check_size(ctx.settings, element, ("body", "messages", index))
         elements.append(element)
+    _chat_full(ctx.settings, len(elements), size, ("body", "messages"))
     store = _writer(ctx)
     written = store.replace_messages(
         ctx.session, chat_id, ctx.user_id, elements, queue=ctx.jobs.enabled
@@ -306,11 +348,12 @@ def replace_messages(ctx: Context, chat_id: uuid.UUID, body: schemas.ReplaceMess
 
 def import_chat(ctx: Context, body: schemas.ImportChat) -> chats_repo.Chat:
     """Create a chat for any user with a whole transcript (admin only; checked by the route)."""
-    elements = []
+    elements, size = [], 0
     for index, message in enumerate(body.messages):
         element = message.element()
-        _check_size(ctx.settings, element, ("body", "messages", index))
+        size += _check_size(ctx.settings, element, ("body", "messages", index))
         elements.append(element)
+    _chat_full(ctx.settings, len(elements), size, ("body", "messages"))
     chat = _writer(ctx).create(
         ctx.session,
         user_id=body.user_id,

@@ -1,0 +1,187 @@
+"""Request bodies, read within a byte cap per route and parsed off the event loop.
+
+FastAPI would decode and validate a body on the event loop before the handler runs: a 16 MiB
+body of millions of tiny objects stalls every other request of the process (health checks
+included) for seconds. Here a route's body is a dependency that reads at most the route's cap
+(413 beyond it, before anything is parsed), counts its JSON values with a few byte scans (413
+past `max_request_nodes`, before anything is parsed), then decodes and validates it in a
+worker thread. The work the event loop and the GIL do per request is bounded by those caps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from app.api.deps import CurrentUser
+from app.errors import TooLarge
+from app.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+
+# Room for a body's own keys and punctuation around the messages it carries.
+ENVELOPE_BYTES = 64 * 1024
+
+
+def small(settings: Settings) -> int:
+    """Bodies without a message (create, fork): a few short fields."""
+    return min(ENVELOPE_BYTES, settings.max_request_bytes)
+
+
+def messages(count: int) -> Callable[[Settings], int]:
+    """Bodies of `count` messages, each at most `max_message_bytes` (append, complete, inbox)."""
+
+    def cap(settings: Settings) -> int:
+        return min(count * settings.max_message_bytes + ENVELOPE_BYTES, settings.max_request_bytes)
+
+    return cap
+
+
+def transcript(settings: Settings) -> int:
+    """Bodies of a whole transcript (replace, import): the request cap itself."""
+    return settings.max_request_bytes
+
+
+def count_values(raw: bytes, limit: int) -> int:
+    """How many JSON values `raw` holds (objects, arrays, strings, numbers, literals): at most
+    `limit` only if the body holds at most that many (an empty object or array counts twice).
+
+    A value is the document itself or follows a comma, or opens a container: 1 + commas +
+    brackets, outside strings. Every step is a byte scan in C, never a loop in Python per value.
+    The common body (few commas and brackets, whatever its size) passes on three scans, which
+    count those inside strings too. Otherwise escapes are dropped, so that every quote left
+    delimits a string, and only the text between strings is counted; a body with more strings
+    than two per value allowed (a key and a value) is over the limit without looking further.
+    """
+    total = 1 + raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if total <= limit or b'"' not in raw:  # no string: the count is exact
+        return total
+    plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
+    strings = plain.count(b'"') // 2
+    if strings > 2 * limit + 2:
+        return strings
+    outside = b"".join(plain.split(b'"')[0::2])
+    return 1 + outside.count(b",") + outside.count(b"[") + outside.count(b"{")
+
+
+def too_large(message: str) -> TooLarge:
+    return TooLarge(message, field=("body",))
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `cap` bytes (declared or received)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large(f"request body is larger than {cap} bytes, the limit of this route")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise too_large(f"request body is larger than {cap} bytes, the limit of this route")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
+    """Count, decode and validate a body (in a worker thread). Errors name the field, as
+    FastAPI's own would, under `body`."""
+    if not raw:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+        )
+    values = count_values(raw, max_nodes)
+    if values > max_nodes:
+        raise too_large(
+            f"request body holds more than {max_nodes} JSON values (objects, arrays, strings, "
+            "numbers, literals), the limit MAX_REQUEST_NODES"
+        )
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "too_deep",
+                    "loc": ("body",),
+                    "msg": "objects and arrays nest too deeply to decode",
+                    "input": None,
+                }
+            ]
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        position = getattr(exc, "pos", 0)
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", position),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": getattr(exc, "msg", str(exc))},
+                }
+            ]
+        ) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors: list[Any] = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def _parsing(request: Request) -> anyio.CapacityLimiter:
+    """The process's one slot for parsing bodies. Decoding holds the GIL: each thread that
+    parses beside the event loop's makes every step of every other request wait longer for it
+    (a /healthz needs a dozen such steps), so bodies are parsed one at a time, and the rest
+    wait for their turn without holding the GIL."""
+    state = request.app.state
+    if not hasattr(state, "body_parsing"):
+        state.body_parsing = anyio.CapacityLimiter(1)
+    limiter: anyio.CapacityLimiter = state.body_parsing
+    return limiter
+
+
+def json_body(model: type[M], cap: Callable[[Settings], int]) -> Any:
+    """A dependency for a route's body: `body: Annotated[Model, json_body(Model, cap)]`.
+
+    It needs the current user, so an unauthenticated request is answered 401 before its body
+    is read; declare it before the unit of work, so no transaction waits on a slow upload.
+    """
+
+    async def dependency(request: Request, user: CurrentUser) -> M:
+        settings: Settings = request.app.state.settings
+        raw = await read_capped(request, cap(settings))
+        return await anyio.to_thread.run_sync(
+            parse, raw, model, settings.max_request_nodes, limiter=_parsing(request)
+        )
+
+    return Depends(dependency)
+
+
+def documented(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route whose body is `json_body(model, ...)`: FastAPI documents
+    only the bodies it parses itself. The schema is inlined (these models are not recursive)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline(schema)}},
+        }
+    }
