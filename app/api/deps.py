@@ -112,12 +112,10 @@ class UnitOfWork:
         settings: Settings,
         user_id: str,
     ) -> None:
-        self.factory, self.publisher, self.settings, self.user_id = (
-            factory,
-            publisher,
-            settings,
-            user_id,
-        )
+        self.factory = factory
+        self.publisher = publisher
+        self.settings = settings
+        self.user_id = user_id
 
     def run(
         self, operation: Callable[Concatenate[Context, P], R], *args: P.args, **kwargs: P.kwargs
