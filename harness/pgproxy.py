@@ -46,12 +46,14 @@ class PgProxy:
             self._marker, self._remaining = marker.encode(), times
 
     def start(self) -> PgProxy:
+        self._admin = psycopg.connect(self.admin_dsn, autocommit=True)
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+        self._admin.close()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -77,7 +79,13 @@ class PgProxy:
                 if (marker := self._take(chunk)) is not None:
                     # Recorded first: the client hears of the termination before it returns.
                     self.terminated.append(marker.decode())
-                    self._terminate(server.getsockname()[1])
+                    try:
+                        self._terminate(server.getsockname()[1])
+                    except Exception as exc:  # the connection dies all the same, by our hand
+                        self.terminated.append(f"terminate failed: {exc}")
+                        client.close()
+                        server.close()
+                        return
                 server.sendall(chunk)
         with suppress(OSError):
             server.shutdown(socket.SHUT_WR)
@@ -92,8 +100,8 @@ class PgProxy:
                 end.close()
 
     def _terminate(self, client_port: int) -> None:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
-            ended = admin.execute(
+        with self._lock:  # one admin connection, opened at start, for every termination
+            ended = self._admin.execute(
                 "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
                 "WHERE client_port = %s AND datname = %s AND application_name = %s",
                 (client_port, self.database, self.application_name),
