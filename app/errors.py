@@ -1,4 +1,5 @@
-"""Errors the services raise; the API turns each into a 4xx naming the offending field."""
+"""Errors the services raise; the API turns each into a 4xx naming the offending field, or a 503
+with `Retry-After` (`Unavailable`)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ class TooLarge(ServiceError):
 
 class Invalid(ServiceError):
     status_code = 422
+
+
+class Unavailable(ServiceError):
+    """The service cannot answer now, and the same request may well succeed shortly: 503 with
+    `Retry-After` (the database went away, a wait for it ran out, a chat has too many writes
+    queued)."""
+
+    status_code = 503

@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from sqlalchemy import text
 
 from app import metrics
+from app.api import errors as api_errors
+from app.api.gate import ChatGates
 from app.api.routes import router
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
@@ -137,6 +139,9 @@ def create_app(
     api.state.engine = engine
     api.state.sessionmaker = factory
     api.state.publisher = publisher
+    api.state.chat_gates = ChatGates(
+        settings.chat_write_concurrency, settings.chat_write_queue, settings.chat_write_wait_seconds
+    )
     api.include_router(router)
 
     @api.exception_handler(ServiceError)
@@ -145,6 +150,8 @@ def create_app(
             {"detail": [{"loc": list(exc.field), "msg": exc.message, "type": type(exc).__name__}]},
             status_code=exc.status_code,
         )
+
+    api_errors.install(api, settings)
 
     @api.exception_handler(RequestValidationError)
     async def request_validation_error(

@@ -99,6 +99,31 @@ class Settings(BaseSettings):
     # worker sends them only while Flower runs: Flower turns them on every few seconds.
     worker_task_events: bool = True
 
+    # The API's database limits. Every API connection carries these, so that no request holds a
+    # pooled connection for long: a lock wait or a statement past its limit, or a transaction
+    # left idle, ends with 503 and `Retry-After` instead of taking the pool from other users.
+    api_statement_timeout_ms: int = Field(default=30_000, gt=0)
+    api_lock_timeout_ms: int = Field(default=5_000, gt=0)
+    api_idle_in_transaction_timeout_ms: int = Field(default=30_000, gt=0)
+    # The API's pool, per process: connections kept, extra ones opened under load, and how long
+    # a request waits for one before it is answered 503 with `Retry-After`.
+    api_pool_size: int = Field(default=5, gt=0)
+    api_pool_max_overflow: int = Field(default=5, ge=0)
+    api_pool_timeout_seconds: float = Field(default=2.0, gt=0)
+    # A request whose database connection died before its commit (a failover, a restart, a
+    # pooler recycling connections) is run again this many times on a fresh connection.
+    api_connection_retries: int = Field(default=2, ge=0, le=10)
+    # What `Retry-After` says on a 503.
+    api_retry_after_seconds: int = Field(default=1, ge=1)
+    # Writes to one chat, per API process: this many hold (or wait for) a database connection
+    # at once, the next `chat_write_queue` wait without one, in the event loop, for at most
+    # `chat_write_wait_seconds`; any more, or a longer wait, get 503 with `Retry-After`. The
+    # default, one writer and one waiting on the chat's row lock, keeps one user's burst on their
+    # own chat from taking the pool (and the request threads) that every other user needs.
+    chat_write_concurrency: int = Field(default=2, ge=1)
+    chat_write_queue: int = Field(default=16, ge=0)
+    chat_write_wait_seconds: float = Field(default=10.0, gt=0)
+
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
     worker_statement_timeout_ms: int = Field(default=60_000, gt=0)
     worker_lock_timeout_ms: int = Field(default=10_000, gt=0)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from app import schemas
 from app.api import body as bodies
 from app.api.body import documented, json_body
-from app.api.deps import AdminUser, Ctx
+from app.api.deps import AdminUser, Uow
 from app.repositories.chats import Chat
 from app.services import chats as service
 
@@ -55,18 +55,18 @@ ImportBody = Annotated[schemas.ImportChat, json_body(schemas.ImportChat, bodies.
     response_model=schemas.ChatOut,
     openapi_extra=documented(schemas.CreateChat),
 )
-def create_chat(body: CreateBody, ctx: Ctx) -> schemas.ChatOut:
-    return _chat_out(service.create_chat(ctx, body))
+def create_chat(body: CreateBody, uow: Uow) -> schemas.ChatOut:
+    return _chat_out(uow.run(service.create_chat, body))
 
 
 @router.get("/chats/{chat_id}", response_model=schemas.ChatWithMessages)
 def get_chat(
-    ctx: Ctx, chat_id: uuid.UUID, limit: Annotated[int | None, Query()] = None
+    uow: Uow, chat_id: uuid.UUID, limit: Annotated[int | None, Query()] = None
 ) -> schemas.ChatWithMessages:
     """The chat and the last page of its transcript (`limit`, default and at most
     MAX_PAGE_SIZE); `next_before_seq` pages back through `GET /chats/{id}/messages`."""
-    size = ctx.settings.max_page_size if limit is None else limit
-    chat, page = service.get_chat_page(ctx, chat_id, limit=size)
+    size = uow.settings.max_page_size if limit is None else limit
+    chat, page = uow.run(service.get_chat_page, chat_id, limit=size)
     return schemas.ChatWithMessages(
         **_chat_out(chat).model_dump(),
         messages=page.messages,
@@ -76,8 +76,8 @@ def get_chat(
 
 
 @router.delete("/chats/{chat_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_chat(ctx: Ctx, chat_id: uuid.UUID) -> Response:
-    service.delete_chat(ctx, chat_id)
+def delete_chat(uow: Uow, chat_id: uuid.UUID) -> Response:
+    uow.run(service.delete_chat, chat_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -86,8 +86,8 @@ def delete_chat(ctx: Ctx, chat_id: uuid.UUID) -> Response:
     response_model=schemas.AppendResult,
     openapi_extra=documented(schemas.AppendMessage),
 )
-def append_message(body: AppendBody, ctx: Ctx, chat_id: uuid.UUID) -> JSONResponse:
-    return _appended(service.append_user_message(ctx, chat_id, body))
+def append_message(body: AppendBody, uow: Uow, chat_id: uuid.UUID) -> JSONResponse:
+    return _appended(uow.run(service.append_user_message, chat_id, body))
 
 
 @router.post(
@@ -96,9 +96,9 @@ def append_message(body: AppendBody, ctx: Ctx, chat_id: uuid.UUID) -> JSONRespon
     openapi_extra=documented(schemas.CompleteTurn),
 )
 def complete_turn(
-    body: CompleteBody, ctx: Ctx, chat_id: uuid.UUID, user_message_id: str
+    body: CompleteBody, uow: Uow, chat_id: uuid.UUID, user_message_id: str
 ) -> JSONResponse:
-    return _appended(service.complete_turn(ctx, chat_id, user_message_id, body))
+    return _appended(uow.run(service.complete_turn, chat_id, user_message_id, body))
 
 
 @router.post(
@@ -106,8 +106,8 @@ def complete_turn(
     response_model=schemas.AppendResult,
     openapi_extra=documented(schemas.InboxPair),
 )
-def inbox_pair(body: InboxBody, ctx: Ctx, chat_id: uuid.UUID) -> JSONResponse:
-    return _appended(service.append_inbox_pair(ctx, chat_id, body))
+def inbox_pair(body: InboxBody, uow: Uow, chat_id: uuid.UUID) -> JSONResponse:
+    return _appended(uow.run(service.append_inbox_pair, chat_id, body))
 
 
 @router.post(
@@ -116,24 +116,24 @@ def inbox_pair(body: InboxBody, ctx: Ctx, chat_id: uuid.UUID) -> JSONResponse:
     response_model=schemas.ChatOut,
     openapi_extra=documented(schemas.Fork),
 )
-def fork_chat(body: ForkBody, ctx: Ctx, chat_id: uuid.UUID) -> schemas.ChatOut:
-    return _chat_out(service.fork_chat(ctx, chat_id, body))
+def fork_chat(body: ForkBody, uow: Uow, chat_id: uuid.UUID) -> schemas.ChatOut:
+    return _chat_out(uow.run(service.fork_chat, chat_id, body))
 
 
 @router.put("/chats/{chat_id}/messages", openapi_extra=documented(schemas.ReplaceMessages))
-def replace_messages(body: ReplaceBody, ctx: Ctx, chat_id: uuid.UUID) -> dict[str, Any]:
-    version = service.replace_messages(ctx, chat_id, body)
+def replace_messages(body: ReplaceBody, uow: Uow, chat_id: uuid.UUID) -> dict[str, Any]:
+    version = uow.run(service.replace_messages, chat_id, body)
     return {"chat_id": str(chat_id), "messages_version": version}
 
 
 @router.get("/chats/{chat_id}/messages", response_model=schemas.MessagePage)
 def read_messages(
-    ctx: Ctx,
+    uow: Uow,
     chat_id: uuid.UUID,
     limit: Annotated[int, Query()] = 50,
     before_seq: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> schemas.MessagePage:
-    return service.read_page(ctx, chat_id, limit=limit, before_seq=before_seq)
+    return uow.run(service.read_page, chat_id, limit=limit, before_seq=before_seq)
 
 
 @router.post(
@@ -142,5 +142,5 @@ def read_messages(
     response_model=schemas.ChatOut,
     openapi_extra=documented(schemas.ImportChat),
 )
-def import_chat(admin: AdminUser, body: ImportBody, ctx: Ctx) -> schemas.ChatOut:
-    return _chat_out(service.import_chat(ctx, body))
+def import_chat(admin: AdminUser, body: ImportBody, uow: Uow) -> schemas.ChatOut:
+    return _chat_out(uow.run(service.import_chat, body))
