@@ -135,7 +135,10 @@ def set_phase(engine):  # type: ignore[no-untyped-def]
     def put(phase: str) -> None:
         with engine.begin() as connection:
             connection.execute(
-                text("UPDATE dualwrite_phase SET phase = :p, since = now() - interval '1 day'"),
+                text(
+                    "UPDATE dualwrite_phase SET phase = :p, since = now() - interval '1 day', "
+                    "pending = NULL, pending_since = NULL"
+                ),
                 {"p": phase},
             )
 
