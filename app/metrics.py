@@ -20,6 +20,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from app.task_names import SYNC_CHAT, SYNC_MESSAGES
+
 log = logging.getLogger(__name__)
 
 ENQUEUE_FAILURES = Counter(
@@ -49,6 +51,15 @@ SHADOW_READS = Counter(
     "In verify_reads: pages read from both JSONB and table, by outcome (match, mismatch, behind).",
     ["outcome"],
 )
+# Series that alerts read with rate() or increase() exist from the start at 0: a labelled
+# counter would otherwise appear at its first increment, and that first one would not count.
+for _outcome in ("match", "mismatch", "behind"):
+    SHADOW_READS.labels(_outcome)
+for _reason in ("buffer_full", "shutdown"):
+    PUBLISH_DROPPED.labels(_reason)
+for _task in (SYNC_MESSAGES, SYNC_CHAT):
+    ENQUEUE_FAILURES.labels(_task)
+    ENQUEUED.labels(_task)
 REQUESTS = Counter(
     "dualwrite_requests_total",
     "HTTP requests by method (other: none of the usual ones), route template (unmatched: no "
@@ -168,10 +179,20 @@ class WorkerMetricsCollector(Collector):
         return values
 
     def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily(
+            "dualwrite_worker_metrics_up",
+            "1 when this API process could read the workers' metrics from Redis at this scrape, "
+            "0 when it could not (the worker series are missing from the scrape then).",
+        )
         try:
             raw = self._client.hgetall(WORKER_KEY)
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            log.warning("could not read the worker metrics hash %s: %s", WORKER_KEY, exc)
+            up.add_metric([], 0)
+            yield up
             return
+        up.add_metric([], 1)
+        yield up
         values = self._values(raw)
         tasks = CounterMetricFamily(
             "dualwrite_tasks",

@@ -211,6 +211,25 @@ def test_healthz_is_503_when_the_database_is_down_and_metrics_still_answer(setti
         app.state.engine.dispose()
 
 
+def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(api, settings) -> None:  # type: ignore[no-untyped-def]
+    assert value(scrape(api), "dualwrite_worker_metrics_up") == 1
+    with socket.socket() as probe:  # a port where nothing listens: the broker's Redis is gone
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = create_app(
+        settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"}),
+        send_many=lambda jobs: [True] * len(jobs),
+    )
+    try:
+        with TestClient(unreachable) as client:
+            samples = scrape(client)  # the scrape itself still answers
+            assert value(samples, "dualwrite_worker_metrics_up") == 0
+            assert "dualwrite_sync_lag_seconds_count" not in samples
+            assert value(samples, "dualwrite_chats_behind") is not None
+    finally:
+        unreachable.state.engine.dispose()
+
+
 def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: ignore[no-untyped-def]
     api, engine, sessionmaker, clean
 ) -> None:
