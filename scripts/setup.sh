@@ -12,3 +12,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet -e '.[dev,bench]'
     touch "$stamp"
 fi
+# promtool checks and unit-tests the alert rules (tests/test_alerts.py), from Debian's
+# Prometheus package; without root, say how to get it.
+if ! command -v promtool >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+        echo "promtool is missing (the alert rule tests need it): apt-get install prometheus"
+    fi
+fi
