@@ -13,6 +13,9 @@ export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 API_PORT=${API_PORT:-8000}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 FLOWER_USER=${FLOWER_USER:-admin}
+# A worker silent for a minute leaves Flower's metrics, so that one killed without a goodbye
+# does not count as online for the DualwriteNoWorkerSeen alert.
+export FLOWER_PURGE_OFFLINE_WORKERS=${FLOWER_PURGE_OFFLINE_WORKERS:-60}
 
 # Create the database when it does not exist yet, then migrate (the backfill runs here).
 .venv/bin/python - <<'PY'
@@ -50,10 +53,7 @@ for _ in $(seq 1 60); do
 done
 # Its credentials go through the environment, as in docker-compose.yml: a command-line flag
 # would show the password to every user of the machine (`ps`); an environment is the owner's.
-# A worker silent for a minute leaves Flower's metrics, so that one killed without a goodbye
-# does not count as online for the DualwriteNoWorkerSeen alert.
 FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD" \
-FLOWER_PURGE_OFFLINE_WORKERS=${FLOWER_PURGE_OFFLINE_WORKERS:-60} \
     .venv/bin/celery -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" > .run/flower.log 2>&1 &
 pids+=($!)
 
