@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
-from app import metrics
+from app import logs, metrics
 from app.api import errors as api_errors
 from app.api.gate import ChatGates
 from app.api.routes import router
@@ -222,6 +222,8 @@ def create_app(
 def __getattr__(name: str) -> Any:
     # `app.main:app` is built on first access, so importing this module needs no environment.
     if name == "app":
+        # The served process: its logging (uvicorn's loggers included) follows LOG_FORMAT.
+        logs.configure()
         application = create_app()
         globals()["app"] = application
         return application
