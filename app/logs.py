@@ -42,12 +42,14 @@ OWN_HANDLERS = (
     "celery.redirected",
 )
 
-# What every record has; any other attribute came from `extra=` or from the bound fields.
+# What every record has; any other attribute came from `extra=` or from the bound fields (but
+# uvicorn's `color_message`, its message with terminal colours).
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
     "bound",
+    "color_message",
 }
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
@@ -83,6 +85,10 @@ class BoundFields(logging.Filter):
         record.bound = fields
         for key, value in fields.items():
             record.__dict__.setdefault(key, value)
+        # Celery's lines about a task outside it (received, retried) name it in `data`.
+        data = record.__dict__.get("data")
+        if isinstance(data, dict) and isinstance(data.get("id"), str):
+            record.__dict__.setdefault("task_id", data["id"])
         return True
 
 

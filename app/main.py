@@ -132,7 +132,9 @@ def create_app(
             yield
         finally:
             # Blocks for up to `publish_drain_seconds`: not on the event loop.
-            await anyio.to_thread.run_sync(publisher.close)
+            dropped = await anyio.to_thread.run_sync(publisher.close)
+            if not dropped:  # else the publisher has said what it dropped
+                log.info("publisher closed: every buffered job was sent")
 
     api = FastAPI(title="chat-dualwrite", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings

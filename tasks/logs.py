@@ -11,8 +11,15 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery, Task
+from celery.apps import worker as celery_worker_app
 from celery.apps.beat import Beat
-from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun
+from celery.signals import (
+    celeryd_after_setup,
+    celeryd_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+)
 
 from app import logs
 from app.settings import LogFormat, get_settings
@@ -34,6 +41,16 @@ def _configure(**_: Any) -> None:
     logs.configure()
 
 
+@celeryd_init.connect
+def _configure_worker_early(**_: Any) -> None:
+    # The worker warns (running as root, say) before it sets up logging: set it up first.
+    logs.configure()
+    if _json():
+        # The worker writes what it does on a signal (`worker: Warm shutdown (MainProcess)`)
+        # straight to the file descriptor, through this one function: in json, a log line.
+        celery_worker_app.safe_say = _say
+
+
 @celeryd_after_setup.connect
 def _banner(sender: str, instance: Any, **_: Any) -> None:
     # The worker prints a many-line banner to stdout after this signal, unless quiet: in json,
@@ -49,6 +66,10 @@ def _banner(sender: str, instance: Any, **_: Any) -> None:
         ", ".join(queues),
         extra={"queues": queues, "concurrency": instance.concurrency},
     )
+
+
+def _say(msg: str, f: Any = None) -> None:
+    logging.getLogger(celery_worker_app.__name__).warning(msg.strip())
 
 
 class QuietInJsonBeat(Beat):  # type: ignore[misc]
