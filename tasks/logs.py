@@ -20,6 +20,7 @@ from celery.signals import (
     task_postrun,
     task_prerun,
 )
+from celery.utils.log import get_multiprocessing_logger
 
 from app import logs
 from app.settings import LogFormat, get_settings
@@ -34,17 +35,29 @@ def _json() -> bool:
     return get_settings().log_format is LogFormat.JSON
 
 
+def _configure_logging() -> None:
+    logs.configure()
+    # The pool's own logger (a child lost: "Process ... exited with 'signal 9 (SIGKILL)'")
+    # does not propagate, and Celery would give it a handler of its own at ERROR: its lines go
+    # through the root's handler, at ERROR as Celery has it.
+    pool = get_multiprocessing_logger()
+    if pool is not None:
+        pool.handlers.clear()
+        pool.propagate = True
+        pool.setLevel(logging.ERROR)
+
+
 @setup_logging.connect
 def _configure(**_: Any) -> None:
     # Any receiver of this signal stops Celery from configuring logging (and from redirecting
     # stdout to it): `app.logs` does it, as for every other process.
-    logs.configure()
+    _configure_logging()
 
 
 @celeryd_init.connect
 def _configure_worker_early(**_: Any) -> None:
     # The worker warns (running as root, say) before it sets up logging: set it up first.
-    logs.configure()
+    _configure_logging()
     if _json():
         # The worker writes what it does on a signal (`worker: Warm shutdown (MainProcess)`)
         # straight to the file descriptor, through this one function: in json, a log line.

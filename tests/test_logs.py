@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -22,7 +23,7 @@ import pytest
 
 from app import logs
 from app.settings import Settings
-from harness.processes import ApiProcess, BeatProcess, RedisServer
+from harness.processes import ApiProcess, BeatProcess, RedisServer, wait_until
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
 from tests.support import ROOT, wait_converged
 from tests.test_handlers import message, new_chat
@@ -67,6 +68,9 @@ def test_api_and_worker_write_only_json_and_a_tasks_lines_name_it(
             wait_converged(engine, [chat])
             assert client.get("/test/warn").status_code == 200
             assert client.get("/test/fail").status_code == 500
+        # A pool process lost, as to the OOM killer: the pool's own logger says so.
+        os.kill(worker.child_pids()[0], signal.SIGKILL)
+        wait_until(lambda: "exited with 'signal 9 (SIGKILL)'" in worker.log(), timeout=30)
     finally:
         api.stop()
         worker.stop()
@@ -102,6 +106,7 @@ def test_api_and_worker_write_only_json_and_a_tasks_lines_name_it(
     )
     assert any("succeeded" in e["message"] for e in task_lines)
     assert any("Warm shutdown" in e["message"] for e in worker_lines)
+    assert any(e["level"] == "ERROR" and "SIGKILL" in e["message"] for e in worker_lines)
     # Lines outside a task carry no task's ids.
     ready = next(e for e in worker_lines if e["message"].endswith(" ready."))
     assert "task_id" not in ready and "chat_id" not in ready
