@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import logs
 from app.auth import MAX_TTL_SECONDS, issue_token
 from app.db import make_engine, make_sessionmaker, transaction
 from app.jobs import JobQueue, publish_after_commit
@@ -24,7 +26,23 @@ from app.services import replay, status
 from app.services.drift import State, find_drift
 from app.services.reconcile import ReconcileReport, parse_interval, reconcile
 from app.services.sync import WrongPhase
-from app.settings import Phase, get_settings
+from app.settings import LogFormat, Phase, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def _json() -> bool:
+    return get_settings().log_format is LogFormat.JSON
+
+
+def _tell(message: str, level: int = logging.INFO) -> None:
+    """What the operator is told on stderr (errors, refusals, a step's progress): as written in
+    text, a log line in json, so that everything on stderr parses there. Results go to stdout,
+    in either format."""
+    if _json():
+        log.log(level, message)
+    else:
+        print(message, file=sys.stderr)
 
 
 @contextmanager
@@ -118,9 +136,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     try:
         since = parse_interval(args.since) if args.since is not None else None
     except ValueError as exc:
-        print(f"error: --since: {exc}", file=sys.stderr)
+        _tell(f"error: --since: {exc}", logging.ERROR)
         return 2
-    tty = sys.stderr.isatty()
+    tty = sys.stderr.isatty() and not _json()
     with _sessions() as factory:
         try:
             report = reconcile(
@@ -238,7 +256,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             print(f"{len(letters)} dead letters")
             return 0
         if not args.ids and not args.all:
-            print("error: replay needs dead letter ids or --all", file=sys.stderr)
+            _tell("error: replay needs dead letter ids or --all", logging.ERROR)
             return 2
         jobs = JobQueue()
         with transaction(factory) as session:
@@ -393,10 +411,10 @@ def cmd_phase(args: argparse.Namespace) -> int:
         try:
             target = Phase(args.name)
         except ValueError:
-            print(
+            _tell(
                 f"error: unknown phase {args.name!r}; phases, in order: "
                 + ", ".join(p.value for p in Phase),
-                file=sys.stderr,
+                logging.ERROR,
             )
             return 2
         try:
@@ -406,10 +424,10 @@ def cmd_phase(args: argparse.Namespace) -> int:
                 target,
                 who=_who(),
                 force=args.force,
-                progress=lambda line: print(line, file=sys.stderr),
+                progress=_tell,
             )
         except phase_service.Refused as refused:
-            print(f"refused: {refused}; nothing changed", file=sys.stderr)
+            _tell(f"refused: {refused}; nothing changed", logging.ERROR)
             return 1
     if moved.from_phase is moved.to:
         print(f"already in {moved.to.value}; no step pending")
@@ -428,10 +446,10 @@ def cmd_contract(args: argparse.Namespace) -> int:
     settings = get_settings()
     if not args.yes:
         if not sys.stdin.isatty():
-            print(
+            _tell(
                 "refused: the contract drops the JSONB column for good and asks for "
                 "confirmation on a terminal; pass --yes to confirm from a script",
-                file=sys.stderr,
+                logging.ERROR,
             )
             return 2
         answer = input("Drop copilot_chats.messages for good? There is no way back. [y/N] ")
@@ -442,7 +460,7 @@ def cmd_contract(args: argparse.Namespace) -> int:
         try:
             phase_service.contract(factory, settings, who=_who())
         except phase_service.Refused as refused:
-            print(f"refused: {refused}; nothing dropped", file=sys.stderr)
+            _tell(f"refused: {refused}; nothing dropped", logging.ERROR)
             return 1
     print("contracted: copilot_chats.messages dropped; the migration is complete")
     return 0
@@ -537,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Log lines follow LOG_FORMAT on stderr; what a command prints for its reader does not.
+    logs.configure()
     code: int = args.func(args)
     return code
 

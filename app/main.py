@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
-from app import metrics
+from app import logs, metrics
 from app.api import errors as api_errors
 from app.api.gate import ChatGates
 from app.api.routes import router
@@ -132,7 +132,9 @@ def create_app(
             yield
         finally:
             # Blocks for up to `publish_drain_seconds`: not on the event loop.
-            await anyio.to_thread.run_sync(publisher.close)
+            dropped = await anyio.to_thread.run_sync(publisher.close)
+            if not dropped:  # else the publisher has said what it dropped
+                log.info("publisher closed: every buffered job was sent")
 
     api = FastAPI(title="chat-dualwrite", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings
@@ -222,6 +224,8 @@ def create_app(
 def __getattr__(name: str) -> Any:
     # `app.main:app` is built on first access, so importing this module needs no environment.
     if name == "app":
+        # The served process: its logging (uvicorn's loggers included) follows LOG_FORMAT.
+        logs.configure()
         application = create_app()
         globals()["app"] = application
         return application

@@ -28,6 +28,17 @@ class Phase(StrEnum):
         return list(Phase).index(self)
 
 
+class LogFormat(StrEnum):
+    """How every process writes its log lines (`app.logs`): for people, or one JSON object a
+    line for a log pipeline."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
 
@@ -51,6 +62,10 @@ class Settings(BaseSettings):
     # The longest a step may hold every writer while it converges the chats still behind, when
     # writes keep them behind as fast as the catch-up converges them (at its measured rate).
     phase_hold_max_seconds: float = Field(default=5.0, gt=0)
+
+    # Every process (API, worker, beat, CLI) logs to stderr in this format, from this level up.
+    log_format: LogFormat = LogFormat.TEXT
+    log_level: str = "INFO"
 
     default_model: str = "default"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
@@ -189,6 +204,14 @@ class Settings(BaseSettings):
         if len(value.split()) != 5:
             raise ValueError("RECONCILE_CRONTAB must have five fields: minute hour day month dow")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("database_url")
     @classmethod

@@ -159,13 +159,24 @@ class UpgradeProcess(Process):
 
 
 class ApiProcess(Process):
-    """`uvicorn app.main:app` on a port of its own, started once it answers `/healthz`."""
+    """`uvicorn app.main:app` (or another `app`) on a port of its own, started once it answers
+    `/healthz`. `quiet` leaves out uvicorn's INFO lines and its access log."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        *,
+        app: str = "app.main:app",
+        quiet: bool = True,
+    ) -> None:
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+        argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+        argv += ["--port", str(self.port)]
+        if quiet:
+            argv += ["--log-level", "warning", "--no-access-log"]
         super().__init__(argv, env, log_path, self.answers)
 
     def answers(self) -> bool:

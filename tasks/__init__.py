@@ -7,8 +7,10 @@ from celery import Celery
 celery = Celery("chat-dualwrite")
 celery.config_from_object("celeryconfig")
 
-# Registers the tasks (and the worker's start-up checks) on the app; imported last because the
-# modules use `celery`.
-from tasks import maintenance, startup, sync  # noqa: E402, F401
+# Registers the tasks (and the worker's start-up checks and logging) on the app; imported last
+# because the modules use `celery`.
+from tasks import logs, maintenance, startup, sync  # noqa: E402, F401
+
+logs.install(celery)
 
 __all__ = ["celery"]

@@ -36,8 +36,9 @@ APP_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in s
 
 # Variables in app services that are read by a tool, not by `app.settings.Settings`.
 NOT_SETTINGS_PREFIXES = ("FLOWER_", "POSTGRES_")
-# DESIGN.md section 7: the environment every process of the service is configured through.
-REQUIRED_SETTINGS = {"DATABASE_URL", "REDIS_URL", "AUTH_SECRET", "DUALWRITE_PHASE"}
+# DESIGN.md section 7: the environment every process of the service is configured through (its
+# log format too: every process logs in the one an operator picks).
+REQUIRED_SETTINGS = {"DATABASE_URL", "REDIS_URL", "AUTH_SECRET", "DUALWRITE_PHASE", "LOG_FORMAT"}
 
 EXPECTED_DEPENDS_ON = {
     "migrate": {"postgres": "service_healthy"},

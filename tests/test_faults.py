@@ -335,8 +335,8 @@ def test_a_worker_on_a_broker_that_may_evict_warns_once_at_start(broker, hooks) 
     worker = start_worker(broker, hooks, "evicting")
     try:
         wanted = re.compile(
-            r"WARNING/MainProcess\] the broker's Redis has maxmemory-policy allkeys-lru: .* "
-            r"every task in it is lost silently; set maxmemory-policy noeviction"
+            r"WARNING tasks\.startup \[\d+\]: the broker's Redis has maxmemory-policy "
+            r"allkeys-lru: .* every task in it is lost silently; set maxmemory-policy noeviction"
         )
         wait_until(lambda: wanted.search(worker.log()), timeout=30)
         assert len(wanted.findall(worker.log())) == 1
@@ -388,7 +388,7 @@ def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks) -> None:  
     try:
         worker = start_worker(server, hooks, "no-config")
         wanted = re.compile(
-            r"WARNING/MainProcess\] could not check the broker's maxmemory-policy .*"
+            r"WARNING tasks\.startup \[\d+\]: could not check the broker's maxmemory-policy .*"
             r"make sure it is noeviction"
         )
         wait_until(lambda: wanted.search(worker.log()), timeout=30)  # type: ignore[union-attr]

@@ -5,7 +5,8 @@ test marked with a file in `$DUALWRITE_TEST_HOOKS`:
 
 - `slow-<chat id>`: write `<pid>` to `running-<chat id>`, then sleep while the marker exists, or
   for the number of seconds the marker holds;
-- `kill-<chat id>`: SIGKILL the process running the sync (every time).
+- `kill-<chat id>`: SIGKILL the process running the sync (every time);
+- `warn-<chat id>`: issue a Python warning (`UserWarning`) naming the chat.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ def _after_execute(
     if "upserted AS" not in statement or not isinstance(params, dict):
         return
     for chat_id in params.get("chat_ids") or []:
+        if (HOOKS / f"warn-{chat_id}").exists():
+            warnings.warn(f"a warning the test asked for, syncing {chat_id}", stacklevel=1)
         if (HOOKS / f"kill-{chat_id}").exists():
             os.kill(os.getpid(), signal.SIGKILL)
         slow = HOOKS / f"slow-{chat_id}"
