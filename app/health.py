@@ -46,11 +46,12 @@ class Report:
 
     @property
     def failed(self) -> list[str]:
-        return [name for name, state in self.checks.items() if state != OK]
+        """The checks that failed; one not run because another failed first is not named."""
+        return [name for name, state in self.checks.items() if state not in (OK, NOT_CHECKED)]
 
     @property
     def ready(self) -> bool:
-        return not self.failed
+        return all(state == OK for state in self.checks.values())
 
     def body(self) -> dict[str, Any]:
         """What `/readyz` answers: every check's state and the names of those that failed.
