@@ -20,6 +20,10 @@ COPY migrations/ migrations/
 
 # The code stays owned by root, so the service cannot rewrite it.
 RUN useradd --create-home --uid 10001 chat
+# Mount points of beat's schedule and Flower's state: a named volume takes its owner from the
+# image's directory, so the app user can write there.
+RUN mkdir -p /var/lib/chat-dualwrite/beat /var/lib/chat-dualwrite/flower \
+    && chown -R chat /var/lib/chat-dualwrite
 USER chat
 
 EXPOSE 8000

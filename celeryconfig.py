@@ -36,6 +36,12 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
+# Children per worker and their recycling: see the reasons beside these settings in
+# `app/settings.py`. A `-c` on the command line still wins over the concurrency here.
+worker_concurrency = _settings.worker_concurrency
+worker_max_tasks_per_child = _settings.worker_max_tasks_per_child or None
+worker_max_memory_per_child = _settings.worker_max_memory_per_child_kb or None
+
 task_soft_time_limit = _settings.task_soft_time_limit_seconds
 task_time_limit = _settings.task_time_limit_seconds
 
@@ -75,6 +81,11 @@ beat_schedule = {
         "options": {"expires": _settings.reconcile_recent_interval_seconds},
     },
 }
+
+# Beat writes its schedule file after every job it sends (not only every three minutes), so
+# the file's age tells a healthcheck that beat is alive and ticking: with the sweep every
+# `SWEEP_INTERVAL_SECONDS`, the file is never older than that while beat works.
+beat_sync_every = 1
 
 timezone = "UTC"
 enable_utc = True

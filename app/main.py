@@ -15,9 +15,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from sqlalchemy import text
 
-from app import logs, metrics
+from app import health, logs, metrics
 from app.api import errors as api_errors
 from app.api.gate import ChatGates
 from app.api.routes import router
@@ -177,30 +176,28 @@ def create_app(
             labels = metrics.request_labels(request.method, request.scope.get("route"), status)
             metrics.REQUESTS.labels(*labels).inc()
 
-    # One pooled client of the broker's Redis for health checks and worker metrics.
+    # One pooled client of the broker's Redis for the worker metrics.
     broker = redis.Redis.from_url(
         settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
     )
 
     @api.get("/healthz")
-    def healthz() -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:
-            checks["database"] = f"down: {type(exc).__name__}"
-        try:
-            broker.ping()
-            checks["broker"] = "ok"
-        except Exception as exc:
-            checks["broker"] = f"down: {type(exc).__name__}"
-        healthy = checks["database"] == "ok"
-        return JSONResponse(
-            {"status": "ok" if healthy else "unavailable", **checks},
-            status_code=200 if healthy else 503,
-        )
+    async def healthz() -> dict[str, str]:
+        # Liveness only: the event loop answers (no thread, no dependency), so a database or
+        # broker outage does not make an orchestrator restart every API process (`/readyz`).
+        return {"status": "ok"}
+
+    readiness = health.Readiness(
+        [health.database_check(factory), health.broker_check(settings.redis_url)],
+        timeout=settings.ready_timeout_seconds,
+        cache_seconds=settings.ready_cache_seconds,
+    )
+    api.state.readiness = readiness
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        report = await readiness.report()
+        return JSONResponse(report.body(), status_code=200 if report.ready else 503)
 
     def read_gauges() -> dict[str, Any]:
         with api.state.sessionmaker() as session:

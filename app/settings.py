@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     # `/metrics` reads its database gauges (about six queries) at most this often; scrapes in
     # between show the last values.
     metrics_cache_seconds: float = Field(default=5.0, ge=0)
+    # `/readyz` answers within `ready_timeout_seconds` whatever hangs (a probe's own timeout is
+    # typically 1 s), and runs its checks (a database round trip, a broker PING) at most once
+    # per `ready_cache_seconds`: a storm of probes costs the database one query a second.
+    ready_timeout_seconds: float = Field(default=0.8, gt=0, le=30)
+    ready_cache_seconds: float = Field(default=1.0, ge=0)
 
     # The API publishes after the commit from a background thread (`app.publisher`), never in
     # the request: a buffer of committed jobs, sent in batches. A full buffer drops (and counts)
@@ -144,6 +149,17 @@ class Settings(BaseSettings):
     worker_lock_timeout_ms: int = Field(default=10_000, gt=0)
     worker_idle_in_transaction_timeout_ms: int = Field(default=60_000, gt=0)
     worker_work_mem: str = Field(default="64MB", pattern=r"^\d+\s*(kB|MB|GB)$")
+    # Worker processes (prefork children) per worker. Celery's own default is the machine's CPU
+    # count, which in a container is the host's, not the container's share: on a large host that
+    # is dozens of children, each with its own database connections. A sync waits mostly on
+    # PostgreSQL, so a few children keep a core busy; scale with more workers, not more children.
+    worker_concurrency: int = Field(default=4, ge=1, le=64)
+    # A child is replaced after this many tasks (0: never), and after a task that left it above
+    # this resident size in KiB (0: no limit). CPython rarely gives memory back to the system,
+    # so a child that once converged a very large chat keeps that peak for good; replacing it
+    # costs a fork and a new database connection, nothing a task can notice.
+    worker_max_tasks_per_child: int = Field(default=10_000, ge=0)
+    worker_max_memory_per_child_kb: int = Field(default=512_000, ge=0)
 
     # Task limits and the broker's visibility timeout; checked against each other at start-up.
     task_soft_time_limit_seconds: int = Field(default=120, gt=0)

@@ -57,13 +57,14 @@ FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD" \
     .venv/bin/celery -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" > .run/flower.log 2>&1 &
 pids+=($!)
 
+# Ready: the API answers, and so do the database, its phase row and the broker (/readyz).
 for _ in $(seq 1 60); do
-    .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$API_PORT/healthz', timeout=1)" 2>/dev/null && break
+    .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$API_PORT/readyz', timeout=2)" 2>/dev/null && break
     sleep 0.5
 done
 cat <<INFO
 chat-dualwrite is running (logs in .run/; Ctrl-C stops it)
-  API     http://127.0.0.1:$API_PORT   (docs at /docs, health at /healthz, metrics at /metrics)
+  API     http://127.0.0.1:$API_PORT   (docs at /docs, /healthz, /readyz, metrics at /metrics)
   Flower  http://127.0.0.1:$FLOWER_PORT   (user $FLOWER_USER, password $FLOWER_PASSWORD)
   token   $(.venv/bin/python -m app token demo-user)
   try     curl -s -X POST -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{}' http://127.0.0.1:$API_PORT/chats

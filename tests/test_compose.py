@@ -45,8 +45,10 @@ EXPECTED_DEPENDS_ON = {
     "api": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
     "worker": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
     "beat": {"redis": "service_healthy"},
-    "flower": {"redis": "service_healthy"},
+    "flower": {"redis": "service_healthy", "worker": "service_healthy"},
 }
+# Where the image keeps what must outlive a container: a named volume is mounted on each.
+STATE_DIRS = {"beat": "/var/lib/chat-dualwrite/beat", "flower": "/var/lib/chat-dualwrite/flower"}
 
 
 def command(name: str) -> list[str]:
@@ -193,14 +195,20 @@ def test_api_serves_the_asgi_app(monkeypatch: pytest.MonkeyPatch) -> None:
         vars(module).pop(attribute, None)
 
 
-def test_api_port_and_healthcheck_reach_the_health_route() -> None:
+def healthcheck_url(name: str) -> Any:
+    match = re.search(r"http://[^'\"\s]+", healthcheck(name))
+    assert match, healthcheck(name)
+    return urlsplit(match.group())
+
+
+def test_api_port_and_healthcheck_reach_the_readiness_route() -> None:
     port = option(command("api"), "--port")
     assert published_ports("api") == [("127.0.0.1", port)]
-    match = re.search(r"http://[^'\"\s]+", healthcheck("api"))
-    assert match, healthcheck("api")
-    url = urlsplit(match.group())
+    url = healthcheck_url("api")
     assert url.hostname in ("127.0.0.1", "localhost")
     assert str(url.port) == port
+    # Readiness, not liveness: compose holds back what depends on the API until it can serve.
+    assert url.path == "/readyz"
     # Building the app creates an engine but opens no connection.
     api = create_app(
         Settings(auth_secret="a-real-secret-for-tests-" + "x" * 16),
@@ -277,10 +285,111 @@ def test_services_wait_for_what_they_need(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "probe"),
-    [("postgres", "pg_isready"), ("redis", "redis-cli ping"), ("api", "urllib.request")],
+    [
+        ("postgres", "pg_isready"),
+        ("redis", "redis-cli ping"),
+        ("api", "urllib.request"),
+        ("worker", "inspect ping"),
+        ("beat", "find "),
+        ("flower", "urllib.request"),
+    ],
 )
 def test_healthchecks(name: str, probe: str) -> None:
     assert probe in healthcheck(name)
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_long_running_service_has_a_bounded_healthcheck(name: str) -> None:
+    if SERVICES[name].get("restart", "no") == "no":
+        return  # a one-shot (the migration): compose waits for it to complete instead
+    check = SERVICES[name]["healthcheck"]
+    assert seconds(check["timeout"]) <= seconds(check["interval"])
+    assert check.get("retries", 3) >= 1
+
+
+def celery_service(program: str) -> str:
+    (name,) = [name for name in celery_services() if celery_program(command(name)) == program]
+    return name
+
+
+def test_worker_healthcheck_pings_the_workers_own_node() -> None:
+    name = celery_service("worker")
+    args = shlex.split(healthcheck(name))
+    # The same Celery app as the worker, and its `inspect ping`.
+    assert args[0] == "celery"
+    assert option(args, "-A", "--app") == option(command(name), "-A", "--app")
+    assert celery_program(args) == "inspect" and "ping" in args
+    # `%h` in the node name is the hostname, `$HOSTNAME` in the container (`$$` in compose).
+    node = option(command(name), "-n", "--hostname")
+    assert option(args, "-d", "--destination") == node.replace("%h", "$$HOSTNAME")
+    # The ping gives up before compose gives up on the healthcheck.
+    limit = seconds(SERVICES[name]["healthcheck"]["timeout"])
+    assert float(option(args, "-t", "--timeout")) < limit
+
+
+def named_volumes(name: str) -> dict[str, str]:
+    """Mount target -> named volume, for the service's volumes declared at the top level."""
+    mounts = {}
+    for volume in SERVICES[name].get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        assert source in (COMPOSE.get("volumes") or {}), f"{name}: {source} is not a named volume"
+        mounts[target] = source
+    return mounts
+
+
+def test_beat_keeps_its_schedule_on_a_volume_and_its_healthcheck_watches_it() -> None:
+    import celeryconfig
+
+    name = celery_service("beat")
+    schedule = Path(option(command(name), "-s", "--schedule"))
+    assert schedule.parent.as_posix() == STATE_DIRS["beat"]
+    assert STATE_DIRS["beat"] in named_volumes(name)
+    # The healthcheck looks at that file (the shelve may add a suffix) and wants it recent.
+    args = shlex.split(healthcheck(name))
+    assert args[:2] == ["find", STATE_DIRS["beat"]]
+    assert option(args, "-name") == schedule.name + "*"
+    minutes = int(option(args, "-mmin").lstrip("-"))
+    # Beat writes the file after each job it sends: the sweep's interval bounds the age.
+    assert celeryconfig.beat_sync_every == 1
+    sweep = Settings.model_fields["sweep_interval_seconds"].default
+    assert minutes * 60 >= 3 * sweep
+
+
+def test_flower_keeps_its_state_on_a_volume_and_its_healthcheck_uses_its_auth() -> None:
+    name = celery_service("flower")
+    env = environment(name)
+    assert env["FLOWER_PERSISTENT"].lower() in ("true", "1", "yes")
+    assert Path(env["FLOWER_DB"]).parent.as_posix() == STATE_DIRS["flower"]
+    assert STATE_DIRS["flower"] in named_volumes(name)
+    assert int(env["FLOWER_STATE_SAVE_INTERVAL"]) > 0
+    # The probe authenticates with the variable Flower reads its credentials from.
+    assert "os.environ['FLOWER_BASIC_AUTH']" in healthcheck(name)
+    assert "FLOWER_BASIC_AUTH" in env
+    url = healthcheck_url(name)
+    assert str(url.port) == option(command(name), "--port")
+    # A route behind Flower's auth (its `/healthcheck` checks none).
+    assert url.path.startswith("/api/")
+
+
+def test_state_directories_belong_to_the_image_user() -> None:
+    # A named volume takes its owner from the image's directory when it is first mounted.
+    user = [i[1] for i in dockerfile() if i[0].upper() == "USER"][-1].split(":")[0]
+    runs = [" ".join(i[1:]) for i in dockerfile() if i[0].upper() == "RUN"]
+    for path in STATE_DIRS.values():
+        assert any("mkdir -p" in run and path in run for run in runs), path
+    assert any(f"chown -R {user} /var/lib/chat-dualwrite" in run for run in runs)
+
+
+def test_worker_concurrency_and_recycling_come_from_the_settings() -> None:
+    # A `-c` or `--max-tasks-per-child` on the command line would override the settings.
+    args = command(celery_service("worker"))
+    for flag in ("-c", "--concurrency", "--max-tasks-per-child", "--max-memory-per-child"):
+        assert not any(arg == flag or arg.startswith(flag + "=") for arg in args), flag
+    conf = tasks.celery.conf
+    defaults = Settings()
+    assert conf.worker_concurrency == defaults.worker_concurrency
+    assert conf.worker_max_tasks_per_child == defaults.worker_max_tasks_per_child
+    assert conf.worker_max_memory_per_child == defaults.worker_max_memory_per_child_kb
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
