@@ -357,3 +357,20 @@ def test_bulk_pause_and_resume_from_the_cli(engine, resumed) -> None:  # type: i
     assert "reconcile-nightly paused by" in resumed.stdout
     unknown = run_cli("bulk", "pause", "sweep")
     assert unknown.returncode == 2 and "passes:" in unknown.stderr
+
+
+def test_the_templates_ship_with_the_package() -> None:
+    """`pip install .` (the image's) installs only what `package-data` names."""
+    import fnmatch
+    import tomllib
+
+    from tests.support import ROOT
+
+    package = ROOT / "app" / "ops"
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["app.ops"]
+    templates = [p.relative_to(package).as_posix() for p in (package / "templates").iterdir()]
+    assert templates
+    for template in templates:
+        assert any(fnmatch.fnmatch(template, glob) for glob in globs), template
