@@ -374,3 +374,16 @@ def test_the_templates_ship_with_the_package() -> None:
     assert templates
     for template in templates:
         assert any(fnmatch.fnmatch(template, glob) for glob in globs), template
+
+
+def test_in_table_only_the_page_shows_the_reverse_backlog_and_the_contract_to_come(  # type: ignore[no-untyped-def]
+    ops, set_phase
+) -> None:
+    set_phase("table_only")
+    page = ops.get("/ops/", headers=AUTH).text
+    assert re.search(r'id="phase">phase: table_only for 1d<', page), page
+    assert "reverse sync backlog: " in page
+    assert "python -m app contract" in page  # the next step is the contract, run from the CLI
+    assert "gates to read_table (a step back)" in page
+    assert "python -m app phase set read_table" in page
+    assert "gates to " not in page.replace("gates to read_table", "")
