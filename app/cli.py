@@ -1,5 +1,5 @@
 """Operator commands: `python -m app <command>` (token, check, reconcile, dead-letters, status,
-phase, contract)."""
+phase, contract, bulk)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from app import logs
 from app.auth import MAX_TTL_SECONDS, issue_token
 from app.db import make_engine, make_sessionmaker, transaction
 from app.jobs import JobQueue, publish_after_commit
-from app.repositories import dead_letters, reconcile_runs
+from app.repositories import backfill, bulk_paused, dead_letters, reconcile_runs
 from app.repositories import phase as phase_repo
+from app.services import bulk, replay, status
 from app.services import phase as phase_service
-from app.services import replay, status
 from app.services.drift import State, find_drift
 from app.services.reconcile import ReconcileReport, parse_interval, reconcile
 from app.services.sync import WrongPhase
@@ -282,6 +282,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _sessions() as factory, transaction(factory) as session:
         gauges = status.database_gauges(session)
         runs = reconcile_runs.recent(session, limit=5)
+        copied = backfill.progress(session)
+        paused = bulk_paused.paused(session)
     waiting, unacked = queue_lengths(get_settings())
     print(
         "queues: "
@@ -305,6 +307,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         if phase["phase"] == Phase.TABLE_ONLY.value:
             print(f"reverse sync backlog: {phase['reverse_backlog']} chats (JSONB behind rows)")
+    if copied is not None:
+        print(_backfill_line(copied))
     print(f"chats behind: {gauges['chats_behind']}")
     oldest = gauges["oldest_behind_seconds"]
     print(
@@ -361,6 +365,55 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     else:
         print("recent reconciles: none yet")
+    print(_bulk_line(paused))
+    return 0
+
+
+def _backfill_line(copied: backfill.Progress) -> str:
+    # The words of the backfill's own log lines (`migrations/backfill.py`).
+    if copied.finished_at is not None:
+        return (
+            f"backfill: done: {copied.total_chats} chats; copied {copied.rows_copied} messages; "
+            f"skipped {copied.bad_elements} bad elements and {copied.bad_chats} chats whose "
+            "messages is not an array"
+        )
+    return (
+        f"backfill: {copied.chats_done}/{copied.total_chats} chats ({copied.percent:.1f}%), "
+        f"{copied.rows_copied} rows; not finished: `alembic upgrade head` resumes it"
+    )
+
+
+def _bulk_line(paused: dict[bulk_paused.Pass, bulk_paused.Paused]) -> str:
+    return "bulk passes: " + ", ".join(
+        f"{name.value} paused by {paused[name].paused_by} since "
+        f"{paused[name].paused_at:%Y-%m-%d %H:%M:%S} UTC"
+        if name in paused
+        else f"{name.value} running"
+        for name in bulk_paused.Pass
+    )
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    try:
+        names = [bulk_paused.Pass(name) for name in args.passes]
+    except ValueError as exc:
+        known = ", ".join(p.value for p in bulk_paused.Pass)
+        print(f"error: passes: {exc}; passes: {known}", file=sys.stderr)
+        return 2
+    with _sessions() as factory, transaction(factory) as session:
+        if args.action == "pause":
+            changed = bulk.pause(session, names, who=_who())
+        elif args.action == "resume":
+            changed = bulk.resume(session, names, who=_who())
+        else:
+            changed = []
+        paused = bulk_paused.paused(session)
+    for name in names or list(bulk_paused.Pass):
+        if args.action == "pause":
+            print(f"{name.value}: " + ("paused" if name in changed else "was paused already"))
+        elif args.action == "resume":
+            print(f"{name.value}: " + ("resumed" if name in changed else "was not paused"))
+    print(_bulk_line(paused))
     return 0
 
 
@@ -546,6 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
     step = steps.add_parser("set", help="move one step, forward or back")
     step.add_argument("name", help="one of: " + ", ".join(p.value for p in Phase))
     step.add_argument("--force", action="store_true", help="skip the gates (recorded)")
+
+    passes = ", ".join(p.value for p in bulk_paused.Pass)
+    bulk_ = commands.add_parser(
+        "bulk", help="the scheduled bulk passes (reconciles); `pause`/`resume` them"
+    )
+    bulk_.set_defaults(func=cmd_bulk, action=None, passes=[])
+    bulk_actions = bulk_.add_subparsers(dest="action")
+    for verb, what in (("pause", "skip scheduled runs of"), ("resume", "run again")):
+        act = bulk_actions.add_parser(verb, help=f"{what} these passes (default: all)")
+        act.add_argument("passes", nargs="*", metavar="PASS", help=f"one of: {passes}")
 
     contract = commands.add_parser("contract", help="drop the JSONB column (table_only only)")
     contract.add_argument("--yes", action="store_true", help="confirm without a terminal")

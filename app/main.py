@@ -23,6 +23,7 @@ from app.api.routes import router
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
 from app.jobs import UnsafePublishMany
+from app.ops import routes as ops
 from app.publisher import background_publisher
 from app.services import status, sync
 from app.settings import Settings, get_settings
@@ -144,6 +145,7 @@ def create_app(
         settings.chat_write_concurrency, settings.chat_write_queue, settings.chat_write_wait_seconds
     )
     api.include_router(router)
+    ops.install(api)  # the rollout page, `/ops/` (404 without OPS_BASIC_AUTH)
 
     @api.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:

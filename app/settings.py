@@ -214,6 +214,12 @@ class Settings(BaseSettings):
     reconcile_statement_timeout_ms: int = Field(default=120_000, gt=0)
     reconcile_lock_timeout_ms: int = Field(default=30_000, gt=0)
 
+    # The rollout page `/ops/` on the API, behind HTTP basic auth: `user:password`, as Flower's
+    # `--basic-auth`. Unset, the page answers 404.
+    ops_basic_auth: SecretStr | None = None
+    # How often the page reloads itself; 0 never.
+    ops_refresh_seconds: int = Field(default=10, ge=0)
+
     @field_validator("reconcile_crontab")
     @classmethod
     def _five_fields(cls, value: str) -> str:
@@ -252,6 +258,18 @@ class Settings(BaseSettings):
                 f"{len(secret.encode())}); make one with "
                 "python -c 'import secrets; print(secrets.token_hex(32))'"
             )
+        return value
+
+    @field_validator("ops_basic_auth")
+    @classmethod
+    def _user_and_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        user, colon, password = value.get_secret_value().partition(":")
+        if not colon or not user or not password:
+            raise ValueError("OPS_BASIC_AUTH must be user:password, both non-empty")
+        if password.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("OPS_BASIC_AUTH must have a real password, not a placeholder")
         return value
 
     @model_validator(mode="after")

@@ -44,7 +44,12 @@ trap stop INT TERM EXIT
 pids+=($!)
 .venv/bin/celery -A tasks beat --loglevel=INFO -s .run/celerybeat-schedule > .run/beat.log 2>&1 &
 pids+=($!)
-.venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$API_PORT" > .run/api.log 2>&1 &
+# The rollout page (/ops/) takes Flower's user and password unless OPS_BASIC_AUTH is set,
+# through the environment too.
+OPS_LOGIN="user and password of OPS_BASIC_AUTH"
+[ -n "${OPS_BASIC_AUTH:-}" ] || OPS_LOGIN="Flower's user and password"
+OPS_BASIC_AUTH=${OPS_BASIC_AUTH:-$FLOWER_USER:$FLOWER_PASSWORD} \
+    .venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$API_PORT" > .run/api.log 2>&1 &
 pids+=($!)
 # Flower starts once the worker answers, so that it lists the worker from the start.
 for _ in $(seq 1 60); do
@@ -66,6 +71,7 @@ cat <<INFO
 chat-dualwrite is running (logs in .run/; Ctrl-C stops it)
   API     http://127.0.0.1:$API_PORT   (docs at /docs, /healthz, /readyz, metrics at /metrics)
   Flower  http://127.0.0.1:$FLOWER_PORT   (user $FLOWER_USER, password $FLOWER_PASSWORD)
+  rollout http://127.0.0.1:$API_PORT/ops/   ($OPS_LOGIN)
   token   $(.venv/bin/python -m app token demo-user)
   try     curl -s -X POST -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{}' http://127.0.0.1:$API_PORT/chats
 INFO

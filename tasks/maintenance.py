@@ -6,6 +6,7 @@ import logging
 from datetime import timedelta
 
 from app.jobs import JobQueue, publish_many_after_commit
+from app.repositories import bulk_paused
 from app.services import reconcile as reconcile_service
 from app.services import sync
 from app.settings import get_settings
@@ -73,9 +74,23 @@ def sweep() -> dict[str, int]:
 def reconcile(since_seconds: float | None = None) -> int | None:
     """Compare JSONB and table and repair drift; all chats, or those changed in the window.
     The advisory lock keeps it to one run at a time. Its batches run under the reconcile's own
-    timeouts (`RECONCILE_*_TIMEOUT_MS`), not the worker's, set per transaction."""
+    timeouts (`RECONCILE_*_TIMEOUT_MS`), not the worker's, set per transaction. A run whose pass
+    an operator paused (`python -m app bulk pause`, the rollout page) does nothing."""
     settings = get_settings()
     since = timedelta(seconds=since_seconds) if since_seconds else None
+    name = bulk_paused.Pass.RECONCILE_RECENT if since else bulk_paused.Pass.RECONCILE_NIGHTLY
+    with worker_transaction() as session:
+        paused = bulk_paused.is_paused(session, name)
+    if paused is not None:
+        log.info(
+            "reconcile: skipped: %s is paused (by %s since %s UTC); "
+            "`python -m app bulk resume %s` resumes it",
+            name.value,
+            paused.paused_by,
+            f"{paused.paused_at:%Y-%m-%d %H:%M:%S}",
+            name.value,
+        )
+        return None
     try:
         report = reconcile_service.reconcile(
             worker_sessionmaker(),

@@ -1,0 +1,274 @@
+"""What the rollout page shows, gathered through the services and repositories that `python -m
+app status`, `phase` and `dead-letters list` use, and the page's two actions (replay, pause and
+resume), done as their CLI twins do them and logged with who asked."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import metrics
+from app.broker import PRIORITY_SEPARATOR, UNACKED
+from app.db import transaction
+from app.jobs import JobQueue, UnsafePublish, publish_after_commit
+from app.repositories import backfill, dead_letters, reconcile_runs, sync_state
+from app.repositories import phase as phase_repo
+from app.repositories.bulk_paused import Pass, Paused
+from app.repositories.bulk_paused import paused as paused_passes
+from app.services import bulk, replay
+from app.services import phase as phase_service
+from app.settings import Phase, Settings
+from app.task_names import Queue
+
+log = logging.getLogger(__name__)
+
+# Open dead letters listed on the page (as `dead-letters list`'s default).
+LETTERS_SHOWN = 100
+RECONCILES_SHOWN = 5
+CHANGES_SHOWN = 5
+
+
+def age(seconds: float) -> str:
+    """A duration as `python -m app status` says it: 3d, 5h, 12m, 40s."""
+    whole = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{max(whole, 0)}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A step the CLI may take from the current phase, and its gates as `phase set` checks them."""
+
+    to: str
+    gates: list[phase_service.Gate]
+
+    @property
+    def command(self) -> str:
+        return f"python -m app phase set {self.to}"
+
+    @property
+    def ok(self) -> bool:
+        return all(g.ok for g in self.gates)
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    le: str  # the bucket's upper bound, as in `dualwrite_sync_lag_seconds`
+    count: int  # syncs whose lag fell in this bucket (not cumulative)
+    percent: float  # of the fullest bucket, for the bar
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    buckets: list[Bucket]
+    count: int
+    mean_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkPass:
+    name: Pass
+    schedule: str
+    paused: Paused | None
+
+
+@dataclass(slots=True)
+class Overview:
+    phase: phase_repo.State
+    next_step: Step | None
+    previous_step: Step | None
+    reverse_backlog: int
+    changes: list[phase_repo.Change]
+    backfill: backfill.Progress | None
+    chats_behind: int
+    oldest_behind_seconds: float
+    dead_letters_open: dict[str, int]
+    letters: list[dead_letters.DeadLetter]
+    reconciles: list[reconcile_runs.Run]
+    passes: list[BulkPass]
+    publish_dropped: dict[str, float]
+    enqueue_failures: dict[str, float]
+    lag: Lag | None = None
+    lag_error: str | None = None
+    queues: dict[str, int] = field(default_factory=dict)
+    unacked: int | None = None
+    queues_error: str | None = None
+
+    @property
+    def dead_letters_total(self) -> int:
+        return sum(self.dead_letters_open.values())
+
+
+def overview(session: Session, settings: Settings, broker: redis.Redis) -> Overview:
+    """Everything the page shows, read in one transaction (the broker's part from Redis)."""
+    state = phase_repo.current(session)
+    following = None if state.contracted else phase_service.next_forward(state.phase)
+    previous = (
+        None
+        if state.contracted or state.phase.position == 0
+        else list(Phase)[state.phase.position - 1]
+    )
+    # As `status`: after the contract nothing follows the rows, and nothing is behind.
+    live = not state.contracted
+    reverse = state.phase is Phase.TABLE_ONLY and live
+    behind = sync_state.count_behind(session) if live else 0
+    opened = dead_letters.count_open(session)
+    found = Overview(
+        phase=state,
+        next_step=_step(session, settings, state, following),
+        previous_step=_step(session, settings, state, previous),
+        reverse_backlog=behind if reverse else 0,
+        changes=phase_repo.history(session, limit=CHANGES_SHOWN),
+        backfill=backfill.progress(session),
+        chats_behind=behind,
+        oldest_behind_seconds=sync_state.oldest_behind_seconds(session) if live else 0.0,
+        dead_letters_open={
+            reason: opened.get(reason, 0)
+            for reason in sorted({*metrics.DEAD_LETTER_REASONS, *opened})
+        },
+        letters=sorted(
+            dead_letters.list_(session, limit=LETTERS_SHOWN), key=lambda d: (d.reason, d.id)
+        ),
+        reconciles=reconcile_runs.recent(session, limit=RECONCILES_SHOWN),
+        passes=_passes(session, settings),
+        publish_dropped=_counter(metrics.PUBLISH_DROPPED, "reason"),
+        enqueue_failures=_counter(metrics.ENQUEUE_FAILURES, "task"),
+    )
+    try:
+        found.lag = lag(broker.hgetall(metrics.WORKER_KEY))
+    except redis.RedisError as exc:
+        found.lag_error = f"the worker metrics are unreachable: {type(exc).__name__}"
+    try:
+        found.queues, found.unacked = _queues(broker)
+    except redis.RedisError as exc:
+        found.queues_error = f"the broker is unreachable: {type(exc).__name__}"
+    return found
+
+
+def _step(
+    session: Session, settings: Settings, state: phase_repo.State, to: Phase | None
+) -> Step | None:
+    if to is None:
+        return None
+    # A step back has only the "one step" gate (`phase_service.gates`).
+    return Step(to.value, phase_service.gates(session, settings, state, to))
+
+
+def _passes(session: Session, settings: Settings) -> list[BulkPass]:
+    paused = paused_passes(session)
+    schedules = {
+        Pass.RECONCILE_NIGHTLY: f"every chat, on crontab '{settings.reconcile_crontab}' UTC",
+        Pass.RECONCILE_RECENT: (
+            f"chats changed in the last {age(settings.reconcile_recent_window_seconds)}, every "
+            f"{age(settings.reconcile_recent_interval_seconds)}"
+        ),
+    }
+    return [BulkPass(name, schedules[name], paused.get(name)) for name in Pass]
+
+
+def _counter(counter: Any, label: str) -> dict[str, float]:
+    """This process's counts of a labelled counter, by that label."""
+    counts: dict[str, float] = {}
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                counts[sample.labels[label]] = sample.value
+    return dict(sorted(counts.items()))
+
+
+def lag(raw: dict[Any, Any]) -> Lag:
+    """The sync lag histogram from the worker metrics hash (`app.metrics.WorkerMetrics`): a
+    count per bucket, not cumulative. A field that is not a finite number counts as 0."""
+
+    def number(key: str) -> float:
+        value = raw.get(key.encode(), raw.get(key))
+        try:
+            parsed = float(value) if isinstance(value, bytes | str | int | float) else 0.0
+        except (TypeError, ValueError):
+            return 0.0
+        return parsed if math.isfinite(parsed) else 0.0
+
+    bounds = [*metrics.LAG_BUCKETS, "+Inf"]
+    counts = [int(number(f"lag_bucket|{bound}")) for bound in bounds]
+    fullest = max(counts) or 1
+    total = number("lag_count")
+    return Lag(
+        buckets=[
+            Bucket(str(bound), count, 100.0 * count / fullest)
+            for bound, count in zip(bounds, counts, strict=True)
+        ],
+        count=int(total),
+        mean_seconds=number("lag_sum") / total if total else None,
+    )
+
+
+def _queues(client: redis.Redis) -> tuple[dict[str, int], int]:
+    """Messages waiting per queue and delivered but not acked, as `status` counts them
+    (`app.broker.queue_lengths`), through the page's own client."""
+    waiting = {}
+    for queue in Queue:
+        keys = [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
+        waiting[queue.value] = sum(int(client.llen(key)) for key in keys)
+    return waiting, int(client.hlen(UNACKED))
+
+
+def letters_to_replay(session: Session, ids: Sequence[int] | None) -> list[dead_letters.DeadLetter]:
+    """The open dead letters a replay of these ids (every open one for None) would take."""
+    return dead_letters.get_open(session, ids)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    done: list[replay.Replayed]
+    missing: list[int]  # asked-for ids with no open dead letter
+    failed: int  # jobs that could not be enqueued (the sweep repairs those chats)
+
+
+def replay_letters(
+    factory: sessionmaker[Session],
+    publish: UnsafePublish,
+    ids: Sequence[int] | None,
+    *,
+    who: str,
+) -> ReplayOutcome:
+    """`dead-letters replay IDS` (or `--all` for None): replay in one transaction, publish the
+    jobs after its commit, log each outcome with who asked."""
+    jobs = JobQueue()
+    with transaction(factory) as session:
+        done = replay.replay(session, jobs, ids)
+    failed = publish_after_commit(jobs, publish)
+    missing = sorted(set(ids or ()) - {item.letter.id for item in done})
+    for item in done:
+        log.info(
+            "dead-letters replay by %s: %s  chat %s: %s",
+            who,
+            item.letter.id,
+            item.letter.chat_id,
+            item.action,
+        )
+    log.info(
+        "dead-letters replay by %s: %d replayed%s%s",
+        who,
+        len(done),
+        f", {failed} could not be enqueued" if failed else "",
+        f"; no open dead letter with ids {missing}" if missing else "",
+    )
+    return ReplayOutcome(done, missing, failed)
+
+
+def pause(factory: sessionmaker[Session], names: Sequence[Pass], *, who: str) -> list[Pass]:
+    with transaction(factory) as session:
+        return bulk.pause(session, names, who=who)
+
+
+def resume(factory: sessionmaker[Session], names: Sequence[Pass], *, who: str) -> list[Pass]:
+    with transaction(factory) as session:
+        return bulk.resume(session, names, who=who)
