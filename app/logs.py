@@ -170,5 +170,7 @@ def configure(settings: Settings | None = None, stream: TextIO | None = None) ->
         if logger.handlers:
             logger.handlers.clear()
             logger.propagate = True
-    # `warnings.warn` otherwise writes its own two-line text to stderr.
+    # `warnings.warn` otherwise writes its own two-line text to stderr. A `fileConfig` run
+    # earlier in the process (alembic's, in-process) disables loggers that existed then.
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").disabled = False

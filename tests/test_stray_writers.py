@@ -475,5 +475,7 @@ def test_a_step_refuses_rather_than_hold_writers_behind_a_chat_someone_holds(  #
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr
     assert "lock was not granted within PHASE_LOCK_WAIT_MS" in refused.stderr, refused.stderr
-    assert took < 30
+    # A worker's sync may wait for the held chat too, holding the phase: the pending mark is
+    # cleared once its lock wait (WORKER_LOCK_TIMEOUT_MS) ends.
+    assert took < 60
     assert current_phase(engine) == ("read_table", None)

@@ -168,9 +168,11 @@ def set_phase(
             return _step(factory, settings, to, who=who, force=force, deadline=deadline, say=say)
         except DBAPIError as exc:
             raise Refused(f"a statement of the step failed: {_one_line(exc)}") from None
-    except Refused:
+    except Refused as refused:
         if deadline.pending_set:
-            _undo_pending(factory, settings)
+            left = _undo_pending(factory, settings)
+            if left:
+                raise Refused(f"{refused}{left}") from None
         raise
 
 
@@ -245,19 +247,28 @@ def _same_phase(locked: phase_repo.State, seen: phase_repo.State) -> None:
         raise Refused(f"the phase changed meanwhile (now {locked.phase.value}); run it again")
 
 
-def _undo_pending(factory: sessionmaker[Session], settings: Settings) -> None:
-    """A refused step leaves no pending mark (best effort, briefly: a mark left behind only
-    says that a step was interrupted, and the next `phase set` clears it)."""
+def _undo_pending(factory: sessionmaker[Session], settings: Settings) -> str:
+    """A refused step leaves no pending mark. A sync that waits for a chat's lock holds the
+    phase meanwhile, for at most `WORKER_LOCK_TIMEOUT_MS`: the mark is cleared within about that
+    long, or the refusal says it stays (it only says that a step was tried; the next `phase set`
+    finishes or clears it)."""
+    budget = _Deadline(settings.worker_lock_timeout_ms / 1000 + 5.0)
     try:
         with transaction(factory) as session:
-            _lock_for_change(session, settings, _Deadline(10.0), None)
+            _lock_for_change(session, settings, budget, None, max_pause=0.5)
             phase_repo.set_pending(session, None)
+        return ""
     except (DBAPIError, Refused):
-        pass
+        return "; the step's pending mark stays (`python -m app phase` shows it)"
 
 
 def _lock_for_change(
-    session: Session, settings: Settings, deadline: _Deadline, say: Progress | None
+    session: Session,
+    settings: Settings,
+    deadline: _Deadline,
+    say: Progress | None,
+    *,
+    max_pause: float = 5.0,
 ) -> phase_repo.State:
     """The phase, locked for a change (`phase_repo.for_change`). Each try queues at most
     `PHASE_LOCK_WAIT_MS` (every writer waits behind it meanwhile), in a savepoint; tries repeat
@@ -272,7 +283,7 @@ def _lock_for_change(
             if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
                 raise
             attempt += 1
-            pause = min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+            pause = min(max_pause, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
             if deadline.left() < pause + settings.phase_lock_wait_ms / 1000:
                 raise Refused(
                     f"could not lock the phase in {attempt} tries of "
