@@ -398,7 +398,7 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         names = [bulk_paused.Pass(name) for name in args.passes]
     except ValueError as exc:
         known = ", ".join(p.value for p in bulk_paused.Pass)
-        print(f"error: passes: {exc}; passes: {known}", file=sys.stderr)
+        _tell(f"error: passes: {exc}; passes: {known}", logging.ERROR)
         return 2
     with _sessions() as factory, transaction(factory) as session:
         if args.action == "pause":

@@ -92,6 +92,19 @@ class BoundFields(logging.Filter):
         return True
 
 
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; a call whose arguments do not fit its format (a bug in the
+    caller) still makes one line, not the logging module's multi-line error report."""
+    try:
+        return record.getMessage()
+    except Exception as exc:
+        try:
+            args = repr(record.args)
+        except Exception:
+            args = "<unprintable>"
+        return f"{record.msg!s} (arguments {args} did not format: {type(exc).__name__})"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: timestamp (UTC), level, logger, message, process id, the bound
     fields and any `extra=`; a traceback goes in `exception`, newlines escaped."""
@@ -103,7 +116,7 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _message(record),
             "process": record.process,
         }
         if record.name == "uvicorn.access" and isinstance(record.args, tuple):

@@ -81,8 +81,8 @@ class Settings(BaseSettings):
     max_message_depth: int = Field(default=64, ge=1, le=250)
     max_page_size: int = Field(default=500, gt=0)
     # What a chat may hold; a write that would take it past either is refused (413), nothing
-    # stored. Bytes are its stored size as PostgreSQL reports it (`pg_column_size`: large
-    # values compressed), plus the new messages' JSON.
+    # stored. Bytes are its size uncompressed (`pg_column_size` of the detoasted value: what
+    # every read, fork and copy handles), plus the new messages' JSON.
     max_chat_messages: int = Field(default=10_000, gt=0)
     max_chat_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     # `/metrics` reads its database gauges (about six queries) at most this often; scrapes in

@@ -581,3 +581,33 @@ def test_an_unauthenticated_body_is_never_read(api, monkeypatch) -> None:  # typ
         "/admin/chats/import", content=raw, headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 401
+
+
+def test_a_body_that_is_not_utf8_is_422_however_json_would_read_it(api, auth) -> None:  # type: ignore[no-untyped-def]
+    """UTF-16 is JSON to `json.loads` of bytes, but its bytes would be miscounted as UTF-8: a
+    stray quote byte hides every value after it from the cap. Only UTF-8 is taken."""
+    chat = api.post("/chats", json={}, headers=auth()).json()["id"]
+    body = ('{"\u0122": 0, "messages": [' + ",".join(["1"] * 1000) + "]}").encode("utf-16-le")
+    response = api.put(
+        f"/chats/{chat}/messages",
+        content=body,
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][0] == "body"
+    latin = api.put(
+        f"/chats/{chat}/messages",
+        content='{"messages": [], "title": "caf\u00e9"}'.encode("latin-1"),
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert latin.status_code == 422, latin.text
+    assert latin.json()["detail"][0]["msg"] == "request body is not UTF-8"
+
+
+def test_a_422_lists_the_first_errors_and_counts_them_all(api, auth) -> None:  # type: ignore[no-untyped-def]
+    chat = api.post("/chats", json={}, headers=auth()).json()["id"]
+    response = api.put(f"/chats/{chat}/messages", json={"messages": [1] * 5000}, headers=auth())
+    assert response.status_code == 422
+    assert len(response.json()["detail"]) == 20
+    assert response.json()["error_count"] == 5000
+    assert response.json()["detail"][0]["loc"] == ["body", "messages", 0]

@@ -159,6 +159,26 @@ def test_a_write_past_the_byte_limit_is_413_and_stores_nothing(  # type: ignore[
 
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
+def test_the_byte_limit_counts_a_chat_uncompressed(  # type: ignore[no-untyped-def]
+    small, auth, engine, set_phase, phase
+) -> None:
+    """Text that compresses well still counts at its full size: what reads, forks and copies
+    of the chat handle (and what PostgreSQL's jsonb size limit applies to)."""
+    set_phase(phase)
+    chat_id, _ = full_chat(small, auth, 0)
+    codes = []
+    for _ in range(4):
+        response = small.post(
+            f"/chats/{chat_id}/messages",
+            json={"message": message(content="a" * (MAX_BYTES // 3))},
+            headers=auth(),
+        )
+        codes.append(response.status_code)
+    assert codes[:2] == [201, 201]
+    assert 413 in codes, codes
+
+
+@pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 def test_of_two_concurrent_appends_for_the_last_slot_one_is_refused(  # type: ignore[no-untyped-def]
     small, small_settings, auth, sessionmaker, set_phase, phase
 ) -> None:

@@ -205,3 +205,18 @@ def test_an_exception_stays_on_one_line_with_its_task(log_format: str) -> None:
         first = written.splitlines()[0]
         assert TEXT_LINE.match(first) and first.endswith("it failed [task_id=t-1 chat_id=c-1]")
         assert "Traceback" in written
+
+
+def test_a_log_call_whose_arguments_do_not_fit_still_makes_one_json_line() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure(Settings(log_format="json", log_level="info"), stream=stream)
+        logging.getLogger("tests.logs").info("bad args %d", "x")
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], root.level = saved
+    (line,) = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["message"].startswith("bad args %d (arguments ('x',) did not format")

@@ -95,6 +95,21 @@ def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
         raise RequestValidationError(
             [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
         )
+    try:
+        # Strictly UTF-8 (RFC 8259): the value count reads bytes as UTF-8, and `json.loads` of
+        # bytes would take UTF-16 or UTF-32 too, whose bytes it would miscount.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", exc.start),
+                    "msg": "request body is not UTF-8",
+                    "input": {},
+                }
+            ]
+        ) from None
     values = count_values(raw, max_nodes)
     if values > max_nodes:
         raise too_large(
@@ -102,7 +117,7 @@ def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
             "numbers, literals), the limit MAX_REQUEST_NODES"
         )
     try:
-        data = json.loads(raw)
+        data = json.loads(text)
     except RecursionError:
         raise RequestValidationError(
             [
@@ -114,7 +129,7 @@ def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
                 }
             ]
         ) from None
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+    except ValueError as exc:  # JSONDecodeError
         position = getattr(exc, "pos", 0)
         raise RequestValidationError(
             [

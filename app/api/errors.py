@@ -54,6 +54,21 @@ def install(api: FastAPI, settings: Settings) -> None:
 
     async def unavailable(request: Request, error: Exception) -> JSONResponse:
         reason = explain(error, settings)
+        if reason is None and _sqlstate(error).startswith(PERMANENT_CLASSES):
+            # A value past what PostgreSQL can store (a jsonb above its size limit, an index
+            # row too large): the request is too large, not the server broken.
+            return JSONResponse(
+                {
+                    "detail": [
+                        {
+                            "loc": ["body"],
+                            "msg": "the change is larger than the database can store",
+                            "type": "too_large",
+                        }
+                    ]
+                },
+                status_code=413,
+            )
         if reason is None:
             raise error  # not transient: the server's own 500
         field = list(error.field) if isinstance(error, Unavailable) else []

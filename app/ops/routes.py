@@ -97,9 +97,11 @@ class OpsState:
 
 
 def install(api: FastAPI) -> None:
-    """Mount the page on the API. Without `OPS_BASIC_AUTH` every route of it answers 404."""
+    """Mount the page on the API. Without `OPS_BASIC_AUTH` it is not mounted: every path of it
+    answers 404, whatever the method."""
     api.state.ops = OpsState(api.state.settings)
-    api.include_router(router)
+    if api.state.settings.ops_basic_auth is not None:
+        api.include_router(router)
 
 
 def _user(request: Request) -> str:

@@ -60,7 +60,9 @@ class ChatLimit:
 _FITS = """
     coalesce(CASE WHEN jsonb_typeof(messages) = 'array' THEN jsonb_array_length(messages) END, 0)
         + :count <= :max_messages
-    AND pg_column_size(messages) + :bytes <= :max_bytes
+    -- The size of the array as it would be written, uncompressed (the stored column may be
+    -- compressed): what every read, fork and copy of the chat handles.
+    AND pg_column_size(messages || '[]'::jsonb) + :bytes <= :max_bytes
 """
 
 
@@ -74,13 +76,13 @@ def _limit_params(limit: ChatLimit, count: int, size: int) -> dict[str, int]:
 
 
 def size(session: Session, chat_id: uuid.UUID) -> tuple[int, int]:
-    """(messages, stored bytes) of a chat's transcript, as the limit counts them."""
+    """(messages, bytes) of a chat's transcript, as the limit counts them (uncompressed)."""
     row = session.execute(
         text(
             """
             SELECT coalesce(CASE WHEN jsonb_typeof(messages) = 'array'
                                  THEN jsonb_array_length(messages) END, 0),
-                   pg_column_size(messages)
+                   pg_column_size(messages || '[]'::jsonb)
             FROM copilot_chats WHERE id = :id
             """
         ),

@@ -166,10 +166,11 @@ def find_message(session: Session, chat_id: uuid.UUID, message_id: str) -> dict[
 
 
 def size(session: Session, chat_id: uuid.UUID) -> tuple[int, int]:
-    """(messages, stored bytes) of a chat's live rows, as the limit counts them."""
+    """(messages, bytes) of a chat's live rows, as the limit counts them: uncompressed (`||`
+    with an empty object hands back the detoasted value; only large values are compressed)."""
     row = session.execute(
         text(
-            "SELECT count(*), coalesce(sum(pg_column_size(content)), 0) "
+            "SELECT count(*), coalesce(sum(pg_column_size(content || '{}'::jsonb)), 0) "
             "FROM copilot_chat_messages WHERE chat_id = :id AND deleted_at IS NULL"
         ),
         {"id": chat_id},
