@@ -185,5 +185,8 @@ def configure(settings: Settings | None = None, stream: TextIO | None = None) ->
             logger.propagate = True
     # `warnings.warn` otherwise writes its own two-line text to stderr. A `fileConfig` run
     # earlier in the process (alembic's, in-process) disables loggers that existed then.
+    # Off first: a capture left on by an earlier call would keep `warnings.showwarning` as
+    # whoever replaced it since (a test runner's recorder, say).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").disabled = False
