@@ -224,8 +224,10 @@ def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(  #
         "garbage",
         f"{issued}.{'0' * len(mac)}",  # a wrong MAC
         f"{int(issued) + 1}.{mac}",  # the MAC of another time
-        csrf_token(ops_settings, "mallory"),  # issued to another user
-        csrf_token(ops_settings, "ops", now=time.time() - CSRF_MAX_AGE_SECONDS - 5),  # expired
+        csrf_token(ops_settings, "mallory", "/ops/replay"),  # issued to another user
+        csrf_token(  # expired
+            ops_settings, "ops", "/ops/replay", now=time.time() - CSRF_MAX_AGE_SECONDS - 5
+        ),
     ]
     try:
         for token in forged:
@@ -235,6 +237,9 @@ def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(  #
             assert "csrf_token" in refused.text and "Nothing was changed" in refused.text
             paused = ops.post("/ops/bulk/pause", data=data, headers=AUTH)
             assert paused.status_code == 403, (token, paused.text)
+        # A good token is good for its own action only.
+        elsewhere = ops.post("/ops/bulk/pause", data={"csrf_token": good}, headers=AUTH)
+        assert elsewhere.status_code == 403, elsewhere.text
         # A good token from a page of another site (a cross-site form) is refused too.
         for header, value in [("Origin", "https://evil.example"), ("Referer", "https://e.x/")]:
             refused = ops.post(
@@ -263,17 +268,25 @@ def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(  #
             dead_letters.close(session, [letter])
 
 
-def test_bad_input_gets_a_4xx_naming_the_field(ops) -> None:  # type: ignore[no-untyped-def]
-    token = token_of(ops.get("/ops/bulk/pause", headers=AUTH).text)
+def test_bad_input_gets_a_4xx_naming_the_field(ops, ops_settings) -> None:  # type: ignore[no-untyped-def]
+    def token(path: str) -> str:  # what the confirmation of that action hands out
+        return csrf_token(ops_settings, "ops", path)
+
     cases: list[tuple[str, str, dict[str, Any] | None, int, str]] = [
         ("GET", "/ops/replay", None, 422, "id"),
         ("GET", "/ops/replay?id=abc", None, 422, "id"),
-        ("POST", "/ops/replay", {"csrf_token": token, "id": "abc"}, 422, "id"),
-        ("POST", "/ops/replay", {"csrf_token": token}, 422, "id"),
+        ("POST", "/ops/replay", {"csrf_token": token("/ops/replay"), "id": "abc"}, 422, "id"),
+        ("POST", "/ops/replay", {"csrf_token": token("/ops/replay")}, 422, "id"),
         ("GET", "/ops/bulk/pause?pass=sweep", None, 422, "pass"),
-        ("POST", "/ops/bulk/pause", {"csrf_token": token, "pass": "nope"}, 422, "pass"),
+        (
+            "POST",
+            "/ops/bulk/pause",
+            {"csrf_token": token("/ops/bulk/pause"), "pass": "nope"},
+            422,
+            "pass",
+        ),
         ("GET", "/ops/bulk/explode", None, 422, "action"),
-        ("POST", "/ops/bulk/explode", {"csrf_token": token}, 422, "action"),
+        ("POST", "/ops/bulk/explode", {"csrf_token": token("/ops/bulk/explode")}, 422, "action"),
     ]
     for method, path, data, status, field in cases:
         response = ops.request(method, path, data=data, headers=AUTH)

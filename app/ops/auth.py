@@ -70,23 +70,30 @@ def _key(settings: Settings) -> bytes:
     return hmac.new(settings.signing_secret.encode(), b"chat-dualwrite ops csrf", "sha256").digest()
 
 
-def _mac(settings: Settings, user: str, issued: str) -> str:
-    return hmac.new(_key(settings), f"{user}\n{issued}".encode(), hashlib.sha256).hexdigest()
+def _mac(settings: Settings, user: str, action: str, issued: str) -> str:
+    # The page's credentials are in the MAC too: a rotated password voids the tokens issued.
+    credentials = settings.ops_basic_auth.get_secret_value() if settings.ops_basic_auth else ""
+    digest = hashlib.sha256(credentials.encode()).hexdigest()
+    message = f"{user}\n{action}\n{digest}\n{issued}".encode()
+    return hmac.new(_key(settings), message, hashlib.sha256).hexdigest()
 
 
-def csrf_token(settings: Settings, user: str, now: float | None = None) -> str:
+def csrf_token(settings: Settings, user: str, action: str, now: float | None = None) -> str:
+    """A token for one action (the path its form posts to), issued to `user` now."""
     issued = str(int(time.time() if now is None else now))
-    return f"{issued}.{_mac(settings, user, issued)}"
+    return f"{issued}.{_mac(settings, user, action, issued)}"
 
 
-def check_csrf(settings: Settings, user: str, token: str | None, now: float | None = None) -> None:
-    """Raise `Forbidden` unless `token` was issued by the page to `user` within the last
-    `CSRF_MAX_AGE_SECONDS`."""
+def check_csrf(
+    settings: Settings, user: str, action: str, token: str | None, now: float | None = None
+) -> None:
+    """Raise `Forbidden` unless `token` was issued by the page to `user`, for this `action`,
+    within the last `CSRF_MAX_AGE_SECONDS`."""
     if not token:
         raise Forbidden(CSRF_FIELD, "missing: reload the page and confirm again")
     issued, _, mac = token.partition(".")
     if not issued.isdigit() or not hmac.compare_digest(
-        mac.encode(), _mac(settings, user, issued).encode()
+        mac.encode(), _mac(settings, user, action, issued).encode()
     ):
         raise Forbidden(CSRF_FIELD, "not issued by this page: reload the page and confirm again")
     elapsed = (time.time() if now is None else now) - int(issued)

@@ -164,7 +164,7 @@ def confirm_replay(
         command="python -m app dead-letters replay "
         + ("--all" if every else " ".join(str(i) for i in ids or [])),
         csrf_field=CSRF_FIELD,
-        csrf=csrf_token(request.app.state.settings, user),
+        csrf=csrf_token(request.app.state.settings, user, request.url.path),
         home="./",
     )
 
@@ -224,7 +224,7 @@ def confirm_bulk(
         named=passes,
         command=f"python -m app bulk {action} " + " ".join(p.value for p in chosen),
         csrf_field=CSRF_FIELD,
-        csrf=csrf_token(request.app.state.settings, user),
+        csrf=csrf_token(request.app.state.settings, user, request.url.path),
         home="../",
     )
 
@@ -272,7 +272,7 @@ async def _form(request: Request, user: str, *, home: str) -> dict[str, list[str
     try:
         check_origin(request)
         tokens = form.get(CSRF_FIELD, [])
-        check_csrf(settings, user, tokens[0] if len(tokens) == 1 else None)
+        check_csrf(settings, user, request.url.path, tokens[0] if len(tokens) == 1 else None)
     except Forbidden as refused:
         log.warning(
             "ops page: refused a POST to %s by %s: %s: %s",
