@@ -10,6 +10,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +83,17 @@ def ops_api(tmp_path: Path) -> Iterator[tuple[ApiProcess, RedisServer]]:
         broker.stop()
 
 
+def arrived(browser: Any, element_id: str) -> Any:
+    """The element of the page a click leads to: a click returns before that page has loaded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, 20).until(
+        expected_conditions.presence_of_element_located((By.ID, element_id))
+    )
+
+
 def test_the_page_in_a_browser_shows_the_rollout_and_replays_a_dead_letter(  # type: ignore[no-untyped-def]
     browser, ops_api, engine, sessionmaker, clean, no_open_letters, tmp_path
 ) -> None:
@@ -113,18 +125,19 @@ def test_the_page_in_a_browser_shows_the_rollout_and_replays_a_dead_letter(  # t
 
     # Replay: the button leads to a confirmation (which does not refresh itself), then a POST.
     browser.find_element(By.ID, f"replay-{letter}").click()
+    arrived(browser, "confirm")
     assert browser.current_url.startswith(api.base + "/ops/replay?id=")
     assert not browser.find_elements(By.CSS_SELECTOR, 'meta[http-equiv="refresh"]')
     assert _letter(engine, letter)["replayed_at"] is None
     browser.find_element(By.ID, "confirm").click()
-    outcome = browser.find_element(By.ID, "replayed").text
+    outcome = arrived(browser, "replayed").text
     assert re.search(rf"{letter}\s+chat {chat_id}: enqueued", outcome), outcome
     assert browser.find_element(By.ID, "outcome").text == "1 replayed"
     assert _letter(engine, letter)["replayed_at"] is not None
     wait_until(lambda: broker.client().llen("dualwrite.sync") >= 1, timeout=10)
 
     browser.find_element(By.ID, "back").click()
-    row = browser.find_element(By.ID, f"letter-{letter}")
+    row = arrived(browser, f"letter-{letter}")
     assert row.find_element(By.CLASS_NAME, "state").text == "replayed"
     browser.save_screenshot(str(tmp_path / "ops-page-replayed.png"))
     shutil.copy(tmp_path / "ops-page-replayed.png", LOG_DIR / f"ops-page-replayed-{RUN_ID}.png")
