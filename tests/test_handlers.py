@@ -220,3 +220,31 @@ def test_retry_without_a_timestamp_is_still_idempotent(api, auth) -> None:  # ty
     assert (first.status_code, retry.status_code) == (201, 200)
     stored = jsonb(api, auth, chat_id)
     assert len(stored) == 1 and stored[0]["timestamp"]  # the server filled one in
+
+
+def test_a_page_is_serialized_off_the_event_loop(api, auth, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A page of large messages takes a while to turn into JSON: not on the event loop, where
+    it would hold up every other request meanwhile."""
+    import asyncio
+
+    from app import schemas
+
+    on_loop: list[bool] = []
+    for model in (schemas.MessagePage, schemas.ChatWithMessages):
+        original = model.model_dump_json
+
+        def spy(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:
+                on_loop.append(False)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(model, "model_dump_json", spy)
+    chat = new_chat(api, auth)
+    api.post(f"/chats/{chat}/messages", json={"message": message()}, headers=auth())
+    assert api.get(f"/chats/{chat}/messages?limit=5", headers=auth()).status_code == 200
+    whole = api.get(f"/chats/{chat}", headers=auth())
+    assert whole.status_code == 200 and len(whole.json()["messages"]) == 1
+    assert on_loop == [False, False]

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from app import schemas
 from app.api import body as bodies
@@ -59,19 +60,27 @@ def create_chat(body: CreateBody, uow: Uow) -> schemas.ChatOut:
     return _chat_out(uow.run(service.create_chat, body))
 
 
+def _json(model: BaseModel) -> Response:
+    """A response serialized here, in the request's worker thread: FastAPI would serialize a
+    returned model on the event loop, where a page of large messages stalls every request."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 @router.get("/chats/{chat_id}", response_model=schemas.ChatWithMessages)
 def get_chat(
     uow: Uow, chat_id: uuid.UUID, limit: Annotated[int | None, Query()] = None
-) -> schemas.ChatWithMessages:
+) -> Response:
     """The chat and the last page of its transcript (`limit`, default and at most
     MAX_PAGE_SIZE); `next_before_seq` pages back through `GET /chats/{id}/messages`."""
     size = uow.settings.max_page_size if limit is None else limit
     chat, page = uow.run(service.get_chat_page, chat_id, limit=size)
-    return schemas.ChatWithMessages(
-        **_chat_out(chat).model_dump(),
-        messages=page.messages,
-        seqs=page.seqs,
-        next_before_seq=page.next_before_seq,
+    return _json(
+        schemas.ChatWithMessages(
+            **_chat_out(chat).model_dump(),
+            messages=page.messages,
+            seqs=page.seqs,
+            next_before_seq=page.next_before_seq,
+        )
     )
 
 
@@ -132,8 +141,8 @@ def read_messages(
     chat_id: uuid.UUID,
     limit: Annotated[int, Query()] = 50,
     before_seq: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
-) -> schemas.MessagePage:
-    return uow.run(service.read_page, chat_id, limit=limit, before_seq=before_seq)
+) -> Response:
+    return _json(uow.run(service.read_page, chat_id, limit=limit, before_seq=before_seq))
 
 
 @router.post(
