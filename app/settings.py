@@ -152,8 +152,8 @@ class Settings(BaseSettings):
     user_concurrency: int = Field(default=4, ge=1)
     user_queue: int = Field(default=8, ge=0)
     user_wait_seconds: float = Field(default=10.0, gt=0)
-    # Bodies are parsed one at a time per process (`app.api.body`); one waits this long at most
-    # for its turn, then gets 503 with `Retry-After`.
+    # Bodies above 64 KiB are parsed one at a time per process (`app.api.body`); one waits this
+    # long at most for its turn, then gets 503 with `Retry-After`.
     body_parse_wait_seconds: float = Field(default=5.0, gt=0)
 
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.

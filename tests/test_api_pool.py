@@ -308,11 +308,15 @@ def test_one_users_burst_past_their_cap_is_503_while_another_user_goes_through(
 
 
 def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth) -> None:  # type: ignore[no-untyped-def]
-    """Bodies are parsed one at a time per process; one whose turn does not come within
-    BODY_PARSE_WAIT_SECONDS is answered 503 with `Retry-After`, and the next one goes through."""
+    """Large bodies are parsed one at a time per process; one whose turn does not come within
+    BODY_PARSE_WAIT_SECONDS is answered 503 with `Retry-After`, and the next one goes through.
+    A small body takes no turn: it goes through meanwhile."""
     with api_client(body_parse_wait_seconds=0.3) as client:
         headers = auth("parse-wait")
-        new_chat(client, headers)  # makes the process's parse turn
+        chat = new_chat(client, headers)
+        large = {"messages": [message(content="x" * 100_000)]}  # above the 64 KiB envelope
+        path = f"/chats/{chat}/messages"
+        assert client.put(path, json=large, headers=headers).status_code == 200  # makes the turn
         turn, _ = client.app.state.body_parsing  # type: ignore[attr-defined]
         held, release = threading.Event(), threading.Event()
 
@@ -324,11 +328,14 @@ def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth) -> 
         holder = client.portal.start_task_soon(hold)  # type: ignore[union-attr]
         assert held.wait(10)
         try:
-            response = client.post("/chats", json={}, headers=headers)
+            refused = client.put(path, json=large, headers=headers)
+            small = client.post("/chats", json={}, headers=headers)
         finally:
             release.set()
             holder.result(10)
-        assert response.status_code == 503, response.text
-        assert response.headers["Retry-After"] == "1"
-        assert "BODY_PARSE_WAIT_SECONDS=0.3" in response.json()["detail"][0]["msg"]
-        assert client.post("/chats", json={}, headers=headers).status_code == 201
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert "BODY_PARSE_WAIT_SECONDS=0.3" in refused.json()["detail"][0]["msg"]
+        assert refused.json()["detail"][0]["loc"] == ["body"]
+        assert small.status_code == 201, small.text
+        assert client.put(path, json=large, headers=headers).status_code == 200

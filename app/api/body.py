@@ -152,8 +152,8 @@ def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
 def _parsing(request: Request) -> tuple[anyio.Lock, anyio.CapacityLimiter]:
     """The process's one turn for parsing bodies, and the thread it parses in. Decoding holds
     the GIL: each thread that parses beside the event loop's makes every step of every other
-    request wait longer for it (a /healthz needs a dozen such steps), so bodies are parsed one
-    at a time, and the rest wait for their turn in the event loop, holding neither a thread
+    request wait longer for it (a /healthz needs a dozen such steps), so large bodies are parsed
+    one at a time, and the rest wait for their turn in the event loop, holding neither a thread
     nor the GIL, for at most BODY_PARSE_WAIT_SECONDS."""
     state = request.app.state
     if not hasattr(state, "body_parsing"):
@@ -164,7 +164,13 @@ def _parsing(request: Request) -> tuple[anyio.Lock, anyio.CapacityLimiter]:
 
 async def parse_in_turn(request: Request, raw: bytes, model: type[M], settings: Settings) -> M:
     """`parse` in a worker thread once it is this body's turn, or 503 with `Retry-After` when
-    the turn does not come within `body_parse_wait_seconds`."""
+    the turn does not come within `body_parse_wait_seconds`.
+
+    A body of at most `ENVELOPE_BYTES` (a create, a fork, a short message) takes no turn: its
+    parse holds the GIL for about a millisecond, while waiting behind another user's
+    transcripts would cost it a second."""
+    if len(raw) <= ENVELOPE_BYTES:
+        return await anyio.to_thread.run_sync(parse, raw, model, settings.max_request_nodes)
     turn, thread = _parsing(request)
     try:
         with anyio.fail_after(settings.body_parse_wait_seconds):
