@@ -14,7 +14,11 @@ from app.settings import Settings
 
 
 def make_engine(
-    settings: Settings, *, worker: bool = False, pool_size: int | None = None
+    settings: Settings,
+    *,
+    worker: bool = False,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
 ) -> Engine:
     """An engine for the API (`worker=False`) or for Celery workers and operator commands.
 
@@ -22,7 +26,8 @@ def make_engine(
     blocked on a lock or a lost client fails fast and is retried, instead of hanging a worker.
     API connections get tighter ones of their own, and the API's pool gives up on a wait after
     `api_pool_timeout_seconds`: a request never holds a pooled connection, or waits for one,
-    for long (the caller answers 503 with `Retry-After`).
+    for long (the caller answers 503 with `Retry-After`). A `pool_size` given without
+    `max_overflow` allows as many extra connections again.
     """
     options = [
         "-c timezone=UTC",
@@ -50,7 +55,7 @@ def make_engine(
     return create_engine(
         settings.database_url,
         pool_size=size,
-        max_overflow=overflow,
+        max_overflow=overflow if max_overflow is None else max_overflow,
         pool_timeout=pool_timeout,
         # The API checks a pooled connection before use; a worker does not (a round trip per
         # task), since a dead connection is a transient error that its retry policy handles.

@@ -65,8 +65,8 @@ def reason(exc: BaseException) -> str:
 
 
 def database_check(factory: sessionmaker[Session]) -> Check:
-    """The database answers on the API's own pool, and the phase row that every request reads
-    is there (it is not before `alembic upgrade head` created it)."""
+    """The database answers (on the check's own pool: `app.main`), and the phase row that every
+    request reads is there (it is not before `alembic upgrade head` created it)."""
 
     def run() -> dict[str, str]:
         with factory() as session:

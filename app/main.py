@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from app import health, logs, metrics
 from app.api import errors as api_errors
-from app.api.gate import ChatGates
+from app.api.gate import USER_REQUESTS, Gates
 from app.api.routes import router
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
@@ -147,8 +147,14 @@ def create_app(
     api.state.engine = engine
     api.state.sessionmaker = factory
     api.state.publisher = publisher
-    api.state.chat_gates = ChatGates(
+    api.state.chat_gates = Gates(
         settings.chat_write_concurrency, settings.chat_write_queue, settings.chat_write_wait_seconds
+    )
+    api.state.user_gates = Gates(
+        settings.user_concurrency,
+        settings.user_queue,
+        settings.user_wait_seconds,
+        USER_REQUESTS,
     )
     api.include_router(router)
     ops.install(api)  # the rollout page, `/ops/` (404 without OPS_BASIC_AUTH)
@@ -198,8 +204,16 @@ def create_app(
         # broker outage does not make an orchestrator restart every API process (`/readyz`).
         return {"status": "ok"}
 
+    # `/readyz` checks the database on an engine of its own, one connection and no overflow (its
+    # check runs in one thread at a time): a storm of requests that holds every connection of the
+    # API's pool makes requests wait, but cannot make the process look unready and be taken out.
+    ready_engine = make_engine(settings, pool_size=1, max_overflow=0)
+    api.state.ready_engine = ready_engine
     readiness = health.Readiness(
-        [health.database_check(factory), health.broker_check(settings.redis_url)],
+        [
+            health.database_check(make_sessionmaker(ready_engine)),
+            health.broker_check(settings.redis_url),
+        ],
         timeout=settings.ready_timeout_seconds,
         cache_seconds=settings.ready_cache_seconds,
     )

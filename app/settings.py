@@ -143,6 +143,18 @@ class Settings(BaseSettings):
     chat_write_concurrency: int = Field(default=2, ge=1)
     chat_write_queue: int = Field(default=16, ge=0)
     chat_write_wait_seconds: float = Field(default=10.0, gt=0)
+    # Requests of one user, per API process, that read a body or use the database (reads
+    # included): this many at once, the next `user_queue` wait without a thread, a connection
+    # or a body read, in the event loop, for at most `user_wait_seconds`; any more, or a longer
+    # wait, get 503 with `Retry-After`. One user's storm on their own chat cannot hold the
+    # request threads and the pool that every other user needs. The user's writes to one chat
+    # then also pass that chat's gate, holding their place here.
+    user_concurrency: int = Field(default=4, ge=1)
+    user_queue: int = Field(default=8, ge=0)
+    user_wait_seconds: float = Field(default=10.0, gt=0)
+    # Bodies above 64 KiB are parsed one at a time per process (`app.api.body`); one waits this
+    # long at most for its turn, then gets 503 with `Retry-After`.
+    body_parse_wait_seconds: float = Field(default=5.0, gt=0)
 
     # Worker-side database limits: a sync never waits forever on a lock or a stuck transaction.
     worker_statement_timeout_ms: int = Field(default=60_000, gt=0)

@@ -333,7 +333,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.chats, args.rate = 4, 30, 50
-    with infra.stack("cdw_lag") as running:
+    # One user stands for every sender here: the per-user cap would turn most of them away.
+    with infra.stack("cdw_lag", USER_CONCURRENCY="64", USER_QUEUE="64") as running:
         from bench.tasks import CREATE_TABLE  # imports the settings: only once they are set
 
         infra.scalar(running.url, CREATE_TABLE)

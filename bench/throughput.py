@@ -189,7 +189,8 @@ def main() -> int:
     if args.quick:
         args.seconds, args.chats, args.clients, args.rounds = 1, 20, "1,4", 1
     args.clients = [int(c) for c in args.clients.split(",")]
-    with infra.stack("cdw_throughput") as running:
+    # One user stands for every client here: the per-user cap would turn most of them away.
+    with infra.stack("cdw_throughput", USER_CONCURRENCY="64", USER_QUEUE="64") as running:
         running.worker("worker", "-c", "2")
         args.base = running.api().base
         print("warming up: one step per phase at the most clients...", file=sys.stderr)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 
+import anyio.to_thread
 import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.gate import ChatGates
+from app.api.gate import Gates
 from app.errors import Unavailable
 from app.main import create_app
 from app.settings import Settings
@@ -123,7 +125,7 @@ def test_a_pool_wait_past_the_limit_is_503_with_retry_after(auth) -> None:  # ty
 
 def test_the_gate_admits_a_few_queues_a_few_and_turns_the_rest_away() -> None:
     async def scenario() -> list[str]:
-        gates = ChatGates(concurrency=2, queue=1, wait_seconds=0.2)
+        gates = Gates(concurrency=2, queue=1, wait_seconds=0.2)
         events: list[str] = []
         release = asyncio.Event()
 
@@ -180,7 +182,13 @@ def test_a_burst_on_one_chat_holds_two_connections_and_turns_the_rest_away(
     on the lock, four wait in the API without one, six get 503 with `Retry-After` at once;
     another user's requests go through meanwhile; once the lock goes, the admitted six are
     stored."""
-    env = {**os.environ, "CHAT_WRITE_CONCURRENCY": "2", "CHAT_WRITE_QUEUE": "4"}
+    # The user's own cap above the burst: this is the chat's gate alone.
+    env = {
+        **os.environ,
+        "CHAT_WRITE_CONCURRENCY": "2",
+        "CHAT_WRITE_QUEUE": "4",
+        "USER_CONCURRENCY": "16",
+    }
     api = ApiProcess(env, LOG_DIR / f"api-gate-{RUN_ID}.log").start()
     statuses: Counter[int] = Counter()
     retry_after: list[str | None] = []
@@ -217,3 +225,117 @@ def test_a_burst_on_one_chat_holds_two_connections_and_turns_the_rest_away(
             assert len(stored) == 6
     finally:
         api.stop()
+
+
+def test_a_request_takes_its_users_gate_once(auth) -> None:  # type: ignore[no-untyped-def]
+    """The body and the unit of work share the request's place at the user's gate: with one
+    place and no queue, a request with a body still goes through."""
+    with api_client(user_concurrency=1, user_queue=0) as client:
+        headers = auth("user-gate-once")
+        chat = new_chat(client, headers)
+        body = {"messages": [message()]}
+        assert client.put(f"/chats/{chat}/messages", json=body, headers=headers).status_code == 200
+        assert client.get(f"/chats/{chat}", headers=headers).status_code == 200
+        assert client.app.state.user_gates.admitted("user-gate-once") == 0  # type: ignore[attr-defined]
+
+
+def test_one_users_burst_past_their_cap_is_503_while_another_user_goes_through(
+    auth, row_lock: RowLock
+) -> None:  # type: ignore[no-untyped-def]
+    """A user with USER_CONCURRENCY=2 and USER_QUEUE=1: two appends wait on locked chats (each
+    holding a connection and a thread), a read waits in the API without either, and the user's
+    next reads and writes, bodies included, get 503 with `Retry-After` at once, naming the
+    setting. Another user's creates, appends and reads go through meanwhile; once the lock
+    goes, the admitted three finish."""
+    env = {**os.environ, "USER_CONCURRENCY": "2", "USER_QUEUE": "1", "USER_WAIT_SECONDS": "60"}
+    api = ApiProcess(env, LOG_DIR / f"api-user-gate-{RUN_ID}.log").start()
+    owner, bystander = auth("user-burst"), auth("user-bystander")
+    results: dict[str, httpx.Response] = {}
+    try:
+        with httpx.Client(base_url=api.base, timeout=60) as http:
+            first, second, third = (new_chat(http, owner) for _ in range(3))
+            row_lock.hold(first)
+            row_lock.hold(second)
+
+            def send(name: str, method: str, path: str, body: object = None) -> None:
+                results[name] = http.request(method, path, json=body, headers=owner)
+
+            held = [
+                threading.Thread(
+                    target=send,
+                    args=(
+                        f"append {chat}",
+                        "POST",
+                        f"/chats/{chat}/messages",
+                        {"message": message()},
+                    ),
+                )
+                for chat in (first, second)
+            ]
+            for thread in held:
+                thread.start()
+            wait_until(lambda: waiting_on_locks() >= 2, 30, what="two appends on the locks")
+            queued = threading.Thread(target=send, args=("queued read", "GET", f"/chats/{third}"))
+            queued.start()
+            time.sleep(0.5)  # the read is in the user's queue, not answered
+            assert "queued read" not in results
+
+            refused = [
+                http.get(f"/chats/{third}?limit=1", headers=owner),
+                http.put(f"/chats/{third}/messages", json={"messages": []}, headers=owner),
+                http.post("/chats", json={}, headers=owner),
+            ]
+            for response in refused:
+                assert response.status_code == 503, response.text
+                assert response.headers["Retry-After"] == "1"
+                assert "USER_CONCURRENCY=2" in response.json()["detail"][0]["msg"]
+
+            started = time.monotonic()
+            other = new_chat(http, bystander)
+            body = {"message": message()}
+            response = http.post(f"/chats/{other}/messages", json=body, headers=bystander)
+            assert response.status_code == 201, response.text
+            assert http.get(f"/chats/{other}", headers=bystander).status_code == 200
+            assert time.monotonic() - started < 5
+
+            row_lock.release()
+            for thread in [*held, queued]:
+                thread.join()
+            assert [results[f"append {chat}"].status_code for chat in (first, second)] == [201, 201]
+            assert results["queued read"].status_code == 200
+    finally:
+        api.stop()
+
+
+def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth) -> None:  # type: ignore[no-untyped-def]
+    """Large bodies are parsed one at a time per process; one whose turn does not come within
+    BODY_PARSE_WAIT_SECONDS is answered 503 with `Retry-After`, and the next one goes through.
+    A small body takes no turn: it goes through meanwhile."""
+    with api_client(body_parse_wait_seconds=0.3) as client:
+        headers = auth("parse-wait")
+        chat = new_chat(client, headers)
+        large = {"messages": [message(content="x" * 100_000)]}  # above the 64 KiB envelope
+        path = f"/chats/{chat}/messages"
+        assert client.put(path, json=large, headers=headers).status_code == 200  # makes the turn
+        turn, _ = client.app.state.body_parsing  # type: ignore[attr-defined]
+        held, release = threading.Event(), threading.Event()
+
+        async def hold() -> None:
+            async with turn:
+                held.set()
+                await anyio.to_thread.run_sync(release.wait)
+
+        holder = client.portal.start_task_soon(hold)  # type: ignore[union-attr]
+        assert held.wait(10)
+        try:
+            refused = client.put(path, json=large, headers=headers)
+            small = client.post("/chats", json={}, headers=headers)
+        finally:
+            release.set()
+            holder.result(10)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert "BODY_PARSE_WAIT_SECONDS=0.3" in refused.json()["detail"][0]["msg"]
+        assert refused.json()["detail"][0]["loc"] == ["body"]
+        assert small.status_code == 201, small.text
+        assert client.put(path, json=large, headers=headers).status_code == 200

@@ -146,7 +146,7 @@ def test_a_storm_of_probes_reads_the_database_once_per_cache_period(settings) ->
     )
     phase_reads = []
 
-    @event.listens_for(app.state.engine, "before_cursor_execute")
+    @event.listens_for(app.state.ready_engine, "before_cursor_execute")
     def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
         if "dualwrite_phase" in statement:
             phase_reads.append(statement)
@@ -158,6 +158,32 @@ def test_a_storm_of_probes_reads_the_database_once_per_cache_period(settings) ->
         assert len(phase_reads) == 1  # concurrent probes shared one check, then its cache
     finally:
         app.state.engine.dispose()
+        app.state.ready_engine.dispose()
+
+
+def test_readyz_stays_200_while_the_api_pool_is_exhausted(settings) -> None:  # type: ignore[no-untyped-def]
+    """`/readyz` checks the database on a connection of its own: a storm that holds every
+    connection of the API's pool does not make the process look unready."""
+    app = create_app(
+        Settings(
+            auth_secret=settings.signing_secret,
+            api_pool_size=1,
+            api_pool_max_overflow=0,
+            api_pool_timeout_seconds=5,
+            ready_cache_seconds=0,
+        ),
+        send_many=lambda jobs: [True] * len(jobs),
+    )
+    try:
+        with TestClient(app) as client, app.state.engine.connect():  # the pool's only one
+            response = client.get("/readyz")
+        assert response.status_code == 200, response.text
+        assert response.json()["database"] == "ok"
+        assert app.state.ready_engine.pool.size() == 1
+        assert app.state.ready_engine.pool._max_overflow == 0
+    finally:
+        app.state.engine.dispose()
+        app.state.ready_engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from app.api.deps import CurrentUser
-from app.errors import TooLarge
+from app.api.deps import UserGate
+from app.errors import TooLarge, Unavailable
 from app.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -149,31 +149,59 @@ def parse(raw: bytes, model: type[M], max_nodes: int) -> M:
         raise RequestValidationError(errors) from None
 
 
-def _parsing(request: Request) -> anyio.CapacityLimiter:
-    """The process's one slot for parsing bodies. Decoding holds the GIL: each thread that
-    parses beside the event loop's makes every step of every other request wait longer for it
-    (a /healthz needs a dozen such steps), so bodies are parsed one at a time, and the rest
-    wait for their turn without holding the GIL."""
+def _parsing(request: Request) -> tuple[anyio.Lock, anyio.CapacityLimiter]:
+    """The process's one turn for parsing bodies, and the thread it parses in. Decoding holds
+    the GIL: each thread that parses beside the event loop's makes every step of every other
+    request wait longer for it (a /healthz needs a dozen such steps), so large bodies are parsed
+    one at a time, and the rest wait for their turn in the event loop, holding neither a thread
+    nor the GIL, for at most BODY_PARSE_WAIT_SECONDS."""
     state = request.app.state
     if not hasattr(state, "body_parsing"):
-        state.body_parsing = anyio.CapacityLimiter(1)
-    limiter: anyio.CapacityLimiter = state.body_parsing
-    return limiter
+        state.body_parsing = (anyio.Lock(), anyio.CapacityLimiter(1))
+    parsing: tuple[anyio.Lock, anyio.CapacityLimiter] = state.body_parsing
+    return parsing
+
+
+async def parse_in_turn(request: Request, raw: bytes, model: type[M], settings: Settings) -> M:
+    """`parse` in a worker thread once it is this body's turn, or 503 with `Retry-After` when
+    the turn does not come within `body_parse_wait_seconds`.
+
+    A body of at most `ENVELOPE_BYTES` (a create, a fork, a short message) takes no turn: its
+    parse holds the GIL for about a millisecond, while waiting behind another user's
+    transcripts would cost it a second."""
+    if len(raw) <= ENVELOPE_BYTES:
+        return await anyio.to_thread.run_sync(parse, raw, model, settings.max_request_nodes)
+    turn, thread = _parsing(request)
+    try:
+        with anyio.fail_after(settings.body_parse_wait_seconds):
+            await turn.acquire()
+    except TimeoutError:
+        raise Unavailable(
+            "the request bodies ahead of this one took over BODY_PARSE_WAIT_SECONDS="
+            f"{settings.body_parse_wait_seconds:g}s to parse",
+            field=("body",),
+        ) from None
+    try:
+        return await anyio.to_thread.run_sync(
+            parse, raw, model, settings.max_request_nodes, limiter=thread
+        )
+    finally:
+        turn.release()
 
 
 def json_body(model: type[M], cap: Callable[[Settings], int]) -> Any:
     """A dependency for a route's body: `body: Annotated[Model, json_body(Model, cap)]`.
 
-    It needs the current user, so an unauthenticated request is answered 401 before its body
-    is read; declare it before the unit of work, so no transaction waits on a slow upload.
+    It passes the user's gate (`app.api.deps.user_gate`, which needs the current user: an
+    unauthenticated request is answered 401 before its body is read), so one user has at most
+    USER_CONCURRENCY bodies read or waiting to parse. Declare it before the unit of work, so
+    no transaction waits on a slow upload; the unit of work shares the gate's place.
     """
 
-    async def dependency(request: Request, user: CurrentUser) -> M:
+    async def dependency(request: Request, _: UserGate) -> M:
         settings: Settings = request.app.state.settings
         raw = await read_capped(request, cap(settings))
-        return await anyio.to_thread.run_sync(
-            parse, raw, model, settings.max_request_nodes, limiter=_parsing(request)
-        )
+        return await parse_in_turn(request, raw, model, settings)
 
     return Depends(dependency)
 

@@ -1,5 +1,5 @@
-"""Request dependencies: settings, the current user, the per-chat write gate, and the unit of
-work that runs a request's operation in its transaction (`UnitOfWork.run`).
+"""Request dependencies: settings, the current user, the per-user and per-chat gates, and the
+unit of work that runs a request's operation in its transaction (`UnitOfWork.run`).
 
 The handler commits through `run`, before the response is sent: a 2xx always means the change is
 durable. Its jobs go to the process's background publisher only after that commit.
@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.gate import ChatGates
+from app.api.gate import Gates
 from app.auth import InvalidToken, User, verify_token
 from app.db import connection_lost
 from app.errors import Unavailable
@@ -72,6 +72,21 @@ def get_admin(user: CurrentUser) -> User:
 AdminUser = Annotated[User, Depends(get_admin)]
 
 
+async def user_gate(request: Request, user: CurrentUser) -> AsyncIterator[None]:
+    """Every request of a user that reads a body or uses the database passes the user's gate
+    (`app.api.gate`, USER_CONCURRENCY) before it reads its body, takes a thread or checks out a
+    connection. Both the body (`app.api.body.json_body`) and the unit of work depend on it
+    through `UserGate`, so a request takes it once, whichever of them comes first."""
+    gates: Gates = request.app.state.user_gates
+    async with gates.hold(user.id):
+        yield
+
+
+# `scope="function"`: released when the handler returns (its commit done), not once the
+# response has been sent. One annotation for every use, so FastAPI's cache runs it once.
+UserGate = Annotated[None, Depends(user_gate, scope="function")]
+
+
 async def chat_gate(request: Request, user: CurrentUser) -> AsyncIterator[None]:
     """A write to an existing chat (any method but GET or HEAD on a path with a chat id) passes
     the chat's gate, per user, before its transaction checks out a connection: see
@@ -84,7 +99,7 @@ async def chat_gate(request: Request, user: CurrentUser) -> AsyncIterator[None]:
     if chat_id is None or request.method in ("GET", "HEAD"):
         yield
         return
-    gates: ChatGates = request.app.state.chat_gates
+    gates: Gates = request.app.state.chat_gates
     async with gates.hold((user.id, chat_id)):
         yield
 
@@ -157,12 +172,13 @@ def unit_of_work(
     request: Request,
     settings: SettingsDep,
     user: CurrentUser,
-    _: Annotated[None, Depends(chat_gate, scope="function")],
+    _user: UserGate,
+    _chat: Annotated[None, Depends(chat_gate, scope="function")],
 ) -> UnitOfWork:
     state = request.app.state
     return UnitOfWork(state.sessionmaker, state.publisher, settings, user.id)
 
 
-# The gate's `scope="function"`: it is released when the handler returns (its commit done), not
+# The gates' `scope="function"`: they are released when the handler returns (its commit done), not
 # once the response has been sent.
 Uow = Annotated[UnitOfWork, Depends(unit_of_work)]

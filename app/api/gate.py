@@ -1,11 +1,12 @@
-"""Per-chat write gates of one API process: a burst of writes to one chat cannot take the pool.
+"""Gates of one API process, per key: a burst under one key cannot take the pool.
 
-Writes to one chat queue on its row lock in PostgreSQL, each holding a pooled connection (and a
-request thread) while it waits. The gate admits `concurrency` writes of a chat at a time (by
-default one writing and one waiting on the lock); the next `queue` wait here, in the event loop,
-holding neither a connection nor a thread, for at most `wait_seconds`; anything beyond gets
-`Unavailable` (503 with `Retry-After`) at once. Every method runs on the event loop, so the
-counts need no lock.
+Two gates use it (`app.api.deps`): one per user, around every request of theirs that reads a
+body or uses the database, and one per chat, around its writes. Writes to one chat queue on its
+row lock in PostgreSQL, and any request holds a pooled connection and a request thread while it
+runs. A gate admits `concurrency` requests of a key at a time; the next `queue` wait here, in
+the event loop, holding neither a connection nor a thread, for at most `wait_seconds`; anything
+beyond gets `Unavailable` (503 with `Retry-After`, the message naming the settings) at once.
+Every method runs on the event loop, so the counts need no lock.
 """
 
 from __future__ import annotations
@@ -19,15 +20,32 @@ from dataclasses import dataclass, field
 from app.errors import Unavailable
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How a refusal reads: whose requests (`subject`), what they are, the settings' prefix."""
+
+    subject: str = "this chat"
+    what: str = "writes"
+    settings: str = "CHAT_WRITE"
+    field: tuple[str | int, ...] = ("path", "chat_id")
+
+
+CHAT_WRITES = Wording()
+USER_REQUESTS = Wording("this user", "requests", "USER", ())
+
+
 @dataclass
 class _Chat:
     admitted: int = 0
     waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
-class ChatGates:
-    def __init__(self, concurrency: int, queue: int, wait_seconds: float) -> None:
+class Gates:
+    def __init__(
+        self, concurrency: int, queue: int, wait_seconds: float, wording: Wording = CHAT_WRITES
+    ) -> None:
         self.concurrency, self.queue, self.wait_seconds = concurrency, queue, wait_seconds
+        self.wording = wording
         self._chats: dict[Hashable, _Chat] = {}
 
     @asynccontextmanager
@@ -52,10 +70,12 @@ class ChatGates:
             chat.admitted += 1
             return
         if len(chat.waiting) >= self.queue:
+            words = self.wording
             raise Unavailable(
-                f"this chat already has {chat.admitted + len(chat.waiting)} writes in progress "
-                "or waiting",
-                field=("path", "chat_id"),
+                f"{words.subject} already has {chat.admitted + len(chat.waiting)} {words.what} "
+                f"in progress or waiting, the most {words.settings}_CONCURRENCY="
+                f"{self.concurrency} and {words.settings}_QUEUE={self.queue} allow",
+                field=words.field,
             )
         turn = asyncio.get_running_loop().create_future()
         chat.waiting.append(turn)
@@ -69,9 +89,11 @@ class ChatGates:
                     chat.waiting.remove(turn)
                 self._forget_if_idle(key, chat)
             if isinstance(exc, TimeoutError):
+                words = self.wording
                 raise Unavailable(
-                    f"the writes ahead of this one on this chat took over {self.wait_seconds}s",
-                    field=("path", "chat_id"),
+                    f"the {words.what} of {words.subject} ahead of this one took over "
+                    f"{words.settings}_WAIT_SECONDS={self.wait_seconds:g}s",
+                    field=words.field,
                 ) from None
             raise
 
