@@ -216,6 +216,10 @@ def main() -> int:
     args = infra.options(__doc__, quick, seconds=180.0, chats=200, clients=8, fault_every=4.0)
     with infra.stack(
         "cdw_chaos",
+        # The clients stand for many people but share one token: the per-user cap would queue
+        # them as one person's burst.
+        USER_CONCURRENCY="64",
+        USER_QUEUE="64",
         SWEEP_INTERVAL_SECONDS="5",
         SWEEP_GRACE_SECONDS="3",
         # A task lost with its worker keeps its chat's coalescing marker until this expires; the
