@@ -400,3 +400,32 @@ def test_in_table_only_the_page_shows_the_reverse_backlog_and_the_contract_to_co
     assert "gates to read_table (a step back)" in page
     assert "python -m app phase set read_table" in page
     assert "gates to " not in page.replace("gates to read_table", "")
+
+
+def test_a_confirmation_of_every_replay_lists_a_bounded_few_and_counts_them_all(  # type: ignore[no-untyped-def]
+    ops, engine, no_open_letters
+) -> None:
+    """After an incident there may be tens of thousands of open dead letters: the confirmation
+    of `all` lists the first ones and says how many it would replay."""
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO dualwrite_dead_letters (task, chat_id, args, reason, error, attempts) "
+                "SELECT 'chats.sync_chat', gen_random_uuid(), '[]', 'failed', repeat('x', 2000), 1 "
+                "FROM generate_series(1, 150)"
+            )
+        )
+    try:
+        page = ops.get("/ops/replay?all=1", headers=AUTH)
+        assert page.status_code == 200, page.text
+        assert "(150)?" in page.text
+        assert "The first 100 of 150 are listed." in page.text
+        assert page.text.count("chats.sync_chat") == 100
+    finally:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "UPDATE dualwrite_dead_letters SET resolved_at = now() "
+                    "WHERE resolved_at IS NULL"
+                )
+            )

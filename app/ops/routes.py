@@ -155,10 +155,11 @@ def confirm_replay(
     if not ids and not every:
         return _invalid("id", "replay needs dead letter ids or all=1", "./")
     with transaction(_factory(request)) as session:
-        letters = service.letters_to_replay(session, None if every else ids)
+        letters, total = service.letters_to_replay(session, None if every else ids)
     return _page(
         "confirm_replay.html",
         letters=letters,
+        total=total,
         ids=[] if every else ids,
         every=every,
         command="python -m app dead-letters replay "

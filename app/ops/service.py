@@ -220,9 +220,22 @@ def _queues(client: redis.Redis) -> tuple[dict[str, int], int]:
     return waiting, int(client.hlen(UNACKED))
 
 
-def letters_to_replay(session: Session, ids: Sequence[int] | None) -> list[dead_letters.DeadLetter]:
-    """The open dead letters a replay of these ids (every open one for None) would take."""
-    return dead_letters.get_open(session, ids)
+# A confirmation lists at most this many of the letters it would replay (after an incident
+# there may be tens of thousands), and says how many there are.
+SHOWN = 100
+
+
+def letters_to_replay(
+    session: Session, ids: Sequence[int] | None
+) -> tuple[list[dead_letters.DeadLetter], int]:
+    """The first `SHOWN` open dead letters a replay of these ids (every open one for None) would
+    take, and how many it would take."""
+    letters = dead_letters.get_open(session, ids, limit=SHOWN)
+    if len(letters) < SHOWN:
+        return letters, len(letters)
+    if ids is None:
+        return letters, sum(dead_letters.count_open(session).values())
+    return letters, len(dead_letters.get_open(session, ids))
 
 
 @dataclass(frozen=True, slots=True)

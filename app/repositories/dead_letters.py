@@ -185,14 +185,18 @@ def list_(
     return [DeadLetter(*row) for row in rows]
 
 
-def get_open(session: Session, ids: Sequence[int] | None) -> list[DeadLetter]:
-    """Open dead letters with these ids (all open ones for None)."""
+def get_open(
+    session: Session, ids: Sequence[int] | None, *, limit: int | None = None
+) -> list[DeadLetter]:
+    """Open dead letters with these ids (all open ones for None), the first `limit` of them
+    by id (all for None)."""
     rows = session.execute(
         text(
             f"SELECT {_COLUMNS} FROM dualwrite_dead_letters WHERE resolved_at IS NULL "
-            "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) ORDER BY id"
+            "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) ORDER BY id "
+            "LIMIT CAST(:limit AS bigint)"
         ),
-        {"ids": list(ids) if ids is not None else None},
+        {"ids": list(ids) if ids is not None else None, "limit": limit},
     ).all()
     return [DeadLetter(*row) for row in rows]
 
