@@ -371,19 +371,19 @@ def _sync_batch(
     batch: list[sync_state.Behind],
 ) -> None:
     """Sync a batch in a transaction of its own (tried twice: a worker's sync of the same
-    chats may win a race), then check by versions that each chat reached what it wanted."""
+    chats may win a race), checking by versions, before it commits, that each chat reached
+    what it wanted."""
     wanted = {b.chat_id: b.wanted_version for b in batch}
     for attempt in range(2):
         try:
             with transaction(factory) as session:
                 deadline.bound(session, settings)
                 sync.sync_chats(session, wanted)
-            break
+                _check_reached(session, wanted)
+            return
         except DBAPIError:
             if attempt == 1 or deadline.left() <= 0:
                 raise
-    with transaction(factory) as session:
-        _check_reached(session, wanted)
 
 
 def _check_reached(session: Session, wanted: dict[uuid.UUID, int]) -> None:
