@@ -25,7 +25,11 @@ from bench import infra
 TARGET_P99_MS = 200.0
 # The reference API: no per-chat gate to speak of, and a pool that makes a request wait 30 s
 # (SQLAlchemy's default) rather than answer 503.
-UNBOUNDED = {"CHAT_WRITE_CONCURRENCY": "1000", "API_POOL_TIMEOUT_SECONDS": "30"}
+UNBOUNDED = {
+    "CHAT_WRITE_CONCURRENCY": "1000",
+    "USER_CONCURRENCY": "1000",
+    "API_POOL_TIMEOUT_SECONDS": "30",
+}
 
 
 def big_chat(base: str, running: infra.Stack, user: str, messages: int) -> str:
