@@ -213,8 +213,10 @@ def append(
         session,
         f"""
         UPDATE copilot_chats SET
-            messages = CASE WHEN jsonb_typeof(messages) = 'array' THEN messages
-                            ELSE '[]'::jsonb END || CAST(:elements AS jsonb),
+            -- `messages || :elements` (onto `[]` if the stored value is not an array), telling
+            -- the version trigger that this version only appended (revision 0009).
+            messages = copilot_chats_append(id, messages_version, messages,
+                                            CAST(:elements AS jsonb)),
             active_stream_id = {stream_sql},
             updated_at = now()
         WHERE id = :id AND user_id = :user_id AND NOT ({probes}) {fits}

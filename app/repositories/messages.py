@@ -20,31 +20,62 @@ from sqlalchemy.orm import Session
 
 from app.repositories.dead_letters import RESOLVED_BY_SYNC
 
-# The element-to-row mapping. Must match the backfill rules of migration 0002.
-_MAPPING = """
+# Which chats a statement maps, and from which position: the `target` CTE, one of these two,
+# gives each chat's `id, messages_version, created_at, updated_at` and `first`, the 0-based
+# position of the first element to map (0: the whole array). No `messages` here: an UPDATE ...
+# FROM below would carry a copy of every chat's whole array in each candidate row; `elems` reads
+# it from the table (same snapshot). No locking clause either: a locked row would be read at its
+# newest version while `elems` reads the statement's snapshot. `sync_state.lock_chats` (or the
+# claim) locks before the statement.
+_WHOLE = """
 target AS (
-    -- No `messages` here: an UPDATE ... FROM below would carry a copy of every chat's whole
-    -- array in each candidate row. `elems` reads it from the table (same snapshot).
-    -- No locking clause here: a locked row would be read at its newest version while `elems`
-    -- reads the statement's snapshot. `sync_state.lock_chats` locks before this statement.
-    SELECT id, messages_version, created_at, updated_at
+    SELECT id, messages_version, created_at, updated_at, 0 AS first
     FROM copilot_chats
     WHERE id = ANY(:chat_ids)
-),
+),"""
+
+# Only the positions appended since the chat's last copy, when its record says that is all that
+# changed (revision 0009): every version above the applied one only appended
+# (`append_since`), and the applied version's copy was complete, at `applied_elements` elements
+# (`elements_version`). The rows are then exactly the mapping of the array's first
+# `applied_elements` elements, so mapping the rest gives the rows a whole mapping would.
+# Anything else maps the whole array.
+_APPENDED = """
+target AS (
+    SELECT c.id, c.messages_version, c.created_at, c.updated_at,
+           CASE WHEN s.append_since <= s.applied_version
+                     AND s.elements_version = s.applied_version
+                     AND c.messages_version > s.applied_version
+                THEN s.applied_elements ELSE 0 END AS first
+    FROM copilot_chats c
+    LEFT JOIN copilot_chat_sync_state s ON s.chat_id = c.id
+    WHERE c.id = ANY(:chat_ids)
+),"""
+
+# The element-to-row mapping of the chats in `target`, from each one's `first` position. Must
+# match the backfill rules of migration 0002. Every statement that maps elements to rows (the
+# convergence, the diff, the reconcile's repairs, the copy of appended elements) uses this.
+_MAPPING = """
 elems AS (
     SELECT
         t.id AS chat_id,
         e.elem,
-        e.ord,
+        t.first + e.ord AS ord,
         jsonb_typeof(e.elem) = 'object'
             AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
             AND e.elem ->> 'id' <> ''
             AND octet_length(e.elem ->> 'id') <= 1024 AS valid
-    FROM copilot_chats t
+    FROM target t
+    JOIN copilot_chats c ON c.id = t.id
+    -- From `first` on, only that slice is expanded: O(appended elements), apart from reading
+    -- the stored array (a copy from position `first` is only chosen for an array).
     CROSS JOIN LATERAL jsonb_array_elements(
-        CASE WHEN jsonb_typeof(t.messages) = 'array' THEN t.messages ELSE '[]'::jsonb END
+        CASE WHEN t.first > 0
+             THEN jsonb_path_query_array(c.messages, '$[$first to last]',
+                                         jsonb_build_object('first', t.first))
+             WHEN jsonb_typeof(c.messages) = 'array' THEN c.messages
+             ELSE '[]'::jsonb END
     ) WITH ORDINALITY AS e(elem, ord)
-    WHERE t.id = ANY(:chat_ids)
 ),
 src AS (
     SELECT DISTINCT ON (x.chat_id, x.elem ->> 'id')
@@ -63,6 +94,13 @@ src AS (
     FROM elems x
     JOIN target t ON t.id = x.chat_id
     WHERE x.valid
+      -- A slice from `first`: an id that the elements before it already hold keeps its first
+      -- element, as in a whole mapping; those ids are exactly the chat's live rows.
+      AND (t.first = 0 OR NOT EXISTS (
+          SELECT 1 FROM copilot_chat_messages p
+          WHERE p.chat_id = x.chat_id AND p.message_id = x.elem ->> 'id'
+            AND p.deleted_at IS NULL
+      ))
     ORDER BY x.chat_id, x.elem ->> 'id', x.ord
 ),
 changed AS (
@@ -81,16 +119,22 @@ changed AS (
         OR m.content <> s.content
 ),
 element_counts AS (
-    SELECT chat_id, count(*) AS total, count(*) FILTER (WHERE NOT valid) AS bad
-    FROM elems GROUP BY chat_id
+    -- The elements before `first` were all valid (their copy was complete).
+    SELECT t.id AS chat_id, t.first + count(x.chat_id) AS total,
+           count(*) FILTER (WHERE NOT x.valid) AS bad
+    FROM target t LEFT JOIN elems x ON x.chat_id = t.id
+    GROUP BY t.id, t.first
 ),
 extra AS (
+    -- Only a whole mapping knows which rows left the array (a slice's chats lost none).
     -- A set difference, not NOT EXISTS against a CTE: the planner cannot estimate the CTE and
     -- would pick a nested loop, quadratic in the size of the chat.
     SELECT m.id, m.chat_id
     FROM (
-        SELECT chat_id, message_id FROM copilot_chat_messages
-        WHERE chat_id = ANY(:chat_ids) AND deleted_at IS NULL
+        SELECT r.chat_id, r.message_id
+        FROM target t
+        JOIN copilot_chat_messages r ON r.chat_id = t.id AND r.deleted_at IS NULL
+        WHERE t.first = 0
         EXCEPT
         SELECT chat_id, message_id FROM src
     ) gone
@@ -99,9 +143,10 @@ extra AS (
 )
 """
 
-_CONVERGE = text(
-    "WITH"
-    + _MAPPING
+# The convergence after its `target`: writes the rows that differ, soft-deletes the rows that
+# left the array, records what it applied.
+_CONVERGE_REST = (
+    _MAPPING
     + """,
 upserted AS (
     INSERT INTO copilot_chat_messages AS m
@@ -136,16 +181,36 @@ removed AS (
 -- sync state rows (which handlers' version triggers also write) are locked only from here to
 -- the commit, not for the whole convergence.
 marked AS (
+    -- A copy is complete when every element was valid and the guard held back no write: the
+    -- rows are then exactly the mapping of the array at this version, which a later copy of
+    -- what is appended to it builds on (`elements_version`, `applied_elements`).
     INSERT INTO copilot_chat_sync_state AS s
-        (chat_id, wanted_version, applied_version, synced_at)
-    SELECT id, messages_version, messages_version, now() FROM target ORDER BY id
+        (chat_id, wanted_version, applied_version, synced_at, elements_version,
+         applied_elements)
+    SELECT t.id, t.messages_version, t.messages_version, now(),
+           CASE WHEN coalesce(e.bad, 0) = 0
+                     AND (SELECT count(*) FROM changed c WHERE c.chat_id = t.id)
+                         = (SELECT count(*) FROM upserted u WHERE u.chat_id = t.id)
+                     AND (SELECT count(*) FROM extra x WHERE x.chat_id = t.id)
+                         = (SELECT count(*) FROM removed r WHERE r.chat_id = t.id)
+                THEN t.messages_version END,
+           coalesce(e.total, 0)
+    FROM target t LEFT JOIN element_counts e ON e.chat_id = t.id
+    ORDER BY t.id
     ON CONFLICT (chat_id) DO UPDATE SET
         applied_version = greatest(s.applied_version, EXCLUDED.applied_version),
         wanted_version = greatest(s.wanted_version, EXCLUDED.applied_version),
-        synced_at = now()
+        synced_at = now(),
+        elements_version = CASE WHEN s.applied_version <= EXCLUDED.applied_version
+                                THEN EXCLUDED.elements_version ELSE s.elements_version END,
+        applied_elements = CASE WHEN s.applied_version <= EXCLUDED.applied_version
+                                THEN EXCLUDED.applied_elements ELSE s.applied_elements END
     -- A chat already recorded at this version (a reconcile of an in-sync table) writes nothing.
     WHERE s.applied_version < EXCLUDED.applied_version
        OR s.wanted_version < EXCLUDED.applied_version
+       OR (s.applied_version = EXCLUDED.applied_version
+           AND (s.elements_version IS DISTINCT FROM EXCLUDED.elements_version
+                OR s.applied_elements IS DISTINCT FROM EXCLUDED.applied_elements))
 ),
 resolved AS (
     -- A clean copy closes what the chat's failures left open; its skipped elements' letter
@@ -165,7 +230,8 @@ SELECT
     coalesce(u.inserted, 0),
     coalesce(u.updated, 0),
     coalesce(r.removed, 0),
-    clock_timestamp()
+    clock_timestamp(),
+    t.first
 FROM target t
 LEFT JOIN element_counts e ON e.chat_id = t.id
 LEFT JOIN (
@@ -177,10 +243,18 @@ LEFT JOIN (SELECT chat_id, count(*) AS removed FROM removed GROUP BY chat_id) r
     ON r.chat_id = t.id
 ORDER BY t.id
 """
-).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
+)
+
+_CONVERGE = text("WITH" + _WHOLE + _CONVERGE_REST).bindparams(
+    bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True)))
+)
+_CONVERGE_APPENDED = text("WITH" + _APPENDED + _CONVERGE_REST).bindparams(
+    bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True)))
+)
 
 _DIFF = text(
     "WITH"
+    + _WHOLE
     + _MAPPING
     + """
 SELECT
@@ -220,6 +294,9 @@ class ChatCounts:
     updated: int  # stale or soft-deleted rows brought back in line
     removed: int  # live rows whose message left the array
     done_at: datetime  # the end of the statement (`clock_timestamp()`), for exact lag
+    # The position the mapping started from: 0 for the whole array, else the copy mapped only
+    # the elements appended since the chat's last complete copy.
+    first: int = 0
 
     @property
     def drift(self) -> int:
@@ -230,8 +307,15 @@ def _counts(rows: Sequence[Any]) -> list[ChatCounts]:
     return [ChatCounts(*row) for row in rows]
 
 
-def converge(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
+def converge(
+    session: Session, chat_ids: Sequence[uuid.UUID], *, appended: bool = False
+) -> list[ChatCounts]:
     """Make the rows of these chats equal to their JSONB; one row of counts per existing chat.
+
+    With `appended`, a chat whose record says that it only grew since its last complete copy
+    (see revision 0009) has only the new elements mapped, by position, which ends in the same
+    rows as mapping the whole array; any other chat is mapped whole. Without it every chat is
+    mapped whole, which also repairs rows changed behind the copy's back (a reconcile's job).
 
     The same statement records each chat's copied version as applied and closes the dead
     letters that a clean copy resolves (see `dead_letters.RESOLVED_BY_SYNC`). The caller must
@@ -240,7 +324,7 @@ def converge(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts
         return []
     return _counts(
         session.execute(
-            _CONVERGE,
+            _CONVERGE_APPENDED if appended else _CONVERGE,
             {"chat_ids": sorted(chat_ids), "resolved_by_sync": list(RESOLVED_BY_SYNC)},
         ).all()
     )

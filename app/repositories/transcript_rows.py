@@ -51,6 +51,8 @@ _ROW_UPDATE = """
 # nothing follows the rows any more (after the contract).
 _HEAD_MOVES = f"""
     wanted_version = :version,
+    -- The rows move on without the JSONB: a copy from it must map the whole array again.
+    elements_version = NULL,
     applied_version = CASE WHEN {_FOLLOWED} THEN s.applied_version ELSE :version END,
     dirty_since = CASE WHEN s.applied_version >= s.wanted_version THEN now()
                        ELSE s.dirty_since END
@@ -73,7 +75,8 @@ def _new_head(version: str, rows: str) -> str:
         -- Defensive: the version trigger (before the contract) only ever raises it later.
         ON CONFLICT (chat_id) DO UPDATE SET
             wanted_version = EXCLUDED.wanted_version, next_seq = EXCLUDED.next_seq,
-            applied_version = EXCLUDED.applied_version, dirty_since = now()
+            applied_version = EXCLUDED.applied_version, dirty_since = now(),
+            elements_version = NULL
         RETURNING 1
     )"""
 
@@ -467,6 +470,7 @@ def adopt_strays(session: Session, chat_id: uuid.UUID) -> int:
                     wanted_version = greatest(s.wanted_version, c.messages_version) + 1,
                     next_seq = :next_seq + (SELECT count(*) FROM inserted),
                     applied_version = c.messages_version,
+                    elements_version = NULL,
                     dirty_since = now()
                 FROM c
                 WHERE s.chat_id = c.id

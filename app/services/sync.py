@@ -138,7 +138,8 @@ def sync_chats(
         dead_letters.resolve(session, [*written, *settled], [*written, *settled])
         _record_diverged(session, diverged, task=task)
         return report
-    results = messages.converge(session, todo)
+    # Chats that only grew since their last copy have just the new elements copied.
+    results = messages.converge(session, todo, appended=True)
     for counts in results:
         report.add(counts)
         if counts.chat_id in wanted and counts.version >= wanted[counts.chat_id]:
