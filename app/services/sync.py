@@ -45,6 +45,8 @@ class SyncReport:
     # in `inserted`, `updated`, `removed` like any other.
     stalled: int = 0
     picked: int = 0  # other chats behind that this sync converged too
+    # Chats of which only the elements appended since their last copy were mapped.
+    appended: int = 0
     # Chats whose JSONB was written by something else in `table_only`: left as they are.
     diverged: int = 0
     lag_seconds: list[float] = field(default_factory=list)
@@ -56,6 +58,7 @@ class SyncReport:
         self.inserted += counts.inserted
         self.updated += counts.updated
         self.removed += counts.removed
+        self.appended += counts.first > 0
 
     def add_checked(self, counts: messages.ChatCounts, applied: int, followed: bool = True) -> None:
         """Add a chat that a reconcile compared (see `drift.state`): differences in a chat

@@ -46,9 +46,10 @@ depends_on = None
 COMPARE_MAX_BYTES = 262_144
 
 # `messages || elements`, recording that it is one (read by the version trigger of the same row,
-# which clears it). `version` and `messages` must be the row's own `messages_version` and
-# `messages`, as an UPDATE's SET sees them: re-evaluated on the newest row if the row changed
-# under the statement, so the claim always describes the row the trigger sees as OLD.
+# which clears it). Only for the new value of `messages` in an UPDATE of `copilot_chats`, with
+# `version` and `messages` the row's own `messages_version` and `messages` as the SET sees them:
+# re-evaluated on the newest row if the row changed under the statement, so the claim always
+# describes the row the trigger sees as OLD.
 APPEND = """
 CREATE OR REPLACE FUNCTION copilot_chats_append(chat uuid, version bigint, messages jsonb,
                                                 elements jsonb) RETURNS jsonb
@@ -69,6 +70,37 @@ BEGIN
                old_length + jsonb_array_length(elements)),
         true);
     RETURN messages || elements;
+END
+$$
+"""
+
+# The statement trigger of revision 0007, which fires before a statement that writes `messages`
+# computes any new value, also clears what an earlier statement of the transaction may have
+# left: a claim whose row was not written after all (the row changed under the statement and no
+# longer matched it), a verdict. A claim or verdict is thus only ever read by row triggers of
+# the statement that made it.
+HOLD_PHASE_TRIGGER_FUNCTION = """
+CREATE OR REPLACE FUNCTION copilot_chats_hold_phase() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('dualwrite.append_claim', '', true),
+            set_config('dualwrite.appended', '', true);
+    IF current_setting('dualwrite.reverse_sync', true) IS DISTINCT FROM 'on' THEN
+        PERFORM dualwrite_hold_phase();
+    END IF;
+    RETURN NULL;
+END
+$$
+"""
+
+HOLD_PHASE_TRIGGER_FUNCTION_0007 = """
+CREATE OR REPLACE FUNCTION copilot_chats_hold_phase() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('dualwrite.reverse_sync', true) IS DISTINCT FROM 'on' THEN
+        PERFORM dualwrite_hold_phase();
+    END IF;
+    RETURN NULL;
 END
 $$
 """
@@ -218,13 +250,20 @@ def upgrade() -> None:
         )
         # The trigger functions are replaced in one transaction: the wanted mark never reads a
         # verdict that the version trigger does not write.
-        step("the version triggers record appends", APPEND, BUMP_VERSION, MARK_WANTED)
+        step(
+            "the version triggers record appends",
+            APPEND,
+            HOLD_PHASE_TRIGGER_FUNCTION,
+            BUMP_VERSION,
+            MARK_WANTED,
+        )
 
 
 def downgrade() -> None:
     with online.revision_steps() as step:
         step(
             "the version triggers no longer record appends",
+            HOLD_PHASE_TRIGGER_FUNCTION_0007,
             BUMP_VERSION_0007,
             MARK_WANTED_0005,
             "DROP FUNCTION IF EXISTS copilot_chats_append(uuid, bigint, jsonb, jsonb)",
