@@ -65,8 +65,8 @@ elems AS (
             AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
             AND e.elem ->> 'id' <> ''
             AND octet_length(e.elem ->> 'id') <= 1024 AS valid
-    FROM target t
-    JOIN copilot_chats c ON c.id = t.id
+    FROM copilot_chats c
+    JOIN target t ON t.id = c.id
     -- From `first` on, only that slice is expanded: O(appended elements), apart from reading
     -- the stored array (a copy from position `first` is only chosen for an array).
     CROSS JOIN LATERAL jsonb_array_elements(
@@ -76,6 +76,7 @@ elems AS (
              WHEN jsonb_typeof(c.messages) = 'array' THEN c.messages
              ELSE '[]'::jsonb END
     ) WITH ORDINALITY AS e(elem, ord)
+    WHERE c.id = ANY(:chat_ids)  -- the chats' own rows, by their key
 ),
 src AS (
     SELECT DISTINCT ON (x.chat_id, x.elem ->> 'id')
@@ -95,12 +96,13 @@ src AS (
     JOIN target t ON t.id = x.chat_id
     WHERE x.valid
       -- A slice from `first`: an id that the elements before it already hold keeps its first
-      -- element, as in a whole mapping; those ids are exactly the chat's live rows.
-      AND (t.first = 0 OR NOT EXISTS (
-          SELECT 1 FROM copilot_chat_messages p
+      -- element, as in a whole mapping; those ids are exactly the chat's live rows. (Liveness
+      -- is read from the row, not put in the WHERE: that would steer the planner to a partial
+      -- index over all the chat's live rows instead of the unique key.)
+      AND (t.first = 0 OR NOT coalesce((
+          SELECT p.deleted_at IS NULL FROM copilot_chat_messages p
           WHERE p.chat_id = x.chat_id AND p.message_id = x.elem ->> 'id'
-            AND p.deleted_at IS NULL
-      ))
+      ), false))
     ORDER BY x.chat_id, x.elem ->> 'id', x.ord
 ),
 changed AS (
