@@ -20,6 +20,39 @@ from sqlalchemy.orm import Session
 
 from app.repositories.dead_letters import RESOLVED_BY_SYNC
 
+
+def element_valid(elem: str) -> str:
+    """SQL: whether the array element `elem` (an SQL expression) can be a row: an object with
+    an id that is a non-empty string of at most 1024 bytes. The others are skipped and counted."""
+    return (
+        f"(jsonb_typeof({elem}) = 'object'"
+        f" AND coalesce(jsonb_typeof({elem} -> 'id'), '') = 'string'"
+        f" AND {elem} ->> 'id' <> ''"
+        f" AND octet_length({elem} ->> 'id') <= 1024)"
+    )
+
+
+# The columns of `element_row`, in its order.
+ELEMENT_ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
+
+
+def element_row(elem: str, chat_created_at: str) -> str:
+    """SQL: the columns `ELEMENT_ROW_COLUMNS` of the row of the valid element `elem` of a chat
+    created at `chat_created_at` (SQL expressions). The one statement of the rules, for every
+    copy of elements to rows: the convergence, the diff, the appended copy, and the writes of
+    `table_only`, whose rows a step back must find as the forward copy would have made them.
+    (Migration 0002's backfill keeps a frozen copy of its own.)"""
+    return f"""
+    {elem} ->> 'id' AS message_id,
+    coalesce({elem} ->> 'role', 'unknown') AS role,
+    CASE WHEN jsonb_typeof({elem} -> 'streamId') = 'string'
+              AND octet_length({elem} ->> 'streamId') <= 1024
+         THEN {elem} ->> 'streamId' END AS stream_id,
+    CASE WHEN jsonb_typeof({elem} -> 'model') = 'string' THEN {elem} ->> 'model' END AS model,
+    coalesce(copilot_message_timestamp({elem} -> 'timestamp'), {chat_created_at}) AS created_at,
+    {elem} AS content"""
+
+
 # Which chats a statement maps, and from which position: the `target` CTE, one of these two,
 # gives each chat's `id, messages_version, created_at, updated_at` and `first`, the 0-based
 # position of the first element to map (0: the whole array). No `messages` here: an UPDATE ...
@@ -55,16 +88,16 @@ target AS (
 # The element-to-row mapping of the chats in `target`, from each one's `first` position. Must
 # match the backfill rules of migration 0002. Every statement that maps elements to rows (the
 # convergence, the diff, the reconcile's repairs, the copy of appended elements) uses this.
-_MAPPING = """
+_MAPPING = (
+    """
 elems AS (
     SELECT
         t.id AS chat_id,
         e.elem,
         t.first + e.ord AS ord,
-        jsonb_typeof(e.elem) = 'object'
-            AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
-            AND e.elem ->> 'id' <> ''
-            AND octet_length(e.elem ->> 'id') <= 1024 AS valid
+        """
+    + element_valid("e.elem")
+    + """ AS valid
     FROM copilot_chats c
     JOIN target t ON t.id = c.id
     -- From `first` on, only that slice is expanded: O(appended elements), apart from reading
@@ -81,17 +114,10 @@ elems AS (
 src AS (
     SELECT DISTINCT ON (x.chat_id, x.elem ->> 'id')
         x.chat_id,
-        x.elem ->> 'id' AS message_id,
-        coalesce(x.elem ->> 'role', 'unknown') AS role,
         (x.ord - 1)::int AS seq,
-        x.elem AS content,
-        CASE WHEN jsonb_typeof(x.elem -> 'streamId') = 'string'
-                  AND octet_length(x.elem ->> 'streamId') <= 1024
-             THEN x.elem ->> 'streamId' END AS stream_id,
-        CASE WHEN jsonb_typeof(x.elem -> 'model') = 'string'
-             THEN x.elem ->> 'model' END AS model,
-        coalesce(copilot_message_timestamp(x.elem -> 'timestamp'), t.created_at) AS created_at,
-        t.messages_version AS source_version
+        t.messages_version AS source_version,"""
+    + element_row("x.elem", "t.created_at")
+    + """
     FROM elems x
     JOIN target t ON t.id = x.chat_id
     WHERE x.valid
@@ -144,6 +170,7 @@ extra AS (
         ON m.chat_id = gone.chat_id AND m.message_id = gone.message_id
 )
 """
+)
 
 # The convergence after its `target`: writes the rows that differ, soft-deletes the rows that
 # left the array, records what it applied.

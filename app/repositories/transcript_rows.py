@@ -23,18 +23,10 @@ from app.repositories import chats, messages
 from app.repositories.chats import Chat, TurnState
 from app.repositories.sync_state import Written
 
-# One element (`e.elem`, position `e.ord`, 1-based) of chat `c` as a row, at version `:version`.
-_ROW = """
-    e.elem ->> 'id' AS message_id,
-    coalesce(e.elem ->> 'role', 'unknown') AS role,
-    CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string'
-              AND octet_length(e.elem ->> 'streamId') <= 1024
-         THEN e.elem ->> 'streamId' END AS stream_id,
-    CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string' THEN e.elem ->> 'model' END AS model,
-    coalesce(copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at) AS created_at,
-    e.elem AS content
-"""
-_ROW_COLUMNS = "message_id, role, stream_id, model, created_at, content"
+# One element (`e.elem`, position `e.ord`, 1-based) of chat `c` as a row, at version `:version`:
+# the forward copy's rules, so that a step back finds the rows as it would have made them.
+_ROW = messages.element_row("e.elem", "c.created_at")
+_ROW_COLUMNS = messages.ELEMENT_ROW_COLUMNS
 
 # After the contract nothing follows the rows: a write is applied as soon as it is made, so no
 # chat ever shows as behind. Before it, the JSONB (version 0 for a new chat) follows.
@@ -447,8 +439,7 @@ def adopt_strays(session: Session, chat_id: uuid.UUID) -> int:
                 SELECT DISTINCT ON (e.elem ->> 'id') e.elem, e.ord
                 FROM c CROSS JOIN LATERAL jsonb_array_elements(c.messages)
                     WITH ORDINALITY AS e(elem, ord)
-                WHERE jsonb_typeof(e.elem -> 'id') = 'string' AND e.elem ->> 'id' <> ''
-                  AND octet_length(e.elem ->> 'id') <= 1024
+                WHERE {messages.element_valid("e.elem")}
                   AND NOT EXISTS (
                       SELECT 1 FROM copilot_chat_messages m
                       WHERE m.chat_id = c.id AND m.message_id = e.elem ->> 'id'
