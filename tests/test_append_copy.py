@@ -246,6 +246,86 @@ def test_the_service_sync_takes_the_appended_path() -> None:
     assert_converged(ENGINE, [chat])
 
 
+def test_an_append_that_waited_for_another_claims_the_row_it_writes() -> None:
+    """The second of two appends waits for the first's row lock, then computes its array again
+    on the row the first left: its claim names that row, and both versions count as appends."""
+    (chat,) = new_chats(1, [element("a")])
+    copy(chat, appended=True)
+    second_done = threading.Event()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with transaction(FACTORY) as session:
+                chats_repo.append(session, chat, USER, [element("c")])
+            second_done.set()
+        except BaseException as error:  # reported by the test's thread
+            errors.append(error)
+
+    with transaction(FACTORY) as first:
+        chats_repo.append(first, chat, USER, [element("b")])
+        thread = threading.Thread(target=second)
+        thread.start()
+        wait_until(row_lock_waited, timeout=30)
+        assert not second_done.is_set()
+    thread.join(30)
+    assert not errors, errors
+    assert record(chat)["messages_version"] == 3
+    assert record(chat)["append_since"] == 1
+    counts = copy(chat, appended=True)
+    assert (counts.first, counts.inserted) == (1, 2)
+    assert_converged(ENGINE, [chat])
+
+
+def row_lock_waited() -> bool:
+    """Some backend of this database waits for a lock on a row (a transaction id)."""
+    with ENGINE.connect() as connection:
+        return bool(
+            connection.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+                    "AND wait_event IN ('transactionid', 'tuple'))"
+                )
+            ).scalar_one()
+        )
+
+
+def test_concurrent_appends_each_claim_the_row_they_write() -> None:
+    """Appends to one chat at once wait for each other's row lock, and each computes its new
+    array again on the row it finally writes: every version is still recorded as an append,
+    and the copies of what was appended end in the chat's rows."""
+    (chat,) = new_chats(1, [element("a")])
+    copy(chat, appended=True)
+    errors: list[BaseException] = []
+    copies: list[int] = []
+
+    def appender(worker: int) -> None:
+        try:
+            for i in range(8):
+                with transaction(FACTORY) as session:
+                    chats_repo.append(session, chat, USER, [element(f"w{worker}-{i}")])
+                if i % 3 == 0:
+                    with transaction(FACTORY) as session:
+                        copies.append(sync.sync_chats(session, {chat: 0}).appended)
+        except BaseException as error:  # reported by the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=appender, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert record(chat)["messages_version"] == 1 + 3 * 8
+    assert record(chat)["append_since"] == 1
+    with transaction(FACTORY) as session:
+        copies.append(sync.sync_chats(session, {chat: 0}).appended)
+    assert sum(copies) >= 1
+    assert record(chat)["applied_elements"] == 1 + 3 * 8
+    assert_converged(ENGINE, [chat])
+
+
 # ---------------------------------------------------------------------------------------------
 # The appended path against the whole one, for random histories
 
