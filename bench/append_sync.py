@@ -3,14 +3,19 @@ appended message (`sync.sync_chats`: claim, convergence, commit) on chats of 10 
 / 20,000 messages, by the whole-chat convergence (forced) and by the copy of what was appended,
 beside a single-row insert of that message (what an inline dual-write pays) on a chat of the
 same length. Targets: the appended copy within 2x the row insert, and flat in the chat's length
-(20,000 messages within 2x of 10). Writes bench/out/append_sync.csv and .png.
+(20,000 messages within 2x of 10). Writes bench/out/append_sync[_incompressible].csv and .png.
 
-    .venv/bin/python -m bench.append_sync [--runs 15] [--sizes 10,1000,5000,20000] [--quick]
+    .venv/bin/python -m bench.append_sync [--runs 15] [--sizes 10,1000,5000,20000]
+        [--incompressible] [--quick]
+
+The appended copy still reads the chat's stored array (one detoast, O(its stored size)): the
+elements are taken from the JSONB by position. `--incompressible` shows that bound.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import statistics
 import time
 import uuid
@@ -54,8 +59,11 @@ class ConvergeClock:
             yield
 
 
-def create(factory: Any, size: int) -> uuid.UUID:
+def create(factory: Any, size: int, *, incompressible: bool = False) -> uuid.UUID:
     elements = [infra.message(f"m{i}", "user" if i % 2 else "assistant") for i in range(size)]
+    if incompressible:  # what TOAST compression cannot shrink: the whole array is read as is
+        for e in elements:
+            e["content"] = secrets.token_hex(infra.CONTENT_BYTES // 2)
     with transaction(factory) as session:
         chat = chats_repo.create(
             session, user_id=USER, title=None, model="gpt-4o", workflow_id=None, messages=elements
@@ -112,13 +120,19 @@ def insert_row(factory: Any, chat: uuid.UUID, n: int) -> float:
 
 def main() -> None:
     args = infra.options(
-        __doc__, {"runs": 3, "sizes": "10,100"}, runs=15, sizes="10,1000,5000,20000"
+        __doc__,
+        {"runs": 3, "sizes": "10,100"},
+        runs=15,
+        sizes="10,1000,5000,20000",
+        incompressible=(False, "random message contents (the array is stored uncompressed)"),
     )
     sizes = [int(s) for s in args.sizes.split(",")]
     results: list[list[Any]] = []
     with infra.database("bench_append") as url, infra.sessions(url, worker=True) as factory:
         for size in sizes:
-            whole_chat, appended_chat, reference = (create(factory, size) for _ in range(3))
+            whole_chat, appended_chat, reference = (
+                create(factory, size, incompressible=args.incompressible) for _ in range(3)
+            )
             samples: dict[str, list[float]] = {}
             for n in range(args.runs + 1):  # the first round warms up
                 taken: dict[str, float] = {}
@@ -195,7 +209,8 @@ def main() -> None:
             ],
         ],
     )
-    infra.write_csv("append_sync.csv", headers, results)
+    name = "append_sync_incompressible" if args.incompressible else "append_sync"
+    infra.write_csv(f"{name}.csv", headers, results)
 
     def draw(ax: Any) -> None:
         xs = [r[0] for r in results]
@@ -209,7 +224,7 @@ def main() -> None:
         ax.set_ylabel("ms per append (p50)")
         ax.set_title("Copy of one append vs the chat's length")
 
-    infra.plot(infra.OUT / "append_sync.png", draw)
+    infra.plot(infra.OUT / f"{name}.png", draw)
 
 
 def _diff(factory: Any, chat_ids: list[uuid.UUID]) -> list[messages.ChatCounts]:
