@@ -12,7 +12,9 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from sqlalchemy import Engine
 
+from app.settings import Settings
 from harness.processes import RedisServer, WorkerProcess
 from harness.processes import free_port as free_port
 from tests.support import ROOT, wait_converged
@@ -104,14 +106,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings():  # type: ignore[no-untyped-def]
+def settings():
     from app.settings import get_settings
 
     return get_settings()
 
 
 @pytest.fixture(scope="session")
-def engine(settings):  # type: ignore[no-untyped-def]
+def engine(settings: Settings):
     from app.db import make_engine
 
     engine = make_engine(settings, pool_size=2)
@@ -120,14 +122,14 @@ def engine(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def sessionmaker(engine):  # type: ignore[no-untyped-def]
+def sessionmaker(engine: Engine):
     from app.db import make_sessionmaker
 
     return make_sessionmaker(engine)
 
 
 @pytest.fixture()
-def set_phase(engine):  # type: ignore[no-untyped-def]
+def set_phase(engine: Engine):
     """`set_phase(name)` puts the database in a rollout phase, as `phase set --force` would,
     without catching up; the phase goes back to `dual_write` after the test."""
     from sqlalchemy import text
@@ -157,7 +159,7 @@ def worker() -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def clean(engine) -> None:  # type: ignore[no-untyped-def]
+def clean(engine: Engine) -> None:
     """Empty tables; for tests that look at every chat rather than their own."""
     from sqlalchemy import text
 
@@ -166,7 +168,7 @@ def clean(engine) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def api(settings):  # type: ignore[no-untyped-def]
+def api(settings: Settings):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -176,7 +178,7 @@ def api(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def auth(settings):  # type: ignore[no-untyped-def]
+def auth(settings: Settings):
     from app.auth import issue_token
 
     def headers(user: str = "alice", admin: bool = False) -> dict[str, str]:
@@ -188,7 +190,7 @@ def auth(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def converged(engine, worker):  # type: ignore[no-untyped-def]
+def converged(engine: Engine, worker: WorkerProcess):
     """`converged(*chat_ids)` waits for the worker to bring those chats in line with the JSONB."""
 
     def wait(*chat_ids: object, timeout: float = 30.0) -> None:
@@ -255,7 +257,7 @@ def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def fault_api(broker: RedisServer):  # type: ignore[no-untyped-def]
+def fault_api(broker: RedisServer):
     """An API client whose publishes go to the test's own broker."""
     from fastapi.testclient import TestClient
 

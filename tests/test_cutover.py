@@ -271,7 +271,7 @@ def test_a_reconcile_of_a_window_does_not_open_the_read_table_gate(own_db: OwnDa
     assert moved.returncode == 0, said(moved)
 
 
-def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(  # type: ignore[no-untyped-def]
+def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(
     api, auth, engine: Engine, converged, clean, phase_row: None
 ) -> None:
     chats = seed(api, auth, 2)
@@ -299,7 +299,7 @@ def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair( 
     assert last_line(moved) == "phase: read_table"
 
 
-def test_read_table_with_a_shadow_mismatch_since_the_last_reconcile_is_refused(  # type: ignore[no-untyped-def]
+def test_read_table_with_a_shadow_mismatch_since_the_last_reconcile_is_refused(
     api, auth, engine: Engine, converged, clean, phase_row: None
 ) -> None:
     chats = seed(api, auth, 1)
@@ -349,7 +349,7 @@ def test_an_unknown_phase_name_exits_2_and_lists_the_phases(
 # The walk: forward with every gate satisfied, back one step, and a forced step.
 
 
-def test_the_walk_to_table_only_and_one_step_back_is_recorded_and_loses_nothing(  # type: ignore[no-untyped-def]
+def test_the_walk_to_table_only_and_one_step_back_is_recorded_and_loses_nothing(
     api, auth, engine: Engine, converged, clean, phase_row: None
 ) -> None:
     chats = seed(api, auth, 2)
@@ -425,7 +425,7 @@ def test_a_forced_step_is_recorded_with_the_gates_it_skipped(
 # An interrupted step: shown, undone by staying, finished by going.
 
 
-def test_an_interrupted_step_is_shown_undone_and_finished(  # type: ignore[no-untyped-def]
+def test_an_interrupted_step_is_shown_undone_and_finished(
     api, auth, engine: Engine, converged, clean, phase_row: None
 ) -> None:
     chats = seed(api, auth, 1)
@@ -553,7 +553,7 @@ def contract_on_a_terminal(db: OwnDatabase, answer: str) -> tuple[int, str]:
     return proc.wait(60), shown.decode(errors="replace")
 
 
-def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everything(  # type: ignore[no-untyped-def]
+def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everything(
     contracting: Contracting, auth
 ) -> None:
     db, api, worker = contracting.db, contracting.api, contracting.worker

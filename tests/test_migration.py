@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from app.settings import Settings
+from harness.processes import WorkerProcess
 from tasks.publish import producer
 from tests.conftest import (
     RUN_ID,
@@ -316,7 +317,7 @@ def test_backfill_resumes_after_a_kill_and_copies_nothing_twice(
     assert len(rows_xmin(legacy.engine)) == 160 * 30
 
 
-def test_trigger_bumps_the_version_whoever_writes(engine) -> None:  # type: ignore[no-untyped-def]
+def test_trigger_bumps_the_version_whoever_writes(engine: Engine) -> None:
     with engine.begin() as connection:
         empty = connection.execute(
             text(
@@ -367,9 +368,9 @@ def test_trigger_bumps_the_version_whoever_writes(engine) -> None:  # type: igno
 
 
 def test_old_application_writes_reach_the_table_through_the_sweep_alone(
-    engine,
+    engine: Engine,
     broker: RedisServer,
-    fault_worker,  # type: ignore[no-untyped-def]
+    fault_worker: WorkerProcess,
 ) -> None:
     old = OldApp(os.environ["DATABASE_URL"], [])
     with psycopg.connect(old.url, autocommit=True) as connection:

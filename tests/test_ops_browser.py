@@ -94,7 +94,7 @@ def arrived(browser: Any, element_id: str) -> Any:
     )
 
 
-def test_the_page_in_a_browser_shows_the_rollout_and_replays_a_dead_letter(  # type: ignore[no-untyped-def]
+def test_the_page_in_a_browser_shows_the_rollout_and_replays_a_dead_letter(
     browser, ops_api, engine, sessionmaker, clean, no_open_letters, tmp_path
 ) -> None:
     from selenium.webdriver.common.by import By

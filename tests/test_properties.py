@@ -49,7 +49,7 @@ class DualWrite(RuleBasedStateMachine):
         self.lost: set[uuid.UUID] = set()  # chats one of whose tasks was dropped
         self.versions: dict[tuple[uuid.UUID, str], int] = {}
 
-    def _do(self, operation, *args):  # type: ignore[no-untyped-def]
+    def _do(self, operation, *args):
         jobs = JobQueue()
         with transaction(FACTORY) as session:
             ctx = service.Context(session=session, jobs=jobs, settings=SETTINGS, user_id=USER)
@@ -69,7 +69,7 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(data=st.data(), message_id=ids, content=contents)
-    def append(self, data, message_id, content) -> None:  # type: ignore[no-untyped-def]
+    def append(self, data, message_id, content) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         body = schemas.AppendMessage.model_validate(
             {"message": element(message_id, content)}, strict=False
@@ -83,7 +83,7 @@ class DualWrite(RuleBasedStateMachine):
         data=st.data(),
         snapshot=st.lists(st.tuples(ids, contents), max_size=6, unique_by=lambda t: t[0]),
     )
-    def replace(self, data, snapshot) -> None:  # type: ignore[no-untyped-def]
+    def replace(self, data, snapshot) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         body = schemas.ReplaceMessages.model_validate(
             {"messages": [element(i, c) for i, c in snapshot]}, strict=False
@@ -92,7 +92,7 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(data=st.data(), message_id=ids)
-    def fork(self, data, message_id) -> None:  # type: ignore[no-untyped-def]
+    def fork(self, data, message_id) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         try:
             forked = self._do(service.fork_chat, chat, schemas.Fork(up_to_message_id=message_id))
@@ -102,14 +102,14 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(data=st.data())
-    def delete(self, data) -> None:  # type: ignore[no-untyped-def]
+    def delete(self, data) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         self._do(service.delete_chat, chat)
         self.deleted.add(chat)
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data(), keep=st.booleans())
-    def deliver(self, data, keep) -> None:  # type: ignore[no-untyped-def]
+    def deliver(self, data, keep) -> None:
         """Deliver any pending task (reordering); keep it queued to deliver it again later."""
         index = data.draw(st.integers(0, len(self.pending) - 1))
         self._run(*(self.pending[index] if keep else self.pending.pop(index)))
@@ -123,7 +123,7 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())
-    def drop(self, data) -> None:  # type: ignore[no-untyped-def]
+    def drop(self, data) -> None:
         chat, _ = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
         self.lost.add(chat)
 

@@ -10,9 +10,10 @@ import re
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app.db import transaction
 from app.jobs import SYNC_CHAT, SYNC_MESSAGES
@@ -20,18 +21,27 @@ from app.repositories import chats as chats_repo
 from app.repositories import sync_state
 from app.services import sync
 from app.settings import Settings
+from harness.processes import RedisServer
 from tasks.maintenance import SWEEP
 from tasks.publish import producer
 from tasks.queues import Queue
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
-from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
+from tests.support import (
+    SessionFactory,
+    WorkerProcess,
+    assert_converged,
+    wait_converged,
+    wait_until,
+)
 
 
 def element(id_: str, content: str = "x") -> dict[str, object]:
     return {"id": id_, "role": "user", "content": content, "timestamp": "2026-01-01T00:00:00Z"}
 
 
-def build_history(sessionmaker) -> tuple[uuid.UUID, list[tuple[str, tuple[object, ...]]]]:  # type: ignore[no-untyped-def]
+def build_history(
+    sessionmaker: SessionFactory,
+) -> tuple[uuid.UUID, list[tuple[str, tuple[object, ...]]]]:
     """A chat taken through append, edit, removal and append, without publishing anything;
     returns it with the task each mutation would have enqueued."""
     tasks: list[tuple[str, tuple[object, ...]]] = []
@@ -52,7 +62,7 @@ def build_history(sessionmaker) -> tuple[uuid.UUID, list[tuple[str, tuple[object
     return cid, tasks
 
 
-def rows(engine, chat_id: uuid.UUID) -> list[tuple[object, ...]]:  # type: ignore[no-untyped-def]
+def rows(engine: Engine, chat_id: uuid.UUID) -> list[tuple[object, ...]]:
     with engine.connect() as connection:
         return [
             tuple(r)
@@ -72,7 +82,9 @@ def send(task: str, args: tuple[object, ...]) -> str:
     return str(celery.send_task(task, args=args).id)
 
 
-def test_any_order_and_any_repetition_end_in_the_same_rows(engine, sessionmaker, worker) -> None:  # type: ignore[no-untyped-def]
+def test_any_order_and_any_repetition_end_in_the_same_rows(
+    engine: Engine, sessionmaker: SessionFactory, worker: WorkerProcess
+) -> None:
     finals = []
     for order in ([0, 1, 2], [2, 1, 0], [1, 1, 0, 2, 2, 0]):
         chat_id, tasks = build_history(sessionmaker)
@@ -86,7 +98,7 @@ def test_any_order_and_any_repetition_end_in_the_same_rows(engine, sessionmaker,
     assert [r[:2] for r in finals[0] if not r[3]] == [("a", 0), ("c", 1), ("d", 2)]
 
 
-def _applied(engine, chat_id: uuid.UUID) -> int:  # type: ignore[no-untyped-def]
+def _applied(engine: Engine, chat_id: uuid.UUID) -> int:
     with engine.connect() as connection:
         return int(
             connection.execute(
@@ -96,14 +108,18 @@ def _applied(engine, chat_id: uuid.UUID) -> int:  # type: ignore[no-untyped-def]
         )
 
 
-def test_an_old_task_delivered_late_reads_the_current_jsonb(engine, sessionmaker, worker) -> None:  # type: ignore[no-untyped-def]
+def test_an_old_task_delivered_late_reads_the_current_jsonb(
+    engine: Engine, sessionmaker: SessionFactory, worker: WorkerProcess
+) -> None:
     chat_id, tasks = build_history(sessionmaker)
     send(*tasks[0])  # the first append's task, delivered only after everything else happened
     wait_until(lambda: _applied(engine, chat_id) == 3)
     assert_converged(engine, [chat_id])
 
 
-def test_a_task_for_a_deleted_chat_succeeds_quietly(engine, sessionmaker, worker) -> None:  # type: ignore[no-untyped-def]
+def test_a_task_for_a_deleted_chat_succeeds_quietly(
+    engine: Engine, sessionmaker: SessionFactory, worker: WorkerProcess
+) -> None:
     chat_id, tasks = build_history(sessionmaker)
     with transaction(sessionmaker) as session:
         assert chats_repo.delete(session, chat_id, "u")
@@ -114,7 +130,9 @@ def test_a_task_for_a_deleted_chat_succeeds_quietly(engine, sessionmaker, worker
     assert "Traceback" not in worker.log()
 
 
-def test_service_skips_versions_already_applied(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+def test_service_skips_versions_already_applied(
+    sessionmaker: SessionFactory, engine: Engine
+) -> None:
     chat_id, _ = build_history(sessionmaker)
     with transaction(sessionmaker) as session:
         first = sync.sync_chats(session, {chat_id: 3})
@@ -127,7 +145,9 @@ def test_service_skips_versions_already_applied(sessionmaker, engine) -> None:  
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
-def test_service_converges_whatever_the_order(sessionmaker, engine, order) -> None:  # type: ignore[no-untyped-def]
+def test_service_converges_whatever_the_order(
+    sessionmaker: SessionFactory, engine: Engine, order
+) -> None:
     chat_id, tasks = build_history(sessionmaker)
     for index in order:
         version = int(tasks[index][1][-1])  # type: ignore[call-overload]
@@ -137,7 +157,9 @@ def test_service_converges_whatever_the_order(sessionmaker, engine, order) -> No
     assert _applied(engine, chat_id) == 3
 
 
-def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(
+    sessionmaker: SessionFactory, engine: Engine
+) -> None:
     import os
     import threading
 
@@ -169,7 +191,7 @@ def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(sessionmaker, eng
 # the syncs it sends pile up), and a sync worker started later.
 
 
-def behind_chats(sessionmaker, count: int) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]
+def behind_chats(sessionmaker: SessionFactory, count: int) -> list[uuid.UUID]:
     """Chats whose copy is behind and whose task was never published."""
     with transaction(sessionmaker) as session:
         return [
@@ -186,7 +208,7 @@ def behind_chats(sessionmaker, count: int) -> list[uuid.UUID]:  # type: ignore[n
 
 
 @pytest.fixture()
-def sweeper(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+def sweeper(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
     """A worker that consumes only the maintenance queue: the syncs it sends wait."""
     env = {
         **os.environ,
@@ -209,7 +231,7 @@ def sweeper(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untype
         process.stop()
 
 
-def sweep_once(broker, sweeper: WorkerProcess) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def sweep_once(broker: RedisServer, sweeper: WorkerProcess) -> dict[str, int]:
     """Run one sweep on the sweeper and return what it reported."""
     task_id = producer(Settings(redis_url=broker.url)).send_task(SWEEP).id
     line = wait_until(
@@ -222,7 +244,7 @@ def sweep_once(broker, sweeper: WorkerProcess) -> dict[str, int]:  # type: ignor
     return report
 
 
-def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-untyped-def]
+def test_the_sweep_under_a_backlog_sends_each_chat_once(
     broker, hooks, sessionmaker, engine, sweeper, clean
 ) -> None:
     chats = behind_chats(sessionmaker, 40)
@@ -248,7 +270,7 @@ def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-unty
     assert queued_marks(engine) == 0
 
 
-def queued_marks(engine) -> int:  # type: ignore[no-untyped-def]
+def queued_marks(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(
             conn.execute(
@@ -257,7 +279,7 @@ def queued_marks(engine) -> int:  # type: ignore[no-untyped-def]
         )
 
 
-def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(  # type: ignore[no-untyped-def]
+def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(
     broker, hooks, sessionmaker, engine, sweeper, clean
 ) -> None:
     (chat,) = behind_chats(sessionmaker, 1)
@@ -288,7 +310,9 @@ def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(  # type:
         worker.stop()
 
 
-def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, clean) -> None:  # type: ignore[no-untyped-def]
+def test_the_sweep_reads_the_backlog_without_resetting_its_age(
+    sessionmaker: SessionFactory, clean: None
+) -> None:
     chats = behind_chats(sessionmaker, 3)
     with transaction(sessionmaker) as session:
         session.execute(
@@ -315,7 +339,7 @@ def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, cle
 
 
 @pytest.fixture()
-def batch_worker(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+def batch_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
     worker = start_worker(broker, hooks, "batch", SYNC_BATCH_EXTRA="25")
     try:
         yield worker
@@ -323,13 +347,13 @@ def batch_worker(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-u
         worker.stop()
 
 
-def sync_one(broker, chat: uuid.UUID) -> str:  # type: ignore[no-untyped-def]
+def sync_one(broker: RedisServer, chat: uuid.UUID) -> str:
     return str(
         producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=[str(chat), 1]).id
     )
 
 
-def test_one_task_converges_other_chats_behind_in_the_same_statement(  # type: ignore[no-untyped-def]
+def test_one_task_converges_other_chats_behind_in_the_same_statement(
     broker, batch_worker, sessionmaker, engine, clean
 ) -> None:
     chats = behind_chats(sessionmaker, 12)
@@ -340,7 +364,7 @@ def test_one_task_converges_other_chats_behind_in_the_same_statement(  # type: i
     assert len(received) == 1
 
 
-def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(  # type: ignore[no-untyped-def]
+def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(
     broker, batch_worker, sessionmaker, engine, clean
 ) -> None:
     own, held = behind_chats(sessionmaker, 2)
@@ -361,7 +385,7 @@ def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(  # type: ignor
         holder.rollback()
 
 
-def test_a_chat_whose_copy_fails_does_not_fail_the_task_that_picked_it(  # type: ignore[no-untyped-def]
+def test_a_chat_whose_copy_fails_does_not_fail_the_task_that_picked_it(
     broker, batch_worker, sessionmaker, engine, clean
 ) -> None:
     own, poison = behind_chats(sessionmaker, 2)
