@@ -15,7 +15,8 @@ import redis
 from sqlalchemy import Engine
 
 from app.settings import Settings
-from harness.processes import RedisServer, WorkerProcess
+from harness.processes import RedisServer as RedisServer
+from harness.processes import WorkerProcess
 from harness.processes import free_port as free_port
 from tests.support import ROOT, wait_converged
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from harness.processes import WorkerProcess as WorkerProcess
-from harness.processes import wait_until
+from harness.processes import wait_until as wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -101,7 +101,11 @@ BAD_MESSAGES = [
 
 @pytest.mark.parametrize(("bad", "field"), BAD_MESSAGES)
 def test_invalid_message_is_422_naming_the_field_and_changes_nothing(
-    api, auth, engine, bad, field
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    bad: object,
+    field: str,
 ) -> None:
     chat_id = new_chat(api, auth)
     api.post(f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth())
@@ -311,7 +315,14 @@ UNSTORABLE = [
     ids=[case[0] for case in UNSTORABLE],
 )
 def test_unstorable_message_is_422_naming_its_path_and_changes_nothing(
-    api, auth, engine, route, fields, path, kind, says
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    route: str,
+    fields: dict[str, object],
+    path: str,
+    kind: str,
+    says: str,
 ) -> None:
     chat_id, where, send = prepare(api, auth, route, fields)
     before = stored(engine, chat_id)
@@ -333,7 +344,11 @@ def nested(levels: int) -> list[Any]:
 
 @pytest.mark.parametrize("route", MESSAGE_ROUTES)
 def test_message_nested_beyond_the_depth_limit_is_422_and_changes_nothing(
-    api, auth, engine, settings, route
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+    route: str,
 ) -> None:
     limit = settings.max_message_depth
     # The message is level 1 and `meta` level 2: its innermost array is one level too deep.
@@ -410,7 +425,12 @@ def chats_of(engine: Engine, user: str) -> int:
     ids=["nul", "surrogate"],
 )
 def test_unstorable_chat_field_is_422_and_creates_nothing(
-    api, auth, engine, field, value, says
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    field: str,
+    value: object,
+    says: str,
 ) -> None:
     user = f"creator-{uuid.uuid4().hex[:8]}"
     response = send_raw(api, "POST", "/chats", {field: value}, auth(user))
@@ -426,7 +446,11 @@ def test_unstorable_chat_field_is_422_and_creates_nothing(
     [("user_id", "a\x00b"), ("title", "\udfff"), ("model", "m\x00"), ("workflow_id", "\x00")],
 )
 def test_unstorable_import_field_is_422_and_creates_nothing(
-    api, auth, engine, field, value
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    field: str,
+    value: object,
 ) -> None:
     user = f"importee-{uuid.uuid4().hex[:8]}"
     body = {"user_id": user, "messages": [message()], field: value}
@@ -441,7 +465,10 @@ def test_unstorable_import_field_is_422_and_creates_nothing(
 
 @pytest.mark.parametrize("up_to", ["m\x00", "m\ud800"], ids=["nul", "surrogate"])
 def test_unstorable_fork_point_is_422_and_forks_nothing(
-    api: TestClient, auth: AuthHeaders, engine: Engine, up_to
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    up_to,
 ) -> None:
     user = f"forker-{uuid.uuid4().hex[:8]}"
     chat_id = new_chat(api, auth, user)
@@ -586,7 +613,13 @@ def test_a_body_nested_too_deep_to_decode_is_422(api: TestClient, auth: AuthHead
     ],
 )
 def test_a_route_that_carries_less_has_a_smaller_body_cap(
-    api, auth, engine, settings, monkeypatch, route, cap
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+    cap: int,
 ) -> None:
     chat_id = new_chat(api, auth)
     before = snapshot(engine, chat_id)

@@ -179,7 +179,8 @@ def waiting_on_locks() -> int:
 
 
 def test_a_burst_on_one_chat_holds_two_connections_and_turns_the_rest_away(
-    auth, row_lock: RowLock
+    auth: AuthHeaders,
+    row_lock: RowLock,
 ) -> None:
     """Twelve concurrent appends to a chat whose row is locked: two take a connection and wait
     on the lock, four wait in the API without one, six get 503 with `Retry-After` at once;
@@ -243,7 +244,8 @@ def test_a_request_takes_its_users_gate_once(auth: AuthHeaders) -> None:
 
 
 def test_one_users_burst_past_their_cap_is_503_while_another_user_goes_through(
-    auth, row_lock: RowLock
+    auth: AuthHeaders,
+    row_lock: RowLock,
 ) -> None:
     """A user with USER_CONCURRENCY=2 and USER_QUEUE=1: two appends wait on locked chats (each
     holding a connection and a thread), a read waits in the API without either, and the user's

@@ -41,7 +41,7 @@ def small_settings(settings: Settings):
 
 @pytest.fixture(scope="module")
 def small(small_settings: Settings) -> Iterator[TestClient]:
-    app = create_app(small_settings, send_many=lambda jobs: [True] * len(jobs))
+    app = create_app(small_settings, send_many=lambda jobs: [None] * len(jobs))
     try:
         with TestClient(app) as client:
             yield client
@@ -86,7 +86,12 @@ def full_chat(
 
 
 def grow(
-    client: TestClient, auth: AuthHeaders, route: str, chat_id: str, sent: list[Any], extra: int
+    client: TestClient,
+    auth: AuthHeaders,
+    route: str,
+    chat_id: str,
+    sent: list[Any],
+    extra: int,
 ):
     """A request that takes the chat to len(sent) + `extra` messages by `route`."""
     new = [message("user" if i % 2 == 0 else "assistant") for i in range(extra)]
@@ -111,7 +116,12 @@ ROUTES = ["append", "complete", "inbox", "replace", "import"]
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_write_past_the_message_limit_is_413_and_stores_nothing(
-    small, auth, engine, set_phase, phase, route
+    small: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+    phase: str,
+    route: str,
 ) -> None:
     set_phase(phase)
     # A full chat (its last turn open, for complete); inbox adds two to one place left.
@@ -135,7 +145,12 @@ def test_a_write_past_the_message_limit_is_413_and_stores_nothing(
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 @pytest.mark.parametrize("route", ["append", "replace"])
 def test_a_write_past_the_byte_limit_is_413_and_stores_nothing(
-    small, auth, engine, set_phase, phase, route
+    small: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+    phase: str,
+    route: str,
 ) -> None:
     set_phase(phase)
     chat_id, _ = full_chat(small, auth, 0)
@@ -223,7 +238,10 @@ def test_of_two_concurrent_appends_for_the_last_slot_one_is_refused(
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 def test_get_chat_returns_the_last_page_and_a_cursor(
-    small, auth: AuthHeaders, set_phase: SetPhase, phase
+    small: TestClient,
+    auth: AuthHeaders,
+    set_phase: SetPhase,
+    phase: str,
 ) -> None:
     set_phase(phase)
     created = small.post("/chats", json={}, headers=auth())

@@ -79,7 +79,9 @@ def clear(sessionmaker: SessionFactory, chat: uuid.UUID) -> None:
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 def test_a_write_sends_a_sync_only_while_none_waits(
-    sessionmaker: SessionFactory, set_phase: SetPhase, phase
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
+    phase: str,
 ) -> None:
     set_phase(phase)
     chat = new_chat(sessionmaker)

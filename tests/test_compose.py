@@ -212,7 +212,7 @@ def test_api_port_and_healthcheck_reach_the_readiness_route() -> None:
     # Building the app creates an engine but opens no connection.
     api = create_app(
         Settings(auth_secret="a-real-secret-for-tests-" + "x" * 16),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     try:
         assert url.path in {getattr(route, "path", None) for route in api.routes}

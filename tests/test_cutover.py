@@ -34,7 +34,15 @@ from tests.conftest import (
     drop_database,
     start_worker,
 )
-from tests.support import ROOT, WorkerProcess, read_terminal, snapshot, wait_until
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    WaitConverged,
+    WorkerProcess,
+    read_terminal,
+    snapshot,
+    wait_until,
+)
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import change_content, printed_run_id, seed
 
@@ -272,7 +280,12 @@ def test_a_reconcile_of_a_window_does_not_open_the_read_table_gate(own_db: OwnDa
 
 
 def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(
-    api, auth, engine: Engine, converged, clean, phase_row: None
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 2)
     converged(*chats)
@@ -300,7 +313,12 @@ def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(
 
 
 def test_read_table_with_a_shadow_mismatch_since_the_last_reconcile_is_refused(
-    api, auth, engine: Engine, converged, clean, phase_row: None
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 1)
     converged(*chats)
@@ -350,7 +368,12 @@ def test_an_unknown_phase_name_exits_2_and_lists_the_phases(
 
 
 def test_the_walk_to_table_only_and_one_step_back_is_recorded_and_loses_nothing(
-    api, auth, engine: Engine, converged, clean, phase_row: None
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 2)
     converged(*chats)
@@ -426,7 +449,12 @@ def test_a_forced_step_is_recorded_with_the_gates_it_skipped(
 
 
 def test_an_interrupted_step_is_shown_undone_and_finished(
-    api, auth, engine: Engine, converged, clean, phase_row: None
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 1)
     converged(*chats)
@@ -554,7 +582,8 @@ def contract_on_a_terminal(db: OwnDatabase, answer: str) -> tuple[int, str]:
 
 
 def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everything(
-    contracting: Contracting, auth
+    contracting: Contracting,
+    auth: AuthHeaders,
 ) -> None:
     db, api, worker = contracting.db, contracting.api, contracting.worker
     admin = auth("root", admin=True)

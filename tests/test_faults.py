@@ -79,7 +79,13 @@ def dead_letters_of(engine: Engine, chat_id: str) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("fault", ["stopped", "hung", "out_of_memory"])
 def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
-    fault, broker, fault_worker, fault_api, auth, engine, settings
+    fault,
+    broker: RedisServer,
+    fault_worker: WorkerProcess,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
 ) -> None:
     chats = [new_chat(fault_api, auth) for _ in range(10)]
     failures = metrics.ENQUEUE_FAILURES.labels("chats.sync_messages")

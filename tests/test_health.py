@@ -125,7 +125,7 @@ def test_readyz_names_the_phase_when_the_migration_has_not_run(settings: Setting
     url = create_database(name)
     app = create_app(
         Settings(database_url=url, auth_secret=settings.signing_secret),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     try:
         with TestClient(app) as client:
@@ -142,7 +142,7 @@ def test_readyz_names_the_phase_when_the_migration_has_not_run(settings: Setting
 def test_a_storm_of_probes_reads_the_database_once_per_cache_period(settings: Settings) -> None:
     app = create_app(
         Settings(auth_secret=settings.signing_secret, ready_cache_seconds=60),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     phase_reads = []
 
@@ -172,7 +172,7 @@ def test_readyz_stays_200_while_the_api_pool_is_exhausted(settings: Settings) ->
             api_pool_timeout_seconds=5,
             ready_cache_seconds=0,
         ),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     try:
         with TestClient(app) as client, app.state.engine.connect():  # the pool's only one

@@ -209,7 +209,7 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings: Settings)
         database_url=f"postgresql://postgres@127.0.0.1:{port}/nothing",
         auth_secret=settings.signing_secret,
     )
-    app = create_app(down, send_many=lambda jobs: [True] * len(jobs))
+    app = create_app(down, send_many=lambda jobs: [None] * len(jobs))
     try:
         with TestClient(app) as client:
             assert client.get("/healthz").status_code == 200
@@ -234,7 +234,7 @@ def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(
         port = probe.getsockname()[1]
     unreachable = create_app(
         settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"}),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     try:
         with TestClient(unreachable) as client:
@@ -306,7 +306,7 @@ def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(
 def test_database_gauges_are_read_once_per_cache_window(settings: Settings) -> None:
     cached = create_app(
         settings.model_copy(update={"metrics_cache_seconds": 60}),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     statements: list[str] = []
 

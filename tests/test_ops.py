@@ -119,7 +119,10 @@ def test_ops_basic_auth_must_be_user_and_password() -> None:
 
 
 def test_the_page_shows_phase_gates_backlog_dead_letters_and_refreshes(
-    ops, sessionmaker, clean, no_open_letters
+    ops: TestClient,
+    sessionmaker: SessionFactory,
+    clean: None,
+    no_open_letters: None,
 ) -> None:
     chat_id, letter = _behind_chat_with_dead_letter(sessionmaker)
     response = ops.get("/ops/", headers=AUTH)
@@ -209,7 +212,7 @@ def test_replay_all_through_the_page(
     engine: Engine,
     sessionmaker: SessionFactory,
     worker: WorkerProcess,
-    no_open_letters,
+    no_open_letters: None,
 ) -> None:
     letters = [_behind_chat_with_dead_letter(sessionmaker) for _ in range(2)]
     confirm = ops.get("/ops/replay?all=1", headers=AUTH)
@@ -425,7 +428,9 @@ def test_in_table_only_the_page_shows_the_reverse_backlog_and_the_contract_to_co
 
 
 def test_a_confirmation_of_every_replay_lists_a_bounded_few_and_counts_them_all(
-    ops, engine, no_open_letters
+    ops: TestClient,
+    engine: Engine,
+    no_open_letters: None,
 ) -> None:
     """After an incident there may be tens of thousands of open dead letters: the confirmation
     of `all` lists the first ones and says how many it would replay."""

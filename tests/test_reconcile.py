@@ -485,7 +485,12 @@ def reconcile_lock() -> Iterator[psycopg.Connection[Any]]:
 
 
 def test_a_reconcile_that_finds_the_lock_held_does_nothing(
-    api, auth, engine, sessionmaker, converged, reconcile_lock
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    reconcile_lock: psycopg.Connection[Any],
 ) -> None:
     chats = seed(api, auth, 1)
     (chat_id,) = chats

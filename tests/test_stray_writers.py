@@ -25,6 +25,7 @@ from app.repositories import chats as chats_repo
 from app.repositories import messages as messages_repo
 from app.repositories import sync_state
 from app.services import replay, sync
+from harness.processes import RedisServer
 from tests.support import ROOT, AuthHeaders, SessionFactory, SetPhase, wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_transitions import Client, api_process, quiet_and_equal
@@ -283,7 +284,13 @@ def script_chats(engine: Engine, count: int) -> list[str]:
 
 
 def test_script_writers_and_api_clients_through_repeated_steps_lose_nothing(
-    api_process, auth, engine, sessionmaker, broker, set_phase, clean
+    api_process: str,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    broker: RedisServer,
+    set_phase: SetPhase,
+    clean: None,
 ) -> None:
     """Two plain-SQL connections append ~100 times a second, two API clients chat, and the
     phase steps `read_table` <-> `table_only` eight times: every step goes through, and every

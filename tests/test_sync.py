@@ -146,7 +146,9 @@ def test_service_skips_versions_already_applied(
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
 def test_service_converges_whatever_the_order(
-    sessionmaker: SessionFactory, engine: Engine, order
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    order,
 ) -> None:
     chat_id, tasks = build_history(sessionmaker)
     for index in order:
@@ -245,7 +247,12 @@ def sweep_once(broker: RedisServer, sweeper: WorkerProcess) -> dict[str, int]:
 
 
 def test_the_sweep_under_a_backlog_sends_each_chat_once(
-    broker, hooks, sessionmaker, engine, sweeper, clean
+    broker: RedisServer,
+    hooks: Path,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    sweeper: WorkerProcess,
+    clean: None,
 ) -> None:
     chats = behind_chats(sessionmaker, 40)
     reports = [sweep_once(broker, sweeper) for _ in range(3)]
@@ -280,7 +287,12 @@ def queued_marks(engine: Engine) -> int:
 
 
 def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(
-    broker, hooks, sessionmaker, engine, sweeper, clean
+    broker: RedisServer,
+    hooks: Path,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    sweeper: WorkerProcess,
+    clean: None,
 ) -> None:
     (chat,) = behind_chats(sessionmaker, 1)
     ttl = Settings().coalesce_ttl_seconds
@@ -354,7 +366,11 @@ def sync_one(broker: RedisServer, chat: uuid.UUID) -> str:
 
 
 def test_one_task_converges_other_chats_behind_in_the_same_statement(
-    broker, batch_worker, sessionmaker, engine, clean
+    broker: RedisServer,
+    batch_worker: WorkerProcess,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    clean: None,
 ) -> None:
     chats = behind_chats(sessionmaker, 12)
     task_id = sync_one(broker, chats[0])
@@ -365,7 +381,11 @@ def test_one_task_converges_other_chats_behind_in_the_same_statement(
 
 
 def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(
-    broker, batch_worker, sessionmaker, engine, clean
+    broker: RedisServer,
+    batch_worker: WorkerProcess,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    clean: None,
 ) -> None:
     own, held = behind_chats(sessionmaker, 2)
     with engine.connect() as holder:  # as a running sync of `held` would
@@ -386,7 +406,11 @@ def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(
 
 
 def test_a_chat_whose_copy_fails_does_not_fail_the_task_that_picked_it(
-    broker, batch_worker, sessionmaker, engine, clean
+    broker: RedisServer,
+    batch_worker: WorkerProcess,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    clean: None,
 ) -> None:
     own, poison = behind_chats(sessionmaker, 2)
     with engine.begin() as connection:  # every write of this chat's rows fails

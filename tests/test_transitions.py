@@ -220,7 +220,11 @@ def quiet_and_equal(
 
 
 def test_every_transition_under_live_traffic_loses_nothing(
-    api_process, auth, engine, broker, set_phase
+    api_process: str,
+    auth: AuthHeaders,
+    engine: Engine,
+    broker: RedisServer,
+    set_phase: SetPhase,
 ) -> None:
     clients = [Client(api_process, auth(f"client-{i}"), seed=i) for i in range(CLIENTS)]
     go, stop = threading.Event(), threading.Event()

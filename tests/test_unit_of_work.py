@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, text
 
+from app.settings import Settings
 from harness.pgproxy import PgProxy
 from harness.processes import ApiProcess
 from tests.conftest import ADMIN_DSN, DB_NAME, LOG_DIR, RUN_ID
@@ -60,7 +61,10 @@ def chats_of(engine: Engine, user: str) -> int:
 
 
 def test_a_connection_ended_before_the_first_statement_is_run_again(
-    proxied_api: ApiProcess, proxy: PgProxy, auth, engine
+    proxied_api: ApiProcess,
+    proxy: PgProxy,
+    auth: AuthHeaders,
+    engine: Engine,
 ) -> None:
     """The backend dies after the pool's pre-ping passed, as the first statement (the phase
     read) is sent: the operation runs again on a fresh connection and answers 2xx."""
@@ -82,7 +86,11 @@ def test_a_connection_ended_before_the_first_statement_is_run_again(
 
 
 def test_a_connection_that_keeps_dying_gets_503_with_retry_after(
-    proxied_api: ApiProcess, proxy: PgProxy, auth, engine, settings
+    proxied_api: ApiProcess,
+    proxy: PgProxy,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
 ) -> None:
     runs = settings.api_connection_retries + 1
     proxy.end_backend_on("dualwrite_phase", times=runs)
@@ -97,7 +105,10 @@ def test_a_connection_that_keeps_dying_gets_503_with_retry_after(
 
 
 def test_a_connection_lost_at_the_commit_is_not_run_again(
-    proxied_api: ApiProcess, proxy: PgProxy, auth, engine
+    proxied_api: ApiProcess,
+    proxy: PgProxy,
+    auth: AuthHeaders,
+    engine: Engine,
 ) -> None:
     """The outcome of a commit cut off is unknown: running a create again could make two chats,
     so the client gets 503 with `Retry-After`, and the operation is not repeated."""
