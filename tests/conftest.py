@@ -6,19 +6,28 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from app.settings import Settings
 from harness.processes import RedisServer as RedisServer
 from harness.processes import WorkerProcess
 from harness.processes import free_port as free_port
-from tests.support import ROOT, wait_converged
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    SessionFactory,
+    SetPhase,
+    WaitConverged,
+    wait_converged,
+)
 
 RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 ADMIN_DSN = os.environ.get("TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -58,7 +67,7 @@ def alembic(url: str, *args: str) -> str:
     """Run the alembic CLI, as an operator would, against `url`."""
     env = {**os.environ, "DATABASE_URL": url}
     result = subprocess.run(
-        [str(Path(os.sys.executable).parent / "alembic"), *args],
+        [str(Path(sys.executable).parent / "alembic"), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -107,14 +116,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings():
+def settings() -> Settings:
     from app.settings import get_settings
 
     return get_settings()
 
 
 @pytest.fixture(scope="session")
-def engine(settings: Settings):
+def engine(settings: Settings) -> Iterator[Engine]:
     from app.db import make_engine
 
     engine = make_engine(settings, pool_size=2)
@@ -123,14 +132,14 @@ def engine(settings: Settings):
 
 
 @pytest.fixture(scope="session")
-def sessionmaker(engine: Engine):
+def sessionmaker(engine: Engine) -> SessionFactory:
     from app.db import make_sessionmaker
 
     return make_sessionmaker(engine)
 
 
 @pytest.fixture()
-def set_phase(engine: Engine):
+def set_phase(engine: Engine) -> Iterator[SetPhase]:
     """`set_phase(name)` puts the database in a rollout phase, as `phase set --force` would,
     without catching up; the phase goes back to `dual_write` after the test."""
     from sqlalchemy import text
@@ -169,7 +178,7 @@ def clean(engine: Engine) -> None:
 
 
 @pytest.fixture(scope="session")
-def api(settings: Settings):
+def api(settings: Settings) -> Iterator[TestClient]:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -179,7 +188,7 @@ def api(settings: Settings):
 
 
 @pytest.fixture()
-def auth(settings: Settings):
+def auth(settings: Settings) -> AuthHeaders:
     from app.auth import issue_token
 
     def headers(user: str = "alice", admin: bool = False) -> dict[str, str]:
@@ -191,7 +200,7 @@ def auth(settings: Settings):
 
 
 @pytest.fixture()
-def converged(engine: Engine, worker: WorkerProcess):
+def converged(engine: Engine, worker: WorkerProcess) -> WaitConverged:
     """`converged(*chat_ids)` waits for the worker to bring those chats in line with the JSONB."""
 
     def wait(*chat_ids: object, timeout: float = 30.0) -> None:
@@ -258,7 +267,7 @@ def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def fault_api(broker: RedisServer):
+def fault_api(broker: RedisServer) -> Iterator[TestClient]:
     """An API client whose publishes go to the test's own broker."""
     from fastapi.testclient import TestClient
 

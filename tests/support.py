@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from harness.processes import WorkerProcess as WorkerProcess
 from harness.processes import wait_until as wait_until
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,3 +191,8 @@ def read_terminal(controller: int) -> bytes:
         shown += chunk
     os.close(controller)
     return shown
+
+
+def app_state(client: TestClient) -> Any:
+    """The `state` of the app behind a test client (its engine, publisher, gates)."""
+    return cast(Any, client.app).state

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from fastapi.testclient import TestClient
@@ -178,7 +180,7 @@ def test_chunked_body_above_the_limit_is_413(
     chat_id = new_chat(api, auth)
     size = settings.max_request_bytes + 1
 
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         yield b'{"message": {"id": "c", "role": "user", "content": "'
         for _ in range(size // 65536 + 1):
             yield b"x" * 65536
@@ -204,13 +206,16 @@ def raw_json(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=True).replace(f'"{HUGE}"', "1e400").encode()
 
 
-def send_raw(api: TestClient, method: str, url: str, body: object, headers: dict[str, str]):
-    return api.request(
+def send_raw(
+    api: TestClient, method: str, url: str, body: object, headers: dict[str, str]
+) -> httpx.Response:
+    response: httpx.Response = api.request(
         method,
         url,
         content=raw_json(body),
         headers={**headers, "Content-Type": "application/json"},
     )
+    return response
 
 
 def stored(engine: Engine, chat_id: str) -> tuple[dict[str, Any], Any, int]:
@@ -230,7 +235,9 @@ def stored(engine: Engine, chat_id: str) -> tuple[dict[str, Any], Any, int]:
 MESSAGE_ROUTES = ["append", "complete", "inbox", "replace", "import"]
 
 
-def prepare(api: TestClient, auth: AuthHeaders, route: str, fields: dict[str, object]):
+def prepare(
+    api: TestClient, auth: AuthHeaders, route: str, fields: dict[str, object]
+) -> tuple[str, list[str | int], Callable[[], httpx.Response]]:
     """A chat with an open turn, and a `route` request carrying a message with `fields`.
 
     Returns the chat id, where that message sits in the body, and the request to send.
@@ -241,7 +248,12 @@ def prepare(api: TestClient, auth: AuthHeaders, route: str, fields: dict[str, ob
     assert opened.status_code == 201, opened.text
     bad_user, bad_assistant = message(**fields), message("assistant", **fields)
     if route == "append":
-        call = ("POST", f"/chats/{chat_id}/messages", {"message": bad_user}, auth())
+        call: tuple[str, str, object, dict[str, str]] = (
+            "POST",
+            f"/chats/{chat_id}/messages",
+            {"message": bad_user},
+            auth(),
+        )
         where: list[str | int] = ["body", "message"]
     elif route == "complete":
         url = f"/chats/{chat_id}/turns/{first['id']}/complete"
@@ -320,7 +332,7 @@ def test_unstorable_message_is_422_naming_its_path_and_changes_nothing(
     engine: Engine,
     route: str,
     fields: dict[str, object],
-    path: str,
+    path: list[str | int],
     kind: str,
     says: str,
 ) -> None:
@@ -398,7 +410,11 @@ def test_the_depth_limit_is_a_setting(
 
 def test_numbers_jsonb_can_hold_are_stored_exactly(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
-    numbers = {"beyond_bigint": 2**70, "largest_double": 1.7976931348623157e308, "tiny": 5e-324}
+    numbers: dict[str, Any] = {
+        "beyond_bigint": 2**70,
+        "largest_double": 1.7976931348623157e308,
+        "tiny": 5e-324,
+    }
     response = api.post(
         f"/chats/{chat_id}/messages", json={"message": message(**numbers)}, headers=auth()
     )
@@ -468,7 +484,7 @@ def test_unstorable_fork_point_is_422_and_forks_nothing(
     api: TestClient,
     auth: AuthHeaders,
     engine: Engine,
-    up_to,
+    up_to: str,
 ) -> None:
     user = f"forker-{uuid.uuid4().hex[:8]}"
     chat_id = new_chat(api, auth, user)
@@ -619,7 +635,7 @@ def test_a_route_that_carries_less_has_a_smaller_body_cap(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
     route: str,
-    cap: int,
+    cap: Callable[[Settings], int],
 ) -> None:
     chat_id = new_chat(api, auth)
     before = snapshot(engine, chat_id)

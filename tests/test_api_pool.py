@@ -22,7 +22,7 @@ from app.main import create_app
 from app.settings import Settings
 from harness.processes import ApiProcess, wait_until
 from tests.conftest import LOG_DIR, RUN_ID
-from tests.support import AuthHeaders
+from tests.support import AuthHeaders, app_state
 from tests.test_handlers import message
 
 
@@ -117,7 +117,7 @@ def test_a_pool_wait_past_the_limit_is_503_with_retry_after(auth: AuthHeaders) -
     with api_client(
         api_pool_size=1, api_pool_max_overflow=0, api_pool_timeout_seconds=0.3
     ) as client:
-        engine = client.app.state.engine  # type: ignore[attr-defined]
+        engine = app_state(client).engine
         with engine.connect():  # the pool's only connection
             response = client.post("/chats", json={}, headers=auth("pool-wait"))
         assert response.status_code == 503, response.text
@@ -240,7 +240,7 @@ def test_a_request_takes_its_users_gate_once(auth: AuthHeaders) -> None:
         body = {"messages": [message()]}
         assert client.put(f"/chats/{chat}/messages", json=body, headers=headers).status_code == 200
         assert client.get(f"/chats/{chat}", headers=headers).status_code == 200
-        assert client.app.state.user_gates.admitted("user-gate-once") == 0  # type: ignore[attr-defined]
+        assert app_state(client).user_gates.admitted("user-gate-once") == 0
 
 
 def test_one_users_burst_past_their_cap_is_503_while_another_user_goes_through(
@@ -322,7 +322,7 @@ def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth: Aut
         large = {"messages": [message(content="x" * 100_000)]}  # above the 64 KiB envelope
         path = f"/chats/{chat}/messages"
         assert client.put(path, json=large, headers=headers).status_code == 200  # makes the turn
-        turn, _ = client.app.state.body_parsing  # type: ignore[attr-defined]
+        turn, _ = app_state(client).body_parsing
         held, release = threading.Event(), threading.Event()
 
         async def hold() -> None:

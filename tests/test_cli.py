@@ -258,7 +258,10 @@ def test_replaying_bad_elements_converges_the_chat_and_reports_what_is_still_ski
     sessionmaker: SessionFactory,
 ) -> None:
     good = [message("user"), message("assistant")]
-    poison = ["a bare string", {"id": "x" * 2000, "role": "user", "content": "id too long"}]
+    poison: list[Any] = [
+        "a bare string",
+        {"id": "x" * 2000, "role": "user", "content": "id too long"},
+    ]
     with transaction(sessionmaker) as session:
         chat = chats_repo.create(
             session,

@@ -136,7 +136,12 @@ def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(
         assert jobs.jobs == []  # coalesced: it relies on the waiting sync
 
         cleared = threading.Event()
-        clearing = threading.Thread(target=lambda: (clear(sessionmaker, chat), cleared.set()))
+
+        def clear_then_signal() -> None:
+            clear(sessionmaker, chat)
+            cleared.set()
+
+        clearing = threading.Thread(target=clear_then_signal)
         clearing.start()
 
         wait_until(

@@ -13,6 +13,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Self
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,6 +30,7 @@ from tests.support import (
     AuthHeaders,
     SessionFactory,
     WorkerProcess,
+    app_state,
     assert_converged,
     wait_converged,
     wait_until,
@@ -79,7 +81,7 @@ def dead_letters_of(engine: Engine, chat_id: str) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("fault", ["stopped", "hung", "out_of_memory"])
 def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
-    fault,
+    fault: str,
     broker: RedisServer,
     fault_worker: WorkerProcess,
     fault_api: TestClient,
@@ -114,7 +116,7 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
         # The background publisher tries every job while the fault lasts: each one fails, and
         # is counted and absorbed. A write whose chat's sync was marked queued by an earlier
         # write sends none; each failed job releases its mark, so every chat sends at least one.
-        wait_until(lambda: fault_api.app.state.publisher.pending() == 0, timeout=60)
+        wait_until(lambda: app_state(fault_api).publisher.pending() == 0, timeout=60)
         assert 10 <= failures._value.get() - failures_before <= 100
         with engine.connect() as connection:
             marked = connection.execute(
@@ -263,7 +265,10 @@ def test_poison_elements_are_dead_lettered_at_once_and_the_rest_is_copied(
     sessionmaker: SessionFactory,
 ) -> None:
     good = [message(), message("assistant")]
-    poison = ["a bare string", {"id": "x" * 2000, "role": "user", "content": "id too long"}]
+    poison: list[Any] = [
+        "a bare string",
+        {"id": "x" * 2000, "role": "user", "content": "id too long"},
+    ]
     with transaction(sessionmaker) as session:
         chat = chats_repo.create(
             session,
@@ -399,7 +404,7 @@ def test_a_worker_on_a_noeviction_broker_says_it_is_safe(fault_worker: WorkerPro
 class RedisWithoutConfig(RedisServer):
     """A redis-server that refuses CONFIG, as many managed services do."""
 
-    def start(self) -> None:
+    def start(self, timeout: float = 10.0) -> Self:
         self.proc = subprocess.Popen(
             [
                 "redis-server",
@@ -418,7 +423,8 @@ class RedisWithoutConfig(RedisServer):
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_until(self.answers, timeout=10)
+        wait_until(self.answers, timeout=timeout)
+        return self
 
 
 def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks: Path) -> None:
@@ -431,7 +437,7 @@ def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks: Path) -> N
             r"WARNING tasks\.startup \[\d+\]: could not check the broker's maxmemory-policy .*"
             r"make sure it is noeviction"
         )
-        wait_until(lambda: wanted.search(worker.log()), timeout=30)  # type: ignore[union-attr]
+        wait_until(lambda: wanted.search(worker.log()), timeout=30)
     finally:
         if worker is not None:
             worker.stop()

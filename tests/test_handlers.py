@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +12,7 @@ from sqlalchemy import Engine
 from tests.support import AuthHeaders, WaitConverged, table_rows
 
 
-def message(role: str = "user", **fields: object) -> dict[str, object]:
+def message(role: str = "user", /, **fields: object) -> dict[str, Any]:
     return {
         "id": fields.pop("id", f"m-{uuid.uuid4().hex[:10]}"),
         "role": role,
@@ -29,10 +30,10 @@ def new_chat(api: TestClient, auth: AuthHeaders, user: str = "alice", **body: ob
 
 def jsonb(
     api: TestClient, auth: AuthHeaders, chat_id: str, user: str = "alice"
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     response = api.get(f"/chats/{chat_id}", headers=auth(user))
     assert response.status_code == 200, response.text
-    messages: list[dict[str, object]] = response.json()["messages"]
+    messages: list[dict[str, Any]] = response.json()["messages"]
     return messages
 
 
@@ -260,7 +261,7 @@ def test_a_page_is_serialized_off_the_event_loop(
     for model in (schemas.MessagePage, schemas.ChatWithMessages):
         original = model.model_dump_json
 
-        def spy(self, *args, _original=original, **kwargs):
+        def spy(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
             try:
                 asyncio.get_running_loop()
                 on_loop.append(True)

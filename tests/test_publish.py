@@ -8,10 +8,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from celery import Celery
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
@@ -23,6 +26,7 @@ from app.jobs import (
     Job,
     JobQueue,
     Published,
+    UnsafePublishMany,
     publish_after_commit,
     publish_many_after_commit,
 )
@@ -32,22 +36,26 @@ from app.settings import Settings
 from harness.processes import ApiProcess, RedisServer, WorkerProcess
 from tasks import publish as sweep_publisher
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
-from tests.support import AuthHeaders, WaitConverged, wait_converged, wait_until
+from tests.support import AuthHeaders, WaitConverged, app_state, wait_converged, wait_until
 from tests.test_faults import run_sweep_and_wait
 from tests.test_handlers import message, new_chat
 
+# The publisher, the (task, args) it sent, and the chats whose marks it released.
+Sent = list[tuple[str, tuple[object, ...]]]
+MemoryPublisher = tuple[app_broker.BoundedPublisher, Sent, list[str]]
+
 
 @pytest.fixture()
-def memory_publisher(monkeypatch: pytest.MonkeyPatch):
+def memory_publisher(monkeypatch: pytest.MonkeyPatch) -> MemoryPublisher:
     """The real publisher over kombu's in-memory transport, recording what it sends and which
     chats' queued marks it releases."""
-    sent: list[tuple[str, tuple[object, ...]]] = []
+    sent: Sent = []
     released: list[str] = []
     real_producer = app_broker.producer
 
-    def recording_producer(settings: Settings):
+    def recording_producer(settings: Settings) -> Celery:
         app = real_producer(settings)
-        app.send_task = lambda name, args, **kw: sent.append((name, tuple(args)))  # type: ignore[method-assign]
+        app.send_task = lambda name, args, **kw: sent.append((name, tuple(args)))
         return app
 
     monkeypatch.setattr(app_broker, "producer", recording_producer)
@@ -75,7 +83,7 @@ def test_a_disabled_queue_records_nothing() -> None:
 
 
 def test_a_failing_publish_is_counted_not_raised() -> None:
-    def broken(job):
+    def broken(job: Job) -> None:
         raise ConnectionError("broker down")
 
     queue = JobQueue()
@@ -101,14 +109,14 @@ def test_appends_while_a_task_waits_send_no_new_task(
     fault_api: TestClient,
     auth: AuthHeaders,
     engine: Engine,
-) -> None:  # type: ignore[no-redef]
+) -> None:
     # No worker yet: every task waits in the private broker's queue.
     chat = fault_api.post("/chats", json={}, headers=auth()).json()["id"]
     other = fault_api.post("/chats", json={}, headers=auth()).json()["id"]
     for _ in range(5):
         fault_api.post(f"/chats/{chat}/messages", json={"message": message()}, headers=auth())
     fault_api.post(f"/chats/{other}/messages", json={"message": message()}, headers=auth())
-    wait_until(lambda: fault_api.app.state.publisher.pending() == 0, timeout=10)
+    wait_until(lambda: app_state(fault_api).publisher.pending() == 0, timeout=10)
     assert broker.client().llen("dualwrite.sync") == 2
     worker = start_worker(broker, hooks, "coalesce")
     try:
@@ -123,13 +131,13 @@ def test_a_failed_send_releases_the_chat_for_the_next_change(
     _, _, released = memory_publisher
     real_producer = app_broker.producer
 
-    def refusing_producer(settings: Settings):
+    def refusing_producer(settings: Settings) -> Celery:
         app = real_producer(settings)
 
-        def refuse(*args, **kwargs):
+        def refuse(*args: object, **kwargs: object) -> None:
             raise ConnectionError("broker down")
 
-        app.send_task = refuse  # type: ignore[method-assign]
+        app.send_task = refuse
         return app
 
     monkeypatch.setattr(app_broker, "producer", refusing_producer)
@@ -144,10 +152,10 @@ def test_a_failed_send_releases_the_chat_for_the_next_change(
 
 def test_a_bulk_publish_sends_through_one_producer(memory_publisher: MemoryPublisher) -> None:
     publisher, sent, _ = memory_publisher
-    acquired = []
+    acquired: list[int] = []
     acquire = publisher.app.producer_or_acquire
 
-    def counting_acquire(*args, **kwargs):
+    def counting_acquire(*args: Any, **kwargs: Any) -> Any:
         acquired.append(1)
         return acquire(*args, **kwargs)
 
@@ -164,7 +172,7 @@ def test_a_bulk_publish_stops_at_the_first_failed_send_and_releases_those_not_se
     publisher, _, released = memory_publisher
     attempts: list[str] = []
 
-    def flaky(name, args, **kwargs):
+    def flaky(name: str, args: list[str], **kwargs: object) -> None:
         attempts.append(args[0])
         if len(attempts) > 1:
             raise ConnectionError("broker went away")
@@ -191,7 +199,7 @@ def test_a_bulk_publish_counts_each_outcome_and_never_raises() -> None:
     assert [c.labels(SYNC_CHAT)._value.get() - v for c, v in before.items()] == [2, 1]
     assert queue.jobs == []
 
-    def down(jobs):
+    def down(jobs: Sequence[Job]) -> list[Exception | None]:
         raise ConnectionError("broker down")
 
     queue.enqueue(SYNC_CHAT, "chat-a", 1)
@@ -224,13 +232,13 @@ def test_a_countdown_is_passed_to_the_send(memory_publisher: MemoryPublisher) ->
 class Gate:
     """A `send_many` that holds its first batch until released, then sends through `send`."""
 
-    def __init__(self, send):
+    def __init__(self, send: UnsafePublishMany) -> None:
         self.send = send
         self.entered = threading.Event()
         self.released = threading.Event()
         self.batches: list[list[Job]] = []
 
-    def __call__(self, jobs):
+    def __call__(self, jobs: Sequence[Job]) -> Sequence[Exception | None]:
         self.entered.set()
         if not self.released.wait(60):
             raise TimeoutError("the test never released the gate")
@@ -533,7 +541,7 @@ def test_a_failing_broker_is_counted_per_job_and_logged_once_per_burst(
     down = threading.Event()
     down.set()
 
-    def send(jobs):
+    def send(jobs: Sequence[Job]) -> list[Exception | None]:
         if down.is_set():
             raise ConnectionError("broker down")
         return [None] * len(jobs)
