@@ -6,6 +6,8 @@ import importlib.util
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,7 +24,7 @@ def msg(id_: object, role: str = "user", **extra: object) -> dict[str, object]:
     return {"id": id_, "role": role, "content": f"content of {id_}", **extra}
 
 
-LEGACY: dict[str, object] = {
+LEGACY: dict[str, Any] = {
     "duplicates": [
         msg("a", timestamp="2025-01-01T00:00:00Z"),
         msg("b", "assistant"),
@@ -80,7 +82,7 @@ def legacy_db() -> Iterator[tuple[str, dict[str, str]]]:
         drop_database(name)
 
 
-def load_migration(revision: str):
+def load_migration(revision: str) -> ModuleType:
     path = next((ROOT / "migrations" / "versions").glob(f"{revision}_*.py"))
     spec = importlib.util.spec_from_file_location(f"migration_{revision}", path)
     assert spec and spec.loader

@@ -29,7 +29,7 @@ PAGE = 5
 
 
 @pytest.fixture(scope="module")
-def small_settings(settings: Settings):
+def small_settings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "max_chat_messages": MAX_MESSAGES,
@@ -92,7 +92,7 @@ def grow(
     chat_id: str,
     sent: list[Any],
     extra: int,
-):
+) -> Any:
     """A request that takes the chat to len(sent) + `extra` messages by `route`."""
     new = [message("user" if i % 2 == 0 else "assistant") for i in range(extra)]
     if route == "append":
@@ -101,7 +101,7 @@ def grow(
         url = f"/chats/{chat_id}/turns/{sent[-1]['id']}/complete"
         return client.post(url, json={"message": message("assistant")}, headers=auth())
     if route == "inbox":
-        body = {"user": message(), "assistant": message("assistant")}
+        body: dict[str, Any] = {"user": message(), "assistant": message("assistant")}
         return client.post(f"/chats/{chat_id}/inbox", json=body, headers=auth())
     if route == "replace":
         body = {"messages": [*sent, *new]}

@@ -234,7 +234,7 @@ def test_app_service_defaults_are_valid_settings(name: str) -> None:
         for key, value in environment(name).items()
         if not key.startswith(NOT_SETTINGS_PREFIXES)
     }
-    Settings(**{key: value for key, value in values.items() if value is not None})
+    Settings(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]
 
 
 def test_flower_variables_are_flower_options() -> None:

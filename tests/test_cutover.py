@@ -114,7 +114,7 @@ def changes_after(engine: Engine, last_id: int) -> list[tuple[str, str, str, boo
             ),
             {"id": last_id},
         ).all()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [tuple(r) for r in rows]
 
 
 def last_change_id(engine: Engine) -> int:
@@ -615,9 +615,9 @@ def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everythin
     assert "pass --yes to confirm from a script" in result.stderr
     assert rollout(db.engine) == before
     # On a terminal, anything but yes.
-    code, shown = contract_on_a_terminal(db, "n")
-    assert code == 1, shown
-    assert "There is no way back. [y/N]" in shown and "nothing done" in shown
+    code, answer = contract_on_a_terminal(db, "n")
+    assert code == 1, answer
+    assert "There is no way back. [y/N]" in answer and "nothing done" in answer
     assert rollout(db.engine) == before
     # table_only has not held the default week.
     result = db.cli("contract", "--yes")
@@ -662,9 +662,9 @@ def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everythin
     assert last_line(shown) == "phase: table_only"
     before = rollout(db.engine)
     for args in (("read_table",), ("read_table", "--force"), ("table_only",)):
-        step = db.cli("phase", "set", *args, **NO_WAIT)
-        assert step.returncode == 1, said(step)
-        assert "the JSONB column is gone: there is no way back" in step.stderr, said(step)
+        refused = db.cli("phase", "set", *args, **NO_WAIT)
+        assert refused.returncode == 1, said(refused)
+        assert "the JSONB column is gone: there is no way back" in refused.stderr, said(refused)
     again = db.cli("contract", "--yes", CONTRACT_MIN_TABLE_ONLY_SECONDS="0")
     assert again.returncode == 1, said(again)
     assert "already contracted at " in again.stderr
@@ -758,7 +758,7 @@ def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everythin
         sender.send_task("chats.sweep"),
     ]
     for task in sent:
-        wait_until(lambda task=task: f"[{task.id}] succeeded" in worker.log())
+        wait_until(lambda: f"[{task.id}] succeeded" in worker.log())  # noqa: B023
     log = worker.log()
     assert "ERROR" not in log and "Traceback" not in log, log
     assert rows_and_heads(db.engine) == unchanged

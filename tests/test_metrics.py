@@ -89,7 +89,7 @@ def test_requests_are_counted_by_route_template_and_status(
 def test_an_enqueue_that_fails_is_counted(
     api: TestClient, auth: AuthHeaders, settings: Settings
 ) -> None:
-    def broker_down(jobs: Sequence[Job]) -> list[bool | Exception]:
+    def broker_down(jobs: Sequence[Job]) -> list[Exception | None]:
         raise ConnectionError("broker down")
 
     name, task = "dualwrite_enqueue_failures_total", "chats.sync_messages"
@@ -310,7 +310,8 @@ def test_database_gauges_are_read_once_per_cache_window(settings: Settings) -> N
     )
     statements: list[str] = []
 
-    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+    def count(*args: Any) -> None:
+        statement = args[2]
         statements.append(statement)
 
     event.listen(cached.state.engine, "before_cursor_execute", count)
@@ -341,7 +342,7 @@ def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(
         "rows": "3",  # no kind
         "tasks|chats.sync_chat": "1",  # no outcome
     }
-    client.hset(WORKER_KEY, mapping=bad)
+    client.hset(WORKER_KEY, mapping=bad)  # type: ignore[arg-type]
     try:
         with caplog.at_level("WARNING", logger="app.metrics"):
             samples = scrape(api)

@@ -41,7 +41,7 @@ AUTH = basic(*OPS)
 
 
 @pytest.fixture(scope="module")
-def ops_settings(settings: Settings):
+def ops_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"ops_basic_auth": SecretStr(":".join(OPS))})
 
 
@@ -224,7 +224,7 @@ def test_replay_all_through_the_page(
     assert "2 replayed" in done.text
     for chat_id, letter in letters:
         assert f"{letter}  chat {chat_id}: enqueued" in done.text
-        wait_until(lambda letter=letter: _letter(engine, letter)["resolved_at"], timeout=30)
+    wait_until(lambda: all(_letter(engine, n)["resolved_at"] for _, n in letters), timeout=30)
 
 
 def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(
@@ -323,7 +323,8 @@ def _pause_through_the_page(ops: TestClient, name: str) -> str:
         "/ops/bulk/pause", data={"csrf_token": token_of(confirm.text), "pass": name}, headers=AUTH
     )
     assert done.status_code == 200, done.text
-    return done.text
+    text: str = done.text
+    return text
 
 
 def _runs(engine: Engine) -> int:
@@ -388,10 +389,10 @@ def test_bulk_pause_and_resume_from_the_cli(engine: Engine, resumed: None) -> No
     assert "reconcile-recent: was paused already" in again.stdout
     shown = run_cli("bulk")
     assert shown.stdout.startswith("bulk passes: reconcile-nightly paused by ")
-    resumed = run_cli("bulk", "resume", "reconcile-recent")
-    assert "reconcile-recent: resumed" in resumed.stdout
-    assert "reconcile-recent running" in resumed.stdout
-    assert "reconcile-nightly paused by" in resumed.stdout
+    back = run_cli("bulk", "resume", "reconcile-recent")
+    assert "reconcile-recent: resumed" in back.stdout
+    assert "reconcile-recent running" in back.stdout
+    assert "reconcile-nightly paused by" in back.stdout
     unknown = run_cli("bulk", "pause", "sweep")
     assert unknown.returncode == 2 and "passes:" in unknown.stderr
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -21,8 +22,8 @@ from app.repositories import chats as chats_repo
 from app.repositories import sync_state
 from app.services import sync
 from app.settings import Settings
+from app.task_names import SWEEP
 from harness.processes import RedisServer
-from tasks.maintenance import SWEEP
 from tasks.publish import producer
 from tasks.queues import Queue
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
@@ -62,7 +63,7 @@ def build_history(
     return cid, tasks
 
 
-def rows(engine: Engine, chat_id: uuid.UUID) -> list[tuple[object, ...]]:
+def rows(engine: Engine, chat_id: uuid.UUID) -> list[tuple[Any, ...]]:
     with engine.connect() as connection:
         return [
             tuple(r)
@@ -90,7 +91,7 @@ def test_any_order_and_any_repetition_end_in_the_same_rows(
         chat_id, tasks = build_history(sessionmaker)
         for index in order:
             send(*tasks[index])
-        wait_until(lambda c=chat_id: rows(engine, c) and _applied(engine, c) == 3, timeout=30)
+        wait_until(lambda: rows(engine, chat_id) and _applied(engine, chat_id) == 3, timeout=30)  # noqa: B023
         assert_converged(engine, [chat_id])
         finals.append([(r[0], r[1], r[2]["content"], r[3]) for r in rows(engine, chat_id)])
     assert finals[0] == finals[1] == finals[2]
@@ -125,7 +126,7 @@ def test_a_task_for_a_deleted_chat_succeeds_quietly(
         assert chats_repo.delete(session, chat_id, "u")
     task_ids = [send(*task) for task in tasks]
     for task_id in task_ids:
-        wait_until(lambda tid=task_id: f"[{tid}] succeeded" in worker.log(), timeout=30)
+        wait_until(lambda: f"[{task_id}] succeeded" in worker.log(), timeout=30)  # noqa: B023
     assert rows(engine, chat_id) == []
     assert "Traceback" not in worker.log()
 
@@ -148,11 +149,11 @@ def test_service_skips_versions_already_applied(
 def test_service_converges_whatever_the_order(
     sessionmaker: SessionFactory,
     engine: Engine,
-    order,
+    order: tuple[int, ...],
 ) -> None:
     chat_id, tasks = build_history(sessionmaker)
     for index in order:
-        version = int(tasks[index][1][-1])  # type: ignore[call-overload]
+        version = int(str(tasks[index][1][-1]))
         with transaction(sessionmaker) as session:
             sync.sync_chats(session, {chat_id: version})
     assert_converged(engine, [chat_id])

@@ -200,7 +200,7 @@ def quiet_and_equal(
             ).scalar_one()
         if behind:
             sender.send_task("chats.sweep")
-        return behind == 0
+        return bool(behind == 0)
 
     wait_until(caught_up, timeout=60, interval=0.3)
     with engine.connect() as connection:
