@@ -217,14 +217,29 @@ def test_replay_all_through_the_page(
     letters = [_behind_chat_with_dead_letter(sessionmaker) for _ in range(2)]
     confirm = ops.get("/ops/replay?all=1", headers=AUTH)
     assert "python -m app dead-letters replay --all" in confirm.text
-    done = ops.post(
-        "/ops/replay", data={"csrf_token": token_of(confirm.text), "all": "1"}, headers=AUTH
-    )
-    assert done.status_code == 200, done.text
-    assert "2 replayed" in done.text
-    for chat_id, letter in letters:
-        assert f"{letter}  chat {chat_id}: enqueued" in done.text
-    wait_until(lambda: all(_letter(engine, n)["resolved_at"] for _, n in letters), timeout=30)
+    form = {"csrf_token": token_of(confirm.text), "all": "1"}
+    # A letter opened after the confirmation was shown is not what the operator agreed to.
+    late_chat, late = _behind_chat_with_dead_letter(sessionmaker)
+    try:
+        missing = ops.post("/ops/replay", data=form, headers=AUTH)  # no bound: refused
+        assert missing.status_code == 422 and "through" in missing.text, missing.text
+        done = ops.post("/ops/replay", data={**form, **hidden(confirm.text)}, headers=AUTH)
+        assert done.status_code == 200, done.text
+        assert "2 replayed" in done.text
+        for chat_id, letter in letters:
+            assert f"{letter}  chat {chat_id}: enqueued" in done.text
+        assert str(late_chat) not in done.text
+        assert _letter(engine, late)["replayed_at"] is None
+        wait_until(lambda: all(_letter(engine, n)["resolved_at"] for _, n in letters), timeout=30)
+    finally:
+        with transaction(sessionmaker) as session:
+            dead_letters.close(session, [late])
+
+
+def hidden(page: str) -> dict[str, str]:
+    """The hidden fields of a confirmation's form, but its CSRF token and the action's."""
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page))
+    return {k: v for k, v in fields.items() if k not in ("csrf_token", "all", "id")}
 
 
 def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(
@@ -260,7 +275,13 @@ def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(
         elsewhere = ops.post("/ops/bulk/pause", data={"csrf_token": good}, headers=AUTH)
         assert elsewhere.status_code == 403, elsewhere.text
         # A good token from a page of another site (a cross-site form) is refused too.
-        for header, value in [("Origin", "https://evil.example"), ("Referer", "https://e.x/")]:
+        for header, value in [
+            ("Origin", "https://evil.example"),
+            ("Referer", "https://e.x/"),
+            ("Origin", "https://testserver"),  # the same host, another scheme
+            ("Referer", "ftp://testserver/ops/"),
+            ("Origin", "null"),
+        ]:
             refused = ops.post(
                 "/ops/replay",
                 data={"id": str(letter), "csrf_token": good},
