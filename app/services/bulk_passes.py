@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -42,6 +42,8 @@ from app.settings import Phase, Settings
 from app.task_names import BACKFILL_CHUNK, RECONCILE_CHUNK
 
 log = logging.getLogger(__name__)
+# What the upgrade says goes where alembic's own lines go.
+migration_log = logging.getLogger("alembic.runtime.migration")
 
 TASKS = {Kind.BACKFILL: BACKFILL_CHUNK, Kind.RECONCILE: RECONCILE_CHUNK}
 # The operator's pause of each kind (`python -m app bulk pause backfill|reconcile-nightly`).
@@ -96,7 +98,10 @@ def _close_backfill(session: Session) -> None:
 
 
 def publish(
-    factory: sessionmaker[Session], chunks: Sequence[Chunk], publish_many: UnsafePublishMany
+    factory: sessionmaker[Session],
+    chunks: Sequence[Chunk],
+    publish_many: UnsafePublishMany,
+    say: logging.Logger = log,
 ) -> int:
     """Send the chunks' tasks, after the commit that queued them; a chunk whose task could not
     be sent is pending again (the next dispatch sends it). Returns how many were sent."""
@@ -109,18 +114,21 @@ def publish(
     failed = [c.id for c, outcome in zip(chunks, outcomes, strict=True) if outcome is not None]
     if failed:
         first = next(o for o in outcomes if o is not None)
-        log.warning("could not queue %d chunks (%s); the next dispatch does", len(failed), first)
+        say.warning("could not queue %d chunks (%s); the next dispatch does", len(failed), first)
         with transaction(factory) as session:
             repo.unqueue(session, failed)
     return len(chunks) - len(failed)
 
 
 def dispatch_and_publish(
-    factory: sessionmaker[Session], settings: Settings, publish_many: UnsafePublishMany
+    factory: sessionmaker[Session],
+    settings: Settings,
+    publish_many: UnsafePublishMany,
+    say: logging.Logger = log,
 ) -> int:
     with transaction(factory) as session:
         chunks = dispatch(session, settings)
-    return publish(factory, chunks, publish_many)
+    return publish(factory, chunks, publish_many, say)
 
 
 # --- starting passes ---------------------------------------------------------------------------
@@ -160,7 +168,7 @@ def start_backfill_from_migration(engine: Engine) -> None:
     with transaction(factory) as session:
         progress = repo.progress(session, Kind.BACKFILL)
     assert progress is not None
-    log.info(
+    migration_log.info(
         "backfill: left to the workers (BACKFILL_ON_WORKERS): pass #%d, %d chats in %d chunks",
         pass_id,
         progress.total_chats,
@@ -169,11 +177,17 @@ def start_backfill_from_migration(engine: Engine) -> None:
     from app.broker import bounded_publisher
 
     try:
-        sent = dispatch_and_publish(factory, settings, bounded_publisher(settings).many)
+        sent = dispatch_and_publish(
+            factory, settings, bounded_publisher(settings).many, say=migration_log
+        )
     except Exception as exc:  # never fail the upgrade for the broker: the pass is durable
-        log.warning("backfill: could not queue chunks now (%s); beat's dispatch will", exc)
+        migration_log.warning(
+            "backfill: could not queue chunks now (%s); beat's dispatch will", exc
+        )
         return
-    log.info("backfill: %d chunks queued; `python -m app status` shows the progress", sent)
+    migration_log.info(
+        "backfill: %d chunks queued; `python -m app status` shows the progress", sent
+    )
 
 
 def start_night(session: Session, settings: Settings, *, trigger: str) -> tuple[int, int, int]:
@@ -208,10 +222,6 @@ class ChunkOutcome:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-# Test hook: called with (chunk, batch ids) before each batch (tests hold a worker mid-chunk).
-before_batch: Callable[[Chunk, list[uuid.UUID]], None] | None = None
 
 
 def run_chunk(
@@ -275,8 +285,6 @@ def _run(factory: sessionmaker[Session], settings: Settings, chunk: Chunk) -> Ch
                 )
                 if not ids:
                     break
-                if before_batch is not None:
-                    before_batch(chunk, ids)
                 if chunk.kind is Kind.BACKFILL:
                     rows, bad_elements, bad_chats = backfill_repo.copy_batch(session, ids)
                     repo.advance(
