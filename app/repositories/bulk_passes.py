@@ -263,7 +263,8 @@ def settle_passes(session: Session, paused_kinds: Sequence[Kind]) -> list[int]:
         text(
             "UPDATE dualwrite_bulk_passes SET state = CASE "
             "WHEN kind = ANY(CAST(:paused AS text[])) THEN 'paused' ELSE 'active' END "
-            "WHERE state IN ('active', 'paused')"
+            "WHERE state IN ('active', 'paused') "
+            "AND (state = 'paused') <> (kind = ANY(CAST(:paused AS text[])))"
         ),
         {"paused": [k.value for k in paused_kinds]},
     )
@@ -463,12 +464,14 @@ def progress(session: Session, kind: Kind) -> PassProgress | None:
     return PassProgress(*row) if row else None
 
 
-def complete_reconciles(session: Session, *, started_after: datetime) -> list[PassProgress]:
-    """Finished reconcile passes that started after `started_after`, newest first."""
+def complete_reconciles(session: Session, *, started_after: datetime | None) -> list[PassProgress]:
+    """Finished reconcile passes that started after `started_after` (any, if None), newest
+    first."""
     rows = session.execute(
         text(
             _PROGRESS + " WHERE p.kind = 'reconcile' AND p.state = 'finished' "
-            "AND p.started_at >= :after GROUP BY p.id ORDER BY p.finished_at DESC LIMIT 5"
+            "AND (CAST(:after AS timestamptz) IS NULL OR p.started_at >= :after) "
+            "GROUP BY p.id ORDER BY p.finished_at DESC LIMIT 5"
         ),
         {"after": started_after},
     ).all()

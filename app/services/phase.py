@@ -74,9 +74,9 @@ def gates(session: Session, settings: Settings, state: phase_repo.State, to: Pha
         result.append(_backfill_gate(session))
     if to is Phase.READ_TABLE:
         # Over every chat (a `--since` window proves nothing about the rest), started after
-        # this phase began: an in-process reconcile of every chat, or every chunk of one
-        # rolling pass, however many nights it took. "ok": a dry run found no drift, or a
-        # repair left none (lag is not drift).
+        # the dual-write began (before it, the table was not kept up): an in-process reconcile
+        # of every chat, or every chunk of one rolling pass, however many nights it took.
+        # "ok": a dry run found no drift, or a repair left none (lag is not drift).
         gate, since = _reconcile_gate(session, state)
         result.append(gate)
         mismatches = phase_repo.mismatches_since(session, since)
@@ -111,9 +111,17 @@ def _backfill_gate(session: Session) -> Gate:
     return Gate("backfill finished", True, "the copy of every chat that existed is done")
 
 
+def _dual_write_began(session: Session, state: phase_repo.State) -> datetime | None:
+    """Since when the table has been written: what a reconcile must postdate to prove it."""
+    if state.phase is Phase.DUAL_WRITE:
+        return state.since
+    return phase_repo.entered(session, Phase.DUAL_WRITE)
+
+
 def _reconcile_gate(session: Session, state: phase_repo.State) -> tuple[Gate, datetime | None]:
     last = reconcile_runs.last_finished(session, whole=True)
-    passes = bulk_passes.complete_reconciles(session, started_after=state.since)
+    began = _dual_write_began(session, state)
+    passes = bulk_passes.complete_reconciles(session, started_after=began)
     rolling = passes[0] if passes else None
     if rolling is not None and (
         last is None
@@ -145,14 +153,14 @@ def _reconcile_gate(session: Session, state: phase_repo.State) -> tuple[Gate, da
                 f"{open_pass.total_chunks} chunks done)"
             )
         return Gate("clean reconcile", False, detail), None
-    recent = last.started_at >= state.since
+    recent = began is None or last.started_at >= began
     return (
         Gate(
             "clean reconcile",
             last.outcome == "ok" and recent,
             f"last reconcile #{last.id}: {last.outcome}, drift {last.drift}"
             + ("" if last.dry_run else " (repaired)")
-            + ("" if recent else f"; it started before {state.phase.value} began"),
+            + ("" if recent else "; it started before dual_write began"),
         ),
         last.finished_at,
     )
