@@ -7,11 +7,16 @@ the large-vs-small per-message ratio (target <= 1.3: linear) and the 2-vs-1 work
 
 Scale 1.0 is bench/dataset.py's reference (5,800 chats, 580,300 messages); 17.233 is ~100 k
 chats and ~10 M messages. Each size loads its data at revision 0001, then runs, in order:
-`alembic upgrade head` with BACKFILL_ON_WORKERS (the time it takes to return), the copy by one
-worker process (`-c 1`, BULK_MAX_CONCURRENT_CHUNKS=1), the same copy again by two (cap 2) after
-emptying the table, a rolling reconcile pass over every chat (RECONCILE_FULL_DAYS=1) by one then
-by two, and, in sync, the sweep (in process) and `python -m app status` (a process, as an
-operator runs it). A pass's time is from its first chunk's start to its last chunk's end.
+
+- `alembic upgrade head` with BACKFILL_ON_WORKERS (the time it takes to return);
+- the copy by one worker process (`-c 1`, BULK_MAX_CONCURRENT_CHUNKS=1), then again by two
+  (cap 2) after emptying the table, then again by the upgrade's own single-process backfill
+  (the reference of the same run);
+- a rolling reconcile pass over every chat (RECONCILE_FULL_DAYS=1) by one worker, then by two,
+  then `python -m app reconcile`'s code in this process (the reference);
+- in sync: the sweep (in process) and `python -m app status` (a process, as an operator runs it).
+
+A pass's time is from its first chunk's start to its last chunk's end.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import create_engine
+
 from app.broker import producer
 from app.db import transaction
+from app.services import reconcile as reconcile_service
 from app.services import sync
 from app.settings import Settings
 from bench import dataset, infra
 from harness.processes import RedisServer, WorkerProcess
+from migrations import backfill
 
 REFERENCE_SCALE = 1.0
 TARGET_LINEAR = 1.3
@@ -178,6 +187,26 @@ def one_size(scale: float, chunk_chats: int, timeout: float) -> dict[str, float]
                     f"{rows / seconds:,.0f} messages/s",
                     flush=True,
                 )
+            # The reference, same data, same machine, same moment: the migration's own
+            # single-process backfill.
+            _reset_copy(url)
+            engine = create_engine(
+                url.replace("postgresql://", "postgresql+psycopg://"),
+                connect_args={"options": "-c timezone=UTC"},
+            )
+            try:
+                began = time.perf_counter()
+                state = backfill.run(engine, backfill.Config())
+                figures["backfill_ref"] = time.perf_counter() - began
+            finally:
+                engine.dispose()
+            assert state.rows_copied == loaded.messages, state.rows_copied
+            print(
+                f"  reference: the upgrade's own backfill, one process: "
+                f"{figures['backfill_ref']:.1f}s, {loaded.messages / figures['backfill_ref']:,.0f} "
+                "messages/s",
+                flush=True,
+            )
             infra.scalar(url, "VACUUM ANALYZE copilot_chat_messages")
             infra.scalar(url, "VACUUM ANALYZE copilot_chat_sync_state")
 
@@ -215,6 +244,17 @@ def one_size(scale: float, chunk_chats: int, timeout: float) -> dict[str, float]
                     flush=True,
                 )
 
+            with infra.sessions(url, worker=True, pool_size=2) as factory:
+                began = time.perf_counter()
+                ran = reconcile_service.reconcile(factory, batch_size=200, trigger="bench")
+                figures["reconcile_ref"] = time.perf_counter() - began
+                assert ran is not None and ran.drift == 0, ran
+            print(
+                f"  reference: `python -m app reconcile`'s code, one process: "
+                f"{figures['reconcile_ref']:.1f}s, "
+                f"{loaded.messages / figures['reconcile_ref']:,.0f} messages/s",
+                flush=True,
+            )
             with infra.sessions(url) as factory:
                 times = []
                 for _ in range(5):
@@ -256,7 +296,14 @@ def report(results: dict[float, dict[str, float]]) -> None:
                 f"{f['upgrade_seconds']:.1f}",
                 *(
                     f"{f[k] / per * 1e6:.1f}"
-                    for k in ("backfill_1", "backfill_2", "reconcile_1", "reconcile_2")
+                    for k in (
+                        "backfill_ref",
+                        "backfill_1",
+                        "backfill_2",
+                        "reconcile_ref",
+                        "reconcile_1",
+                        "reconcile_2",
+                    )
                 ),
                 f"{f['backfill_1'] / f['backfill_2']:.2f}x",
                 f"{f['reconcile_1'] / f['reconcile_2']:.2f}x",
@@ -266,14 +313,17 @@ def report(results: dict[float, dict[str, float]]) -> None:
             ]
         )
     infra.show(
-        "Per message (microseconds; a pass from its first chunk's start to its last's end)",
+        "Per message (microseconds; a pass from its first chunk's start to its last's end; ref: "
+        "the same work in one process, the upgrade's backfill and `python -m app reconcile`)",
         [
             "scale",
             "chats",
             "messages",
             "upgrade s",
+            "backfill ref",
             "backfill 1w",
             "backfill 2w",
+            "reconcile ref",
             "reconcile 1w",
             "reconcile 2w",
             "2w/1w backfill",
