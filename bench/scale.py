@@ -201,6 +201,11 @@ def one_size(scale: float, chunk_chats: int, timeout: float) -> dict[str, float]
             finally:
                 engine.dispose()
             assert state.rows_copied == loaded.messages, state.rows_copied
+            # What the table costs on disk per message (heap, TOAST and its indexes).
+            figures["bytes_per_message"] = (
+                infra.scalar(url, "SELECT pg_total_relation_size('copilot_chat_messages')")
+                / loaded.messages
+            )
             print(
                 f"  reference: the upgrade's own backfill, one process: "
                 f"{figures['backfill_ref']:.1f}s, {loaded.messages / figures['backfill_ref']:,.0f} "
@@ -310,6 +315,7 @@ def report(results: dict[float, dict[str, float]]) -> None:
                 f"{f['sweep'] * 1000:.1f}",
                 f"{f['status']:.2f}",
                 f"{f['cli_start']:.2f}",
+                f"{f['bytes_per_message']:,.0f}",
             ]
         )
     infra.show(
@@ -331,6 +337,7 @@ def report(results: dict[float, dict[str, float]]) -> None:
             "sweep ms",
             "status s",
             "--help s",
+            "table B/msg",
         ],
         rows,
     )
