@@ -327,3 +327,24 @@ def test_a_rolling_reconcile_over_three_nights_covers_every_chat_and_gates_read_
         assert moved.returncode == 0, moved.stderr
     finally:
         worker.stop()
+
+
+def test_a_paused_backfill_queues_no_chunk_until_it_is_resumed(  # type: ignore[no-untyped-def]
+    legacy: Legacy, broker: RedisServer
+) -> None:
+    upgrade(legacy.url, f"redis://127.0.0.1:{free_port()}/0", BULK_MAX_CONCURRENT_CHUNKS="2")
+    paused = legacy.cli("bulk", "pause", "backfill")
+    assert paused.returncode == 0, paused.stderr
+    assert "backfill: paused" in paused.stdout
+
+    held = legacy.cli("backfill", "resume", REDIS_URL=broker.url)
+    assert held.returncode == 0, held.stderr
+    assert "backfill: 0 chunks queued" in held.stdout
+    assert "backfill: pass #1 paused: 0/" in held.stdout
+    assert broker.client().llen("dualwrite.maintenance") == 0
+
+    legacy.cli("bulk", "resume", "backfill")
+    going = legacy.cli("backfill", "resume", REDIS_URL=broker.url)
+    assert "backfill: 2 chunks queued" in going.stdout, going.stdout
+    assert "backfill: pass #1 active: 0/" in going.stdout
+    assert broker.client().llen("dualwrite.maintenance") == 2
