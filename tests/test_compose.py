@@ -333,7 +333,12 @@ def test_every_long_running_service_has_a_bounded_healthcheck(name: str) -> None
 
 
 def celery_service(program: str) -> str:
-    (name,) = [name for name in celery_services() if celery_program(command(name)) == program]
+    """The service that runs this celery program: the one named after it where several do (the
+    sync `worker` beside `worker-maintenance`)."""
+    names = [name for name in celery_services() if celery_program(command(name)) == program]
+    if program in names:
+        return program
+    (name,) = names
     return name
 
 
