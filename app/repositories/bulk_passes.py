@@ -408,6 +408,19 @@ def advance(
     )
 
 
+def give_up_claim(session: Session, chunk_id: int, *, error: str, max_attempts: int) -> None:
+    """A run of the chunk raised: pending again for the next dispatch (failed after
+    `max_attempts` claims), with the error for the operator."""
+    session.execute(
+        text(
+            "UPDATE dualwrite_bulk_chunks SET error = :error, "
+            "state = CASE WHEN attempts >= :max_attempts THEN 'failed' ELSE 'pending' END "
+            "WHERE id = :id AND state = 'running'"
+        ),
+        {"id": chunk_id, "error": error[:2000], "max_attempts": max_attempts},
+    )
+
+
 def end(session: Session, chunk_id: int, *, state: str, error: str | None = None) -> None:
     """`done`; or `pending` when the chunk yields (its time is up, its pass paused): progress
     was made, so its claims start counting again."""

@@ -242,9 +242,33 @@ def run_chunk(
                 chunk = repo.claim(session, found.id, worker_name())
             if chunk is None:
                 return ChunkOutcome("gone")
-            return _run(factory, settings, chunk)
+            try:
+                return _run(factory, settings, chunk)
+            except Exception as exc:  # recorded on the chunk, then raised for the task's log
+                _record_error(factory, settings, chunk, exc)
+                raise
         finally:
             repo.release_hold(hold, found.id)
+
+
+def _record_error(
+    factory: sessionmaker[Session], settings: Settings, chunk: Chunk, exc: Exception
+) -> None:
+    try:
+        with transaction(factory) as session:
+            repo.give_up_claim(
+                session,
+                chunk.id,
+                error=f"{type(exc).__name__}: {exc}",
+                max_attempts=settings.bulk_chunk_max_attempts,
+            )
+    except Exception as lost:  # the database is gone too: the next dispatch takes it back
+        log.warning(
+            "chunk %d of pass #%d: could not record its error: %s",
+            chunk.ordinal,
+            chunk.pass_id,
+            lost,
+        )
 
 
 def _run(factory: sessionmaker[Session], settings: Settings, chunk: Chunk) -> ChunkOutcome:

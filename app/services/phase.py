@@ -106,7 +106,8 @@ def _backfill_gate(session: Session) -> Gate:
             "backfill finished",
             False,
             f"the backfill stopped at {copied.chats_done}/{copied.total_chats} chats; "
-            "`alembic upgrade head` resumes it",
+            "`alembic upgrade head` resumes it (with BACKFILL_ON_WORKERS, "
+            "`python -m app backfill resume`)",
         )
     return Gate("backfill finished", True, "the copy of every chat that existed is done")
 
