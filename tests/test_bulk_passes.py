@@ -171,7 +171,7 @@ def most_at_once(db: Legacy) -> int:
     return most
 
 
-def test_a_fleet_backfill_with_two_workers_converges_every_chat_within_the_cap(  # type: ignore[no-untyped-def]
+def test_a_fleet_backfill_with_two_workers_converges_every_chat_within_the_cap(
     legacy: Legacy, broker: RedisServer, hooks: Path
 ) -> None:
     log = upgrade(legacy.url, broker.url, BULK_MAX_CONCURRENT_CHUNKS="2")
@@ -212,7 +212,7 @@ def test_a_fleet_backfill_with_two_workers_converges_every_chat_within_the_cap( 
     assert moved.returncode == 0, moved.stderr
 
 
-def test_a_worker_killed_mid_chunk_leaves_a_pass_that_still_finishes_counted_once(  # type: ignore[no-untyped-def]
+def test_a_worker_killed_mid_chunk_leaves_a_pass_that_still_finishes_counted_once(
     legacy: Legacy, broker: RedisServer, hooks: Path
 ) -> None:
     # The broker is down during the upgrade: the pass is recorded all the same, nothing queued.
@@ -275,7 +275,7 @@ def test_a_worker_killed_mid_chunk_leaves_a_pass_that_still_finishes_counted_onc
     assert legacy.scalar("SELECT sum(rows) FROM dualwrite_bulk_chunks") == copied
 
 
-def test_a_rolling_reconcile_over_three_nights_covers_every_chat_and_gates_read_table(  # type: ignore[no-untyped-def]
+def test_a_rolling_reconcile_over_three_nights_covers_every_chat_and_gates_read_table(
     legacy: Legacy, broker: RedisServer, hooks: Path
 ) -> None:
     alembic(legacy.url, "upgrade", "head")  # the single-machine install: copied in the upgrade
@@ -329,7 +329,7 @@ def test_a_rolling_reconcile_over_three_nights_covers_every_chat_and_gates_read_
         worker.stop()
 
 
-def test_a_paused_backfill_queues_no_chunk_until_it_is_resumed(  # type: ignore[no-untyped-def]
+def test_a_paused_backfill_queues_no_chunk_until_it_is_resumed(
     legacy: Legacy, broker: RedisServer
 ) -> None:
     upgrade(legacy.url, f"redis://127.0.0.1:{free_port()}/0", BULK_MAX_CONCURRENT_CHUNKS="2")
