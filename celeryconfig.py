@@ -6,7 +6,7 @@ from celery.schedules import crontab
 from kombu.entity import Queue as KombuQueue
 
 from app.settings import get_settings
-from app.task_names import RECONCILE, ROUTES, SWEEP, Queue
+from app.task_names import DISPATCH_CHUNKS, RECONCILE, ROUTES, SWEEP, Queue
 
 _settings = get_settings()
 
@@ -65,13 +65,21 @@ beat_schedule = {
         "schedule": _settings.sweep_interval_seconds,
         "options": {"expires": _settings.sweep_interval_seconds},
     },
-    # Every chat, nightly.
+    # Every chat, nightly: a night's share (1/RECONCILE_FULL_DAYS) of the rolling full pass,
+    # whose chunks any maintenance worker runs.
     "reconcile-nightly": {
         "task": RECONCILE,
+        "kwargs": {"rolling": True},
         "schedule": crontab(
             **dict(zip(_CRON_FIELDS, _settings.reconcile_crontab.split(), strict=True))
         ),
         "options": {"expires": 3600},
+    },
+    # The bulk passes' chunks: queue up to the fleet's cap, take back those lost with a worker.
+    "bulk-dispatch": {
+        "task": DISPATCH_CHUNKS,
+        "schedule": _settings.bulk_dispatch_interval_seconds,
+        "options": {"expires": _settings.bulk_dispatch_interval_seconds},
     },
     # Chats changed recently, often: drift is found while it is fresh.
     "reconcile-recent": {

@@ -1,5 +1,5 @@
 """Operator commands: `python -m app <command>` (token, check, reconcile, dead-letters, status,
-phase, contract, bulk)."""
+phase, contract, bulk, backfill)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from app import logs
 from app.auth import MAX_TTL_SECONDS, issue_token
 from app.db import make_engine, make_sessionmaker, transaction
 from app.jobs import JobQueue, publish_after_commit
-from app.repositories import backfill, bulk_paused, dead_letters, reconcile_runs
+from app.repositories import backfill, bulk_passes, bulk_paused, dead_letters, reconcile_runs
 from app.repositories import phase as phase_repo
 from app.services import bulk, replay, status
+from app.services import bulk_passes as bulk_passes_service
 from app.services import phase as phase_service
 from app.services.drift import State, find_drift
 from app.services.reconcile import ReconcileReport, parse_interval, reconcile
@@ -283,7 +284,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         gauges = status.database_gauges(session)
         runs = reconcile_runs.recent(session, limit=5)
         copied = backfill.progress(session)
+        fleet_copy = bulk_passes.progress(session, bulk_passes.Kind.BACKFILL)
+        rolling = bulk_passes.progress(session, bulk_passes.Kind.RECONCILE)
         paused = bulk_paused.paused(session)
+    # The database's view first: it answers even when the broker does not.
+    if fleet_copy is not None:
+        print(_pass_line("backfill", fleet_copy))
+    elif copied is not None:
+        print(_backfill_line(copied))
+    if rolling is not None:
+        print(_pass_line("rolling reconcile", rolling))
     waiting, unacked = queue_lengths(get_settings())
     print(
         "queues: "
@@ -307,8 +317,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         if phase["phase"] == Phase.TABLE_ONLY.value:
             print(f"reverse sync backlog: {phase['reverse_backlog']} chats (JSONB behind rows)")
-    if copied is not None:
-        print(_backfill_line(copied))
     print(f"chats behind: {gauges['chats_behind']}")
     oldest = gauges["oldest_behind_seconds"]
     print(
@@ -381,6 +389,65 @@ def _backfill_line(copied: backfill.Progress) -> str:
         f"backfill: {copied.chats_done}/{copied.total_chats} chats ({copied.percent:.1f}%), "
         f"{copied.rows_copied} rows; not finished: `alembic upgrade head` resumes it"
     )
+
+
+def _pass_line(name: str, p: bulk_passes.PassProgress) -> str:
+    """One line per bulk pass: chunks done/total, chats, rows, rate, ETA (the same words for
+    the backfill and the rolling reconcile)."""
+    elapsed = p.elapsed_seconds
+    rate = p.rows / elapsed if elapsed > 0 else 0.0
+    eta = bulk_passes_service.eta_seconds(p)
+    line = (
+        f"{name}: pass #{p.id} {p.state}: {p.chunks_done}/{p.total_chunks} chunks, "
+        f"{p.chats}/{p.total_chats} chats, {p.rows} rows, {rate:.0f} rows/s"
+    )
+    if p.state == "finished":
+        line += f", done in {_age(timedelta(seconds=elapsed))}"
+    elif eta is not None:
+        line += f", ETA {_age(timedelta(seconds=eta))}"
+    else:
+        line += ", ETA unknown"
+    if p.chunks_running:
+        line += f"; {p.chunks_running} running"
+    if p.chunks_failed:
+        line += f"; {p.chunks_failed} failed (`python -m app {name.split()[-1]} resume` retries)"
+    if p.kind is bulk_passes.Kind.RECONCILE:
+        line += (
+            f"; released {p.released_chunks}/{p.total_chunks} (1/{p.nights} a night); "
+            f"drift {p.drift} repaired, {p.behind} behind, {p.timed_out} timed out, "
+            f"{p.skipped} skipped"
+        )
+    elif p.bad_elements or p.bad_chats:
+        line += f"; skipped {p.bad_elements} bad elements and {p.bad_chats} chats"
+    return line
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """`backfill resume`: record the fleet backfill if the migration left one, retry its failed
+    chunks, and queue chunks up to the fleet's cap (what beat's dispatch also does)."""
+    settings = get_settings()
+    with _sessions() as factory:
+        with transaction(factory) as session:
+            pass_id = bulk_passes_service.start_backfill(session, settings, trigger="cli")
+            if pass_id is None:
+                pass_id = bulk_passes.open_pass(session, bulk_passes.Kind.BACKFILL)
+            retried = bulk_passes.retry_failed(session, pass_id) if pass_id is not None else 0
+        if pass_id is None:
+            print("backfill: nothing to resume (no fleet backfill open)")
+            return 0
+        from app.broker import bounded_publisher
+
+        sent = bulk_passes_service.dispatch_and_publish(
+            factory, settings, bounded_publisher(settings).many
+        )
+        with transaction(factory) as session:
+            progress = bulk_passes.progress(session, bulk_passes.Kind.BACKFILL)
+    if retried:
+        print(f"backfill: {retried} failed chunks retried")
+    print(f"backfill: {sent} chunks queued")
+    if progress is not None:
+        print(_pass_line("backfill", progress))
+    return 0
 
 
 def _bulk_line(paused: dict[bulk_paused.Pass, bulk_paused.Paused]) -> str:
@@ -609,6 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, what in (("pause", "skip scheduled runs of"), ("resume", "run again")):
         act = bulk_actions.add_parser(verb, help=f"{what} these passes (default: all)")
         act.add_argument("passes", nargs="*", metavar="PASS", help=f"one of: {passes}")
+
+    fill = commands.add_parser(
+        "backfill", help="the fleet backfill (BACKFILL_ON_WORKERS): `resume` queues its chunks"
+    )
+    fill.set_defaults(func=cmd_backfill)
+    fill_actions = fill.add_subparsers(dest="action", required=True)
+    fill_actions.add_parser("resume", help="queue the backfill's chunks; retry failed ones")
 
     contract = commands.add_parser("contract", help="drop the JSONB column (table_only only)")
     contract.add_argument("--yes", action="store_true", help="confirm without a terminal")

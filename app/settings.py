@@ -207,6 +207,32 @@ class Settings(BaseSettings):
     backfill_pause_seconds: float = Field(default=0.02, ge=0)
     backfill_log_interval_seconds: float = Field(default=5.0, ge=0)
 
+    # The bulk passes on the worker fleet (`app/services/bulk_passes.py`). With
+    # `backfill_on_workers`, `alembic upgrade head` does the DDL, records the copy as a pass of
+    # chunks and returns; the workers on the maintenance queue copy. Without it (a single-machine
+    # install), the upgrade copies everything itself, as before.
+    backfill_on_workers: bool = False
+    # Chunks queued or running at once across the whole fleet, counted in the database: the
+    # headroom the bulk passes leave the database (each chunk is one busy connection).
+    bulk_max_concurrent_chunks: int = Field(default=2, ge=1, le=64)
+    # Chats per chunk (a keyset range of chat ids), and how long one run of a chunk may last
+    # before it yields (its next run resumes after its last batch).
+    bulk_chunk_chats: int = Field(default=1000, ge=1)
+    bulk_chunk_seconds: float = Field(default=300.0, gt=0)
+    # A batch statement of a backfill chunk runs at most this long (lock waits: the migration's
+    # `MIGRATION_LOCK_TIMEOUT_MS`); past it, the batch is halved and tried again.
+    bulk_statement_timeout_ms: int = Field(default=60_000, gt=0)
+    # A queued chunk whose task has not started within this time (lost with the broker) is
+    # queued again; a chunk claimed this many times without ending is failed (`backfill resume`
+    # retries it).
+    bulk_chunk_queued_ttl_seconds: float = Field(default=900.0, gt=0)
+    bulk_chunk_max_attempts: int = Field(default=5, ge=1)
+    # How often beat dispatches chunks (and takes back those lost with a worker).
+    bulk_dispatch_interval_seconds: float = Field(default=60.0, gt=0)
+    # The rolling full reconcile covers every chat at least once in this many nights: each
+    # night releases 1/RECONCILE_FULL_DAYS of the chunks of the pass, after the last night's.
+    reconcile_full_days: int = Field(default=1, ge=1, le=365)
+
     # The sweep: re-enqueue chats whose copy is behind (a lost publish, a lost task).
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
     sweep_grace_seconds: float = Field(default=30.0, ge=0)
@@ -292,6 +318,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed TASK_TIME_LIMIT_SECONDS, "
                 "or a running task is redelivered to a second worker"
+            )
+        if self.bulk_chunk_seconds * 2 + 120 >= self.broker_visibility_timeout_seconds:
+            raise ValueError(
+                "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed twice BULK_CHUNK_SECONDS plus "
+                "120 s (a chunk task's time limit), or a running chunk is delivered twice"
             )
         longest_wait = self.retry_backoff_max_seconds + self.task_time_limit_seconds
         if longest_wait >= self.broker_visibility_timeout_seconds:

@@ -8,13 +8,18 @@ from enum import StrEnum
 
 class Queue(StrEnum):
     SYNC = "dualwrite.sync"  # per-chat copies enqueued by handlers and the sweep
-    MAINTENANCE = "dualwrite.maintenance"  # sweep and reconcile
+    # sweep, reconcile, and the chunks of the bulk passes (backfill, rolling reconcile): a
+    # worker of its own (`-Q dualwrite.maintenance`) keeps long passes off the sync slots
+    MAINTENANCE = "dualwrite.maintenance"
 
 
 SYNC_MESSAGES = "chats.sync_messages"
 SYNC_CHAT = "chats.sync_chat"
 SWEEP = "chats.sweep"
 RECONCILE = "chats.reconcile"
+BACKFILL_CHUNK = "chats.backfill_chunk"
+RECONCILE_CHUNK = "chats.reconcile_chunk"
+DISPATCH_CHUNKS = "chats.dispatch_chunks"
 
 # Where each task goes; the task definitions declare the same queue.
 ROUTES: dict[str, Queue] = {
@@ -22,4 +27,7 @@ ROUTES: dict[str, Queue] = {
     SYNC_CHAT: Queue.SYNC,
     SWEEP: Queue.MAINTENANCE,
     RECONCILE: Queue.MAINTENANCE,
+    BACKFILL_CHUNK: Queue.MAINTENANCE,
+    RECONCILE_CHUNK: Queue.MAINTENANCE,
+    DISPATCH_CHUNKS: Queue.MAINTENANCE,
 }

@@ -40,13 +40,14 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.exc import DBAPIError
 
+from app.repositories import backfill as backfill_sql
 from migrations.online import backoff, is_retryable, short_transaction
 
 log = logging.getLogger("alembic.runtime.migration")
 
 NAME = "copilot_chat_messages"
 # The advisory lock class of per-chat syncs (`app.repositories.sync_state.SYNC_LOCK_CLASS`).
-SYNC_LOCK_CLASS = 7301
+SYNC_LOCK_CLASS = backfill_sql.SYNC_LOCK_CLASS
 MAX_FAILURES = 20
 
 STATE_TABLE = """
@@ -63,46 +64,9 @@ CREATE TABLE IF NOT EXISTS dualwrite_backfill (
 )
 """
 
-_VALID = """
-    jsonb_typeof(e.elem) = 'object'
-    AND coalesce(jsonb_typeof(e.elem -> 'id'), '') = 'string'
-    AND e.elem ->> 'id' <> ''
-    AND octet_length(e.elem ->> 'id') <= 1024
-"""
-
-
-# Every element of the chats in `kinds` (id, is_array), with whether it can be copied.
-_ELEMENTS = f"""
-    SELECT c.id AS chat_id, c.messages_version, c.created_at, e.elem, e.ord, {_VALID} AS valid
-    FROM kinds k
-    JOIN copilot_chats c ON c.id = k.id
-    CROSS JOIN LATERAL jsonb_array_elements(
-        CASE WHEN k.is_array THEN c.messages ELSE '[]'::jsonb END
-    ) WITH ORDINALITY AS e(elem, ord)
-"""
-
-_COPY = """
-    INSERT INTO copilot_chat_messages AS m
-        (chat_id, message_id, role, seq, content, stream_id, model, created_at, updated_at,
-         source_version)
-    SELECT DISTINCT ON (x.chat_id, x.elem ->> 'id')
-        x.chat_id,
-        x.elem ->> 'id',
-        coalesce(x.elem ->> 'role', 'unknown'),
-        (x.ord - 1)::int,
-        x.elem,
-        CASE WHEN jsonb_typeof(x.elem -> 'streamId') = 'string'
-                  AND octet_length(x.elem ->> 'streamId') <= 1024
-             THEN x.elem ->> 'streamId' END,
-        CASE WHEN jsonb_typeof(x.elem -> 'model') = 'string' THEN x.elem ->> 'model' END,
-        coalesce(copilot_message_timestamp(x.elem -> 'timestamp'), x.created_at),
-        now(),
-        x.messages_version
-    FROM elems x
-    WHERE x.valid
-    ORDER BY x.chat_id, x.elem ->> 'id', x.ord
-    ON CONFLICT (chat_id, message_id) DO NOTHING
-"""
+# The element rules and the copy, shared with the chunks of a fleet backfill.
+_ELEMENTS = backfill_sql.ELEMENTS
+_COPY = backfill_sql.COPY
 
 # The whole copy in one statement: what the backfill does, without batches. A reference for
 # benchmarks only: run by a migration, it would hold its locks for the whole copy.
@@ -226,6 +190,15 @@ def _start(engine: Engine) -> State:
         state = _state(connection)
         assert state is not None
         return state
+
+
+def start(engine: Engine) -> None:
+    """Record the backfill's start (its work: the chats that exist now) without copying."""
+    state = _start(engine)
+    log.info(
+        "backfill: recorded %d chats to copy (BACKFILL_ON_WORKERS: the workers copy them)",
+        state.total_chats,
+    )
 
 
 def _run_batch(engine: Engine, state: State, size: int, lock_timeout_ms: int) -> tuple[int, int]:

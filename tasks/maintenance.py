@@ -1,4 +1,5 @@
-"""Periodic tasks: the sweep (chats whose copy is behind) and the reconcile (drift)."""
+"""Periodic tasks: the sweep (chats whose copy is behind), the reconcile (drift), and the bulk
+passes' chunks and their dispatch (`app/services/bulk_passes.py`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ from datetime import timedelta
 
 from app.jobs import JobQueue, publish_many_after_commit
 from app.repositories import bulk_paused
+from app.services import bulk_passes, sync
 from app.services import reconcile as reconcile_service
-from app.services import sync
 from app.settings import get_settings
-from app.task_names import RECONCILE, SWEEP, SYNC_CHAT, Queue
+from app.task_names import (
+    BACKFILL_CHUNK,
+    DISPATCH_CHUNKS,
+    RECONCILE,
+    RECONCILE_CHUNK,
+    SWEEP,
+    SYNC_CHAT,
+    Queue,
+)
 from tasks import celery
 from tasks.publish import process_publisher
 from tasks.runtime import worker_sessionmaker, worker_transaction
@@ -71,8 +80,10 @@ def sweep() -> dict[str, int]:
     soft_time_limit=get_settings().reconcile_time_limit_seconds,
     time_limit=get_settings().reconcile_time_limit_seconds + 60,
 )
-def reconcile(since_seconds: float | None = None) -> int | None:
+def reconcile(since_seconds: float | None = None, rolling: bool = False) -> int | None:
     """Compare JSONB and table and repair drift; all chats, or those changed in the window.
+    With `rolling` (beat's nightly run), only start the night's share of the rolling full
+    pass: its chunks run as `chats.reconcile_chunk` on any maintenance worker.
     The advisory lock keeps it to one run at a time. Its batches run under the reconcile's own
     timeouts (`RECONCILE_*_TIMEOUT_MS`), not the worker's, set per transaction. A run whose pass
     an operator paused (`python -m app bulk pause`, the rollout page) does nothing."""
@@ -90,6 +101,18 @@ def reconcile(since_seconds: float | None = None) -> int | None:
             f"{paused.paused_at:%Y-%m-%d %H:%M:%S}",
             name.value,
         )
+        return None
+    if rolling:
+        with worker_transaction() as session:
+            pass_id, released, total = bulk_passes.start_night(session, settings, trigger="beat")
+        log.info(
+            "reconcile: rolling pass #%d: %d of %d chunks released (RECONCILE_FULL_DAYS=%d)",
+            pass_id,
+            released,
+            total,
+            settings.reconcile_full_days,
+        )
+        _dispatch()
         return None
     try:
         report = reconcile_service.reconcile(
@@ -116,3 +139,74 @@ def reconcile(since_seconds: float | None = None) -> int | None:
         report.seconds,
     )
     return report.drift
+
+
+def _dispatch() -> int:
+    return bulk_passes.dispatch_and_publish(
+        worker_sessionmaker(), get_settings(), process_publisher().many
+    )
+
+
+@celery.task(
+    name=DISPATCH_CHUNKS,
+    queue=Queue.MAINTENANCE.value,
+    ignore_result=True,
+    max_retries=0,
+    expires=get_settings().bulk_dispatch_interval_seconds,
+)
+def dispatch_chunks() -> int:
+    """Beat's tick of the bulk passes: take back chunks lost with a worker or a task, and queue
+    chunks up to `BULK_MAX_CONCURRENT_CHUNKS` in flight across the fleet."""
+    return _dispatch()
+
+
+# A chunk yields after BULK_CHUNK_SECONDS (between batches); the limits leave a batch room to end.
+_CHUNK_LIMITS = {
+    "soft_time_limit": int(get_settings().bulk_chunk_seconds * 2 + 60),
+    "time_limit": int(get_settings().bulk_chunk_seconds * 2 + 120),
+}
+
+
+def _chunk(kind: str, pass_id: int, ordinal: int, lo: str | None, hi: str | None) -> str:
+    """Run one chunk, then dispatch the next ones (the pass moves on without waiting for beat).
+    `lo` and `hi` are for the reader (Flower, logs): the chunk's row holds its range."""
+    outcome = bulk_passes.run_chunk(worker_sessionmaker(), get_settings(), pass_id, ordinal)
+    log.info(
+        "%s chunk %d of pass #%d (%s, %s]: %s, %d chats, %d rows in %.1fs",
+        kind,
+        ordinal,
+        pass_id,
+        lo or "-inf",
+        hi or "+inf",
+        outcome.state,
+        outcome.chats,
+        outcome.rows,
+        outcome.seconds,
+    )
+    if outcome.state in ("done", "yielded"):
+        _dispatch()
+    return outcome.state
+
+
+@celery.task(
+    name=BACKFILL_CHUNK,
+    queue=Queue.MAINTENANCE.value,
+    ignore_result=True,
+    max_retries=0,
+    **_CHUNK_LIMITS,
+)
+def backfill_chunk(pass_id: int, ordinal: int, lo: str | None, hi: str | None) -> str:
+    """Copy the chats lo < id <= hi of a fleet backfill (`BACKFILL_ON_WORKERS`)."""
+    return _chunk("backfill", pass_id, ordinal, lo, hi)
+
+
+@celery.task(
+    name=RECONCILE_CHUNK,
+    queue=Queue.MAINTENANCE.value,
+    ignore_result=True,
+    max_retries=0,
+    **_CHUNK_LIMITS,
+)
+def reconcile_chunk(pass_id: int, ordinal: int, lo: str | None, hi: str | None) -> str:
+    """Compare and repair the chats lo < id <= hi of a rolling full reconcile pass."""
+    return _chunk("reconcile", pass_id, ordinal, lo, hi)

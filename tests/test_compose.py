@@ -44,6 +44,10 @@ EXPECTED_DEPENDS_ON = {
     "migrate": {"postgres": "service_healthy"},
     "api": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
     "worker": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
+    "worker-maintenance": {
+        "migrate": "service_completed_successfully",
+        "redis": "service_healthy",
+    },
     "beat": {"redis": "service_healthy"},
     "flower": {"redis": "service_healthy", "worker": "service_healthy"},
 }
@@ -124,9 +128,17 @@ def celery_program(args: list[str]) -> str:
     return next(arg for arg in args[1:] if not arg.startswith("-") and arg != app)
 
 
+def worker_services() -> list[str]:
+    return [name for name in celery_services() if celery_program(command(name)) == "worker"]
+
+
+def queues_of(name: str) -> set[str]:
+    return set(option(command(name), "-Q", "--queues").split(","))
+
+
 def worker_queues() -> set[str]:
-    (worker,) = [name for name in celery_services() if celery_program(command(name)) == "worker"]
-    return set(option(command(worker), "-Q", "--queues").split(","))
+    """Every queue some worker service consumes."""
+    return set().union(*(queues_of(name) for name in worker_services()))
 
 
 def uvicorn_target() -> tuple[str, str]:
@@ -155,10 +167,22 @@ def test_celery_services_name_the_celery_app(name: str) -> None:
     assert app is tasks.celery
 
 
-def test_each_celery_program_runs_in_exactly_one_service() -> None:
-    # A second beat would publish every periodic job twice.
+def test_each_celery_program_runs_in_exactly_one_service_but_the_workers() -> None:
+    # A second beat would publish every periodic job twice; workers split the queues.
     programs = sorted(celery_program(command(name)) for name in celery_services())
-    assert programs == ["beat", "flower", "worker"]
+    assert programs == ["beat", "flower", "worker", "worker"]
+
+
+def test_the_bulk_passes_run_on_a_maintenance_worker_apart_from_the_sync_workers() -> None:
+    # A long backfill or reconcile chunk must never hold a slot that a chat's sync needs.
+    from app.task_names import BACKFILL_CHUNK, RECONCILE_CHUNK, ROUTES
+
+    assert ROUTES[BACKFILL_CHUNK] is Queue.MAINTENANCE
+    assert ROUTES[RECONCILE_CHUNK] is Queue.MAINTENANCE
+    assert tasks.celery.tasks[BACKFILL_CHUNK].queue == Queue.MAINTENANCE.value
+    assert tasks.celery.tasks[RECONCILE_CHUNK].queue == Queue.MAINTENANCE.value
+    assert queues_of("worker") == {Queue.SYNC.value}
+    assert queues_of("worker-maintenance") == {Queue.MAINTENANCE.value}
 
 
 def test_worker_consumes_every_queue() -> None:
@@ -290,6 +314,7 @@ def test_services_wait_for_what_they_need(name: str) -> None:
         ("redis", "redis-cli ping"),
         ("api", "urllib.request"),
         ("worker", "inspect ping"),
+        ("worker-maintenance", "inspect ping"),
         ("beat", "find "),
         ("flower", "urllib.request"),
     ],
@@ -308,12 +333,17 @@ def test_every_long_running_service_has_a_bounded_healthcheck(name: str) -> None
 
 
 def celery_service(program: str) -> str:
-    (name,) = [name for name in celery_services() if celery_program(command(name)) == program]
+    """The service that runs this celery program: the one named after it where several do (the
+    sync `worker` beside `worker-maintenance`)."""
+    names = [name for name in celery_services() if celery_program(command(name)) == program]
+    if program in names:
+        return program
+    (name,) = names
     return name
 
 
-def test_worker_healthcheck_pings_the_workers_own_node() -> None:
-    name = celery_service("worker")
+@pytest.mark.parametrize("name", ["worker", "worker-maintenance"])
+def test_worker_healthcheck_pings_the_workers_own_node(name: str) -> None:
     args = shlex.split(healthcheck(name))
     # The same Celery app as the worker, and its `inspect ping`.
     assert args[0] == "celery"
@@ -380,9 +410,10 @@ def test_state_directories_belong_to_the_image_user() -> None:
     assert any(f"chown -R {user} /var/lib/chat-dualwrite" in run for run in runs)
 
 
-def test_worker_concurrency_and_recycling_come_from_the_settings() -> None:
+@pytest.mark.parametrize("name", ["worker", "worker-maintenance"])
+def test_worker_concurrency_and_recycling_come_from_the_settings(name: str) -> None:
     # A `-c` or `--max-tasks-per-child` on the command line would override the settings.
-    args = command(celery_service("worker"))
+    args = command(name)
     for flag in ("-c", "--concurrency", "--max-tasks-per-child", "--max-memory-per-child"):
         assert not any(arg == flag or arg.startswith(flag + "=") for arg in args), flag
     conf = tasks.celery.conf
@@ -409,8 +440,8 @@ def test_redis_keeps_queued_tasks() -> None:
     assert "--appendonly yes" in args
 
 
-def test_worker_stop_grace_outlasts_the_task_time_limit() -> None:
-    (worker,) = [name for name in celery_services() if celery_program(command(name)) == "worker"]
+@pytest.mark.parametrize("worker", ["worker", "worker-maintenance"])
+def test_worker_stop_grace_outlasts_the_task_time_limit(worker: str) -> None:
     limit = Settings.model_fields["task_time_limit_seconds"].default
     assert seconds(SERVICES[worker]["stop_grace_period"]) > limit
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
@@ -215,12 +216,13 @@ def celery_argv(name: str, **options: str) -> list[str]:
     return [sys.executable, "-m", "celery", *out]
 
 
+@pytest.mark.parametrize("name", ["worker", "worker-maintenance"])
 def test_worker_healthcheck_answers_for_a_live_worker_and_fails_in_time_without_one(
-    broker: RedisServer,
+    broker: RedisServer, name: str
 ) -> None:
-    name = celery_service("worker")
+    assert celery_service("worker") == "worker"
     env = {**os.environ, "REDIS_URL": broker.url, "HOSTNAME": socket.gethostname()}
-    worker = Process(celery_argv(name), env, LOG_DIR / f"compose-worker-{RUN_ID}.log", " ready.")
+    worker = Process(celery_argv(name), env, LOG_DIR / f"compose-{name}-{RUN_ID}.log", " ready.")
     worker.start()
     try:
         assert shell(name, env) == 0

@@ -165,11 +165,15 @@ def _step(
 def _passes(session: Session, settings: Settings) -> list[BulkPass]:
     paused = paused_passes(session)
     schedules = {
-        Pass.RECONCILE_NIGHTLY: f"every chat, on crontab '{settings.reconcile_crontab}' UTC",
+        Pass.RECONCILE_NIGHTLY: (
+            f"every chat in {settings.reconcile_full_days} night(s), a share on crontab "
+            f"'{settings.reconcile_crontab}' UTC"
+        ),
         Pass.RECONCILE_RECENT: (
             f"chats changed in the last {age(settings.reconcile_recent_window_seconds)}, every "
             f"{age(settings.reconcile_recent_interval_seconds)}"
         ),
+        Pass.BACKFILL: "the copy's chunks on the workers (BACKFILL_ON_WORKERS)",
     }
     return [BulkPass(name, schedules[name], paused.get(name)) for name in Pass]
 

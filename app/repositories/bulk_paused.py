@@ -20,6 +20,7 @@ class Pass(StrEnum):
 
     RECONCILE_NIGHTLY = "reconcile-nightly"  # every chat, on RECONCILE_CRONTAB
     RECONCILE_RECENT = "reconcile-recent"  # chats changed in the recent window, often
+    BACKFILL = "backfill"  # the fleet backfill's chunks (BACKFILL_ON_WORKERS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,15 @@ def history(session: Session, limit: int = 10) -> list[Change]:
     return [Change(*row) for row in rows]
 
 
+def entered(session: Session, phase: Phase) -> datetime | None:
+    """When the rollout last moved into `phase` (None: never, by a recorded step)."""
+    value = session.execute(
+        text("SELECT max(at) FROM dualwrite_phase_changes WHERE to_phase = :phase"),
+        {"phase": phase.value},
+    ).scalar_one()
+    return value if isinstance(value, datetime) else None
+
+
 def record_mismatch(session: Session, chat_id: uuid.UUID, detail: str) -> None:
     session.execute(
         text("INSERT INTO dualwrite_shadow_mismatches (chat_id, detail) VALUES (:id, :detail)"),

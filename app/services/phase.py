@@ -20,13 +20,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import transaction
-from app.repositories import dead_letters, reconcile_runs, sync_state
+from app.repositories import backfill, bulk_passes, dead_letters, reconcile_runs, sync_state
 from app.repositories import phase as phase_repo
 from app.services import sync
 from app.settings import Phase, Settings
@@ -69,22 +70,15 @@ def gates(session: Session, settings: Settings, state: phase_repo.State, to: Pha
             f"{settings.phase_gate_min_seconds:.0f}s required (PHASE_GATE_MIN_SECONDS)",
         )
     )
+    if to is Phase.VERIFY_READS:
+        result.append(_backfill_gate(session))
     if to is Phase.READ_TABLE:
-        # Over every chat (a `--since` window proves nothing about the rest). "ok": a dry run
-        # found no drift, or a repair left none (lag is not drift).
-        last = reconcile_runs.last_finished(session, whole=True)
-        clean = last is not None and last.outcome == "ok"
-        result.append(
-            Gate(
-                "clean reconcile",
-                clean,
-                "no finished reconcile of every chat"
-                if last is None
-                else f"last reconcile #{last.id}: {last.outcome}, drift {last.drift}"
-                + ("" if last.dry_run else " (repaired)"),
-            )
-        )
-        since = last.finished_at if last is not None else None
+        # Over every chat (a `--since` window proves nothing about the rest), started after
+        # the dual-write began (before it, the table was not kept up): an in-process reconcile
+        # of every chat, or every chunk of one rolling pass, however many nights it took.
+        # "ok": a dry run found no drift, or a repair left none (lag is not drift).
+        gate, since = _reconcile_gate(session, state)
+        result.append(gate)
         mismatches = phase_repo.mismatches_since(session, since)
         result.append(
             Gate(
@@ -94,6 +88,83 @@ def gates(session: Session, settings: Settings, state: phase_repo.State, to: Pha
             )
         )
     return result
+
+
+def _backfill_gate(session: Session) -> Gate:
+    """The copy must be complete before reads are compared with it."""
+    fleet = bulk_passes.progress(session, bulk_passes.Kind.BACKFILL)
+    if fleet is not None and fleet.state != "finished":
+        return Gate(
+            "backfill finished",
+            False,
+            f"the fleet backfill (pass #{fleet.id}) is {fleet.state}: {fleet.chunks_done}/"
+            f"{fleet.total_chunks} chunks done",
+        )
+    copied = backfill.progress(session)
+    if copied is not None and copied.finished_at is None and fleet is None:
+        return Gate(
+            "backfill finished",
+            False,
+            f"the backfill stopped at {copied.chats_done}/{copied.total_chats} chats; "
+            "`alembic upgrade head` resumes it (with BACKFILL_ON_WORKERS, "
+            "`python -m app backfill resume`)",
+        )
+    return Gate("backfill finished", True, "the copy of every chat that existed is done")
+
+
+def _dual_write_began(session: Session, state: phase_repo.State) -> datetime | None:
+    """Since when the table has been written: what a reconcile must postdate to prove it."""
+    if state.phase is Phase.DUAL_WRITE:
+        return state.since
+    return phase_repo.entered(session, Phase.DUAL_WRITE)
+
+
+def _reconcile_gate(session: Session, state: phase_repo.State) -> tuple[Gate, datetime | None]:
+    last = reconcile_runs.last_finished(session, whole=True)
+    began = _dual_write_began(session, state)
+    passes = bulk_passes.complete_reconciles(session, started_after=began)
+    rolling = passes[0] if passes else None
+    if rolling is not None and (
+        last is None
+        or last.finished_at is None
+        or (rolling.finished_at is not None and rolling.finished_at >= last.finished_at)
+    ):
+        ok = rolling.complete
+        return (
+            Gate(
+                "clean reconcile",
+                ok,
+                f"rolling pass #{rolling.id}: {rolling.chunks_done}/{rolling.total_chunks} chunks "
+                f"over {rolling.chats} chats, drift {rolling.drift} (repaired)"
+                + (
+                    ""
+                    if rolling.complete
+                    else f"; not complete ({rolling.timed_out} timed out, {rolling.skipped} "
+                    "skipped)"
+                ),
+            ),
+            rolling.finished_at,
+        )
+    if last is None:
+        open_pass = bulk_passes.progress(session, bulk_passes.Kind.RECONCILE)
+        detail = "no finished reconcile of every chat"
+        if open_pass is not None and open_pass.state != "finished":
+            detail += (
+                f" (rolling pass #{open_pass.id}: {open_pass.chunks_done}/"
+                f"{open_pass.total_chunks} chunks done)"
+            )
+        return Gate("clean reconcile", False, detail), None
+    recent = began is None or last.started_at >= began
+    return (
+        Gate(
+            "clean reconcile",
+            last.outcome == "ok" and recent,
+            f"last reconcile #{last.id}: {last.outcome}, drift {last.drift}"
+            + ("" if last.dry_run else " (repaired)")
+            + ("" if recent else "; it started before dual_write began"),
+        ),
+        last.finished_at,
+    )
 
 
 def next_forward(phase: Phase) -> Phase | None:

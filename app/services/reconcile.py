@@ -107,6 +107,7 @@ class ReconcileReport:
     killed_runs: list[int] = field(default_factory=list)  # earlier runs found unfinished
     seconds: float = 0.0
     outcome: str = "running"
+    label: str = ""  # how logs and dead letters name the run (a chunk has no run id)
 
     @property
     def drift(self) -> int:
@@ -235,6 +236,21 @@ def _run(
     return report
 
 
+def check_chats(
+    factory: sessionmaker[Session],
+    ids: Sequence[uuid.UUID],
+    *,
+    limits: Limits,
+    label: str,
+) -> ReconcileReport:
+    """Converge these chats as a full reconcile's batch does (timeouts retried in halves, a
+    chat that still times out alone dead-lettered), without a run of its own: a chunk of a
+    rolling pass (`app.services.bulk_passes`) records its counts on its chunk instead."""
+    report = ReconcileReport(run_id=0, dry_run=False, label=label)
+    _check(factory, ids, report, False, limits)
+    return report
+
+
 def _check(
     factory: sessionmaker[Session],
     ids: Sequence[uuid.UUID],
@@ -278,7 +294,8 @@ def _give_up(
     factory: sessionmaker[Session], chat_id: uuid.UUID, reason: str, report: ReconcileReport
 ) -> None:
     report.timed_out += 1
-    log.warning("reconcile #%d: chat %s left unchecked: %s", report.run_id, chat_id, reason)
+    run = report.label or f"reconcile #{report.run_id}"
+    log.warning("%s: chat %s left unchecked: %s", run, chat_id, reason)
     if report.dry_run:
         return  # a dry run records its run, nothing else; the log names the chat
     with transaction(factory) as session:
@@ -288,7 +305,7 @@ def _give_up(
             chat_id=chat_id,
             args=[str(chat_id)],
             reason=dead_letters.Reason.RECONCILE_TIMEOUT,
-            error=f"reconcile #{report.run_id} gave up on this chat alone: {reason}",
+            error=f"{run} gave up on this chat alone: {reason}",
             attempts=1,
         )
 

@@ -6,7 +6,8 @@ Nothing here holds a lock that blocks the application for more than a moment:
    tables whose foreign keys reference it, the version trigger) runs in its own short
    transaction under `lock_timeout`, retried with backoff while the lock is not granted;
 2. then the backfill copies the chats in keyset batches, each its own transaction, resumable
-   (`migrations/backfill.py`).
+   (`migrations/backfill.py`); with `BACKFILL_ON_WORKERS=true` it only records its start, and
+   revision 0010 leaves the copy to the workers as chunks (`app/services/bulk_passes.py`).
 
 From step 1 on, a trigger bumps `messages_version` and records it as the chat's wanted version
 whenever `messages` changes, whoever writes it (this service, its previous release during a
@@ -152,6 +153,11 @@ def upgrade() -> None:
         step("create copilot_chat_sync_state", SYNC_STATE_TABLE, SYNC_STATE_INDEX)
         step("create the version triggers", *TRIGGERS)
         step("create dualwrite_backfill", backfill.STATE_TABLE)
+        if settings.backfill_on_workers:
+            # The copy's work is fixed now (the chats that exist); revision 0010 records it as
+            # chunks for the workers, and the upgrade returns without copying.
+            backfill.start(op.get_bind().engine)
+            return
         backfill.run(
             op.get_bind().engine,
             backfill.Config(
