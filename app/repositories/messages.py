@@ -207,6 +207,85 @@ ORDER BY t.id
 ).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
 
 
+# The cheap comparison that runs before `_DIFF` or `_CONVERGE`: per chat, the array's canonical
+# text against the live rows' contents joined in `seq` order, plus checks that each live row's
+# own columns are what the mapping derives from its content. No element is unnested, sorted by
+# id or joined to its row, so an in-sync chat costs one ordered index scan of its rows and one
+# serialization of each side.
+#
+# Why a match proves what `converge` would find (no row to insert, update or soft-delete):
+# - every live row's content is an object whose `id` is a valid message id equal to the row's
+#   `message_id`, and `(chat_id, message_id)` is unique, so when the texts match, every element
+#   of the array is valid and no id repeats (no element skipped, none shadowed by an earlier
+#   duplicate);
+# - jsonb prints canonically and the rows' texts are objects, so '[' || t1 || ', ' || t2 ... ']'
+#   equals the array's text only if the array holds exactly these contents in this order;
+# - the k-th live row by `seq` has `seq` = k - 1, so `seq` is each element's position;
+# - role, stream_id, model and created_at equal the mapping's value from the content (and the
+#   chat's `created_at`), so a row changed behind the mapping's back is caught;
+# - so the live rows are as many as the elements: no live row is extra;
+# - a `messages` that is no array prints as no '[...]' and never matches.
+# Text equality is stricter than jsonb equality (1.0 vs 1.00): such a chat goes to the full
+# diff, which may then find nothing. So does any chat with bad elements or duplicate ids.
+#
+# `settled` says whether `converge` would also write nothing else for the chat: its sync state
+# already records this version, and no dead letter is open for it (a convergence may close it).
+_EQUAL = text(
+    """
+SELECT
+    c.id,
+    c.messages_version,
+    c.updated_at,
+    r.live,
+    clock_timestamp(),
+    coalesce(s.applied_version >= c.messages_version
+             AND s.wanted_version >= c.messages_version, false)
+        AND NOT EXISTS (
+            SELECT 1 FROM dualwrite_dead_letters d
+            WHERE d.chat_id = c.id AND d.resolved_at IS NULL
+        )
+FROM copilot_chats c
+CROSS JOIN LATERAL (
+    SELECT
+        count(*) AS live,
+        coalesce(bool_and(m.mapped), true) AS mapped,
+        '[' || coalesce(string_agg(m.content, ', ' ORDER BY m.seq), '') || ']' AS body
+    FROM (
+        SELECT
+            m.seq,
+            m.content::text AS content,
+            m.seq = row_number() OVER (ORDER BY m.seq) - 1
+            AND jsonb_typeof(m.content) = 'object'
+            AND coalesce(jsonb_typeof(m.content -> 'id'), '') = 'string'
+            AND m.content ->> 'id' = m.message_id
+            AND m.message_id <> ''
+            AND octet_length(m.message_id) <= 1024
+            AND m.role = coalesce(m.content ->> 'role', 'unknown')
+            AND m.stream_id IS NOT DISTINCT FROM (
+                CASE WHEN jsonb_typeof(m.content -> 'streamId') = 'string'
+                          AND octet_length(m.content ->> 'streamId') <= 1024
+                     THEN m.content ->> 'streamId' END)
+            AND m.model IS NOT DISTINCT FROM (
+                CASE WHEN jsonb_typeof(m.content -> 'model') = 'string'
+                     THEN m.content ->> 'model' END)
+            AND m.created_at
+                = coalesce(copilot_message_timestamp(m.content -> 'timestamp'), c.created_at)
+            AS mapped
+        FROM copilot_chat_messages m
+        WHERE m.chat_id = c.id AND m.deleted_at IS NULL
+    ) m
+) r
+LEFT JOIN copilot_chat_sync_state s ON s.chat_id = c.id
+WHERE c.id = ANY(:chat_ids)
+  AND r.mapped
+  -- One serialization of the array, which is also why its length and type are not tested:
+  -- each reference to `messages` would read (and decompress) the whole value again.
+  AND r.body = c.messages::text
+ORDER BY c.id
+"""
+).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
 @dataclass(frozen=True, slots=True)
 class ChatCounts:
     """Per chat: what the JSONB holds and how the rows differ from it (or were changed)."""
@@ -251,6 +330,23 @@ def diff(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
     if not chat_ids:
         return []
     return _counts(session.execute(_DIFF, {"chat_ids": sorted(chat_ids)}).all())
+
+
+def equal(
+    session: Session, chat_ids: Sequence[uuid.UUID], *, settled: bool = False
+) -> list[ChatCounts]:
+    """Those of these chats whose rows provably equal their JSONB, as counts without drift:
+    `diff` would find nothing in them. With `settled`, only those in which `converge` would
+    write nothing at all (see `_EQUAL`), so a repair may leave them out. A chat not returned
+    may still be equal: only `diff` or `converge` says how it differs."""
+    if not chat_ids:
+        return []
+    rows = session.execute(_EQUAL, {"chat_ids": sorted(chat_ids)}).all()
+    return [
+        ChatCounts(chat_id, version, updated_at, live, 0, 0, 0, 0, done_at)
+        for chat_id, version, updated_at, live, done_at, quiet in rows
+        if quiet or not settled
+    ]
 
 
 def page(
