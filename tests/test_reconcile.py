@@ -994,7 +994,7 @@ def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(  # type: ignore
 
 def transcript(size: int = 6) -> list[dict[str, Any]]:
     """Messages that use every derived column: roles, a stream on each turn, a model on the
-    replies, distinct timestamps, one without a timestamp, nested and non-ASCII content."""
+    replies, timestamps of every kind, nested and non-ASCII content."""
     sent: list[dict[str, Any]] = []
     for i in range(size):
         if i % 2 == 0:
@@ -1003,8 +1003,15 @@ def transcript(size: int = 6) -> list[dict[str, Any]]:
             reply = message("assistant", content=[{"type": "text", "text": f"answer {i}"}])
             sent.append({**reply, "streamId": f"s-{i - 1}", "model": "gpt-4o", "usage": 1.50})
         sent[-1]["timestamp"] = f"2026-11-26T10:00:{i:02d}.000Z"
-    if size > 2:
-        del sent[2]["timestamp"]  # created_at falls back to the chat's
+    # created_at from other timestamps: none and unparseable ones fall back to the chat's.
+    odd: list[Any] = [None, "2026-11-26T12:00:03+02:00", "2026-13-45T99:99:99.000Z", 12345]
+    for i, timestamp in enumerate(odd[: max(0, size - 2)], start=2):
+        if timestamp is None:
+            del sent[i]["timestamp"]
+        else:
+            sent[i]["timestamp"] = timestamp
+    if size > 5:
+        sent[5]["streamId"] = "s-" + "4" * 1024  # too long for the stream index: no stream_id
     return sent
 
 
@@ -1053,7 +1060,7 @@ ROW_DRIFT: dict[str, tuple[Callable[[Engine, str, list[Any]], None], tuple[int, 
     "content": (lambda e, c, t: change_content(e, c, t[1]["id"]), (0, 1, 0)),
     "content, one number's scale": (
         lambda e, c, t: tamper_row(e, c, t[1]["id"], "content = content || '{\"usage\": 1.500}'"),
-        (0, 0, 0),  # jsonb equal, text not: the cheap comparison defers to the diff
+        (0, 0, 0),  # printed differently, equal as jsonb: nothing to repair, as for the diff
     ),
     "role": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "role = 'user'"), (0, 1, 0)),
     "seq": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "seq = 17"), (0, 1, 0)),
@@ -1067,6 +1074,10 @@ ROW_DRIFT: dict[str, tuple[Callable[[Engine, str, list[Any]], None], tuple[int, 
         lambda e, c, t: tamper_row(e, c, t[1]["id"], "stream_id = NULL"),
         (0, 1, 0),
     ),
+    "stream_id from a streamId too long for it": (
+        lambda e, c, t: tamper_row(e, c, t[5]["id"], "stream_id = content ->> 'streamId'"),
+        (0, 1, 0),
+    ),
     "model": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "model = 'o3'"), (0, 1, 0)),
     "model on a message without one": (
         lambda e, c, t: tamper_row(e, c, t[0]["id"], "model = 'o3'"),
@@ -1074,6 +1085,18 @@ ROW_DRIFT: dict[str, tuple[Callable[[Engine, str, list[Any]], None], tuple[int, 
     ),
     "created_at": (
         lambda e, c, t: tamper_row(e, c, t[1]["id"], "created_at = created_at + interval '1 ms'"),
+        (0, 1, 0),
+    ),
+    "created_at by less than a millisecond": (
+        lambda e, c, t: tamper_row(e, c, t[1]["id"], "created_at = created_at + interval '1 us'"),
+        (0, 1, 0),
+    ),
+    "created_at of a message with an offset in its timestamp": (
+        lambda e, c, t: tamper_row(e, c, t[3]["id"], "created_at = created_at + interval '1 h'"),
+        (0, 1, 0),
+    ),
+    "created_at of a message with an unparseable timestamp": (
+        lambda e, c, t: tamper_row(e, c, t[4]["id"], "created_at = created_at + interval '1 s'"),
         (0, 1, 0),
     ),
     "created_at of a message without a timestamp": (
@@ -1116,7 +1139,14 @@ def test_rows_changed_behind_the_mapping_are_never_cleared_as_in_sync(
     assert cleared(sessionmaker, [tampered, quiet]) == {tampered, quiet}
     change(engine, tampered, sent)
 
-    assert cleared(sessionmaker, [tampered, quiet]) == {quiet}
+    assert cleared(sessionmaker, [tampered, quiet]) == (
+        {quiet}
+        if sum(expected)
+        else {
+            tampered,
+            quiet,
+        }
+    )
     assert diffed(sessionmaker, [tampered])[tampered] == expected
     with transaction(sessionmaker) as session:
         found = find_drift(session, batch_size=1)
@@ -1134,8 +1164,7 @@ def test_rows_changed_behind_the_mapping_are_never_cleared_as_in_sync(
     assert repair is not None and repair.outcome == "ok"
     assert (repair.inserted, repair.updated, repair.soft_deleted) == expected
     assert_converged(engine, [tampered, quiet])
-    if sum(expected):
-        assert cleared(sessionmaker, [tampered, quiet], settled=True) == {tampered, quiet}
+    assert cleared(sessionmaker, [tampered, quiet], settled=True) == {tampered, quiet}
 
 
 def rewrite(engine: Engine, chat_id: str, messages: list[Any]) -> None:
@@ -1221,14 +1250,32 @@ def test_an_in_sync_table_is_cleared_whole_and_nothing_is_written(
     assert every_row(engine) == before
 
 
+def versions(engine: Engine, chat_id: str) -> tuple[int, int]:
+    """The chat's (wanted, applied) versions."""
+    with engine.connect() as connection:
+        wanted, applied = connection.execute(
+            text(
+                "SELECT wanted_version, applied_version FROM copilot_chat_sync_state "
+                "WHERE chat_id = :c"
+            ),
+            {"c": chat_id},
+        ).one()
+    return int(wanted), int(applied)
+
+
 def test_a_repair_still_records_versions_and_closes_letters_of_in_sync_chats(
     engine: Engine, sessionmaker: Any, clean: None
 ) -> None:
     """Rows equal but the copy's record not current (a rewrite of the same transcript bumps
     the version), or a dead letter open: the repair converges them as before, so it records
     the version and closes the letter; a dry run clears them unchanged."""
-    bumped, lettered, quiet = copied_chats(sessionmaker, transcript(), transcript(), transcript())
+    bumped, lettered, unwanted, quiet = copied_chats(
+        sessionmaker, transcript(), transcript(), transcript(), transcript()
+    )
     execute(engine, "UPDATE copilot_chats SET messages = messages WHERE id = :c", c=bumped)
+    # A wanted version below the applied one (written by hand): a convergence raises it.
+    sql = "UPDATE copilot_chat_sync_state SET wanted_version = 0 WHERE chat_id = :c"
+    assert execute(engine, sql, c=unwanted) == 1
     with transaction(sessionmaker) as session:
         dead_letters.record(
             session,
@@ -1239,21 +1286,35 @@ def test_a_repair_still_records_versions_and_closes_letters_of_in_sync_chats(
             error="gave up",
             attempts=1,
         )
-    ids = [bumped, lettered, quiet]
+    ids = [bumped, lettered, unwanted, quiet]
     assert cleared(sessionmaker, ids) == set(ids)
     assert cleared(sessionmaker, ids, settled=True) == {quiet}
 
     run = reconcile(sessionmaker)
     assert run is not None and run.outcome == "ok" and run.drift == 0
     assert open_letters(engine, lettered) == {}
-    with engine.connect() as connection:
-        wanted, applied, version = connection.execute(
-            text(
-                "SELECT s.wanted_version, s.applied_version, c.messages_version "
-                "FROM copilot_chat_sync_state s JOIN copilot_chats c ON c.id = s.chat_id "
-                "WHERE c.id = :c"
-            ),
-            {"c": bumped},
-        ).one()
-    assert wanted == applied == version == 2
+    assert versions(engine, bumped) == (2, 2)  # the rewrite was version 2
+    assert versions(engine, unwanted) == (1, 1)
     assert cleared(sessionmaker, ids, settled=True) == set(ids)
+
+
+@pytest.mark.parametrize("bad_id", [5, "", "x" * 1025], ids=["number", "empty", "too long"])
+def test_a_live_row_for_an_element_the_mapping_skips_is_never_cleared(
+    engine: Engine, sessionmaker: Any, clean: None, bad_id: Any
+) -> None:
+    """A script copied an element that the mapping skips (its id is no valid message id) into a
+    live row that looks like the others: the row is extra, not in sync."""
+    element = {"id": bad_id, "role": "user", "content": "odd"}
+    (chat,) = copied_chats(sessionmaker, [element])
+    sql = """
+        INSERT INTO copilot_chat_messages
+            (chat_id, message_id, role, seq, content, created_at, source_version)
+        SELECT id, CAST(:m AS text), 'user', 0, messages -> 0, created_at, messages_version
+        FROM copilot_chats WHERE id = :c
+    """
+    assert execute(engine, sql, c=chat, m=str(bad_id)) == 1
+    assert cleared(sessionmaker, [chat]) == set()
+    assert diffed(sessionmaker, [chat])[chat] == (0, 0, 1)
+    repair = reconcile(sessionmaker)
+    assert repair is not None and (repair.soft_deleted, repair.bad_elements) == (1, 1)
+    assert table_rows(engine, chat) == ({}, {str(bad_id)})

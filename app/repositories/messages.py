@@ -207,26 +207,25 @@ ORDER BY t.id
 ).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
 
 
-# The cheap comparison that runs before `_DIFF` or `_CONVERGE`: per chat, the array's canonical
-# text against the live rows' contents joined in `seq` order, plus checks that each live row's
-# own columns are what the mapping derives from its content. No element is unnested, sorted by
-# id or joined to its row, so an in-sync chat costs one ordered index scan of its rows and one
-# serialization of each side.
+# The cheap comparison that runs before `_DIFF` or `_CONVERGE`. Per chat, the array's elements
+# are paired with the live rows by position (`seq`), in a hash join within the chat, and each
+# pair is checked against the mapping's rules. Unlike the diff, nothing is sorted by message id,
+# no element is joined to the whole table, and nothing is counted by kind: one pass that only
+# answers "equal or not". A chat it cannot clear goes to the diff (or the convergence), which
+# says how it differs.
 #
-# Why a match proves what `converge` would find (no row to insert, update or soft-delete):
-# - every live row's content is an object whose `id` is a valid message id equal to the row's
-#   `message_id`, and `(chat_id, message_id)` is unique, so when the texts match, every element
-#   of the array is valid and no id repeats (no element skipped, none shadowed by an earlier
-#   duplicate);
-# - jsonb prints canonically and the rows' texts are objects, so '[' || t1 || ', ' || t2 ... ']'
-#   equals the array's text only if the array holds exactly these contents in this order;
-# - the k-th live row by `seq` has `seq` = k - 1, so `seq` is each element's position;
-# - role, stream_id, model and created_at equal the mapping's value from the content (and the
-#   chat's `created_at`), so a row changed behind the mapping's back is caught;
-# - so the live rows are as many as the elements: no live row is extra;
-# - a `messages` that is no array prints as no '[...]' and never matches.
-# Text equality is stricter than jsonb equality (1.0 vs 1.00): such a chat goes to the full
-# diff, which may then find nothing. So does any chat with bad elements or duplicate ids.
+# Why a cleared chat is one in which `converge` changes no row:
+# - the join is full, so every element pairs with a live row at its position and every live row
+#   with an element; each pair's element is a valid one (an object with a non-empty string id of
+#   at most 1,024 bytes) whose id is its row's `message_id`. `(chat_id, message_id)` is unique,
+#   so no two elements share an id (no duplicate shadowed, none skipped), no two live rows share
+#   a `seq`, and the pairing is one to one: nothing to insert and no live row extra;
+# - in each pair, content, role, stream_id, model and created_at are compared as `_CONVERGE`
+#   compares them, each derived value computed from the element as `_MAPPING` does, so a row
+#   changed behind the mapping's back (by a script, say) is caught.
+# created_at is checked without `copilot_message_timestamp` (PL/pgSQL, a subtransaction per
+# call) when the element's `timestamp` is the row's instant printed in the ISO form clients send;
+# that string is one the function parses to exactly that instant. Any other goes through it.
 #
 # `settled` says whether `converge` would also write nothing else for the chat: its sync state
 # already records this version, and no dead letter is open for it (a convergence may close it).
@@ -247,40 +246,46 @@ SELECT
 FROM copilot_chats c
 CROSS JOIN LATERAL (
     SELECT
-        count(*) AS live,
-        coalesce(bool_and(m.mapped), true) AS mapped,
-        '[' || coalesce(string_agg(m.content, ', ' ORDER BY m.seq), '') || ']' AS body
-    FROM (
-        SELECT
-            m.seq,
-            m.content::text AS content,
-            m.seq = row_number() OVER (ORDER BY m.seq) - 1
-            AND jsonb_typeof(m.content) = 'object'
-            AND coalesce(jsonb_typeof(m.content -> 'id'), '') = 'string'
-            AND m.content ->> 'id' = m.message_id
+        count(m.seq) AS live,
+        -- An unpaired element or row compares NULL: not equal.
+        coalesce(bool_and(coalesce(
+            e.elem = m.content
+            AND jsonb_typeof(e.elem) = 'object'
+            AND jsonb_typeof(e.elem -> 'id') = 'string'
+            AND e.elem ->> 'id' = m.message_id
             AND m.message_id <> ''
             AND octet_length(m.message_id) <= 1024
-            AND m.role = coalesce(m.content ->> 'role', 'unknown')
+            AND m.role = coalesce(e.elem ->> 'role', 'unknown')
             AND m.stream_id IS NOT DISTINCT FROM (
-                CASE WHEN jsonb_typeof(m.content -> 'streamId') = 'string'
-                          AND octet_length(m.content ->> 'streamId') <= 1024
-                     THEN m.content ->> 'streamId' END)
+                CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string'
+                          AND octet_length(e.elem ->> 'streamId') <= 1024
+                     THEN e.elem ->> 'streamId' END)
             AND m.model IS NOT DISTINCT FROM (
-                CASE WHEN jsonb_typeof(m.content -> 'model') = 'string'
-                     THEN m.content ->> 'model' END)
-            AND m.created_at
-                = coalesce(copilot_message_timestamp(m.content -> 'timestamp'), c.created_at)
-            AS mapped
-        FROM copilot_chat_messages m
-        WHERE m.chat_id = c.id AND m.deleted_at IS NULL
-    ) m
+                CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string'
+                     THEN e.elem ->> 'model' END)
+            AND CASE WHEN m.created_at = date_trunc('milliseconds', m.created_at)
+                          AND m.created_at >= '1000-01-01T00:00:00Z'
+                          AND m.created_at < '9999-01-01T00:00:00Z'
+                          AND e.elem ->> 'timestamp' = to_char(
+                              m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+                     THEN true
+                     ELSE m.created_at = coalesce(
+                         copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at)
+                END,
+            false)), true) AS equal
+    FROM jsonb_array_elements(
+        CASE WHEN jsonb_typeof(c.messages) = 'array' THEN c.messages ELSE '[]'::jsonb END
+    ) WITH ORDINALITY AS e(elem, ord)
+    -- The rows' columns are read from the table here, the elements' fields from `e.elem`: each
+    -- reference to a stored value that is out of line would fetch it again.
+    FULL JOIN (
+        SELECT seq, message_id, role, content, stream_id, model, created_at
+        FROM copilot_chat_messages
+        WHERE chat_id = c.id AND deleted_at IS NULL
+    ) m ON m.seq = e.ord - 1
 ) r
 LEFT JOIN copilot_chat_sync_state s ON s.chat_id = c.id
-WHERE c.id = ANY(:chat_ids)
-  AND r.mapped
-  -- One serialization of the array, which is also why its length and type are not tested:
-  -- each reference to `messages` would read (and decompress) the whole value again.
-  AND r.body = c.messages::text
+WHERE c.id = ANY(:chat_ids) AND r.equal
 ORDER BY c.id
 """
 ).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
