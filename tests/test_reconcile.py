@@ -1298,13 +1298,15 @@ def test_a_repair_still_records_versions_and_closes_letters_of_in_sync_chats(
     assert cleared(sessionmaker, ids, settled=True) == set(ids)
 
 
-@pytest.mark.parametrize("bad_id", [5, "", "x" * 1025], ids=["number", "empty", "too long"])
+@pytest.mark.parametrize(
+    "bad_id", [5, "", "x" * 1025, None], ids=["number", "empty", "too long", "missing"]
+)
 def test_a_live_row_for_an_element_the_mapping_skips_is_never_cleared(
     engine: Engine, sessionmaker: Any, clean: None, bad_id: Any
 ) -> None:
     """A script copied an element that the mapping skips (its id is no valid message id) into a
     live row that looks like the others: the row is extra, not in sync."""
-    element = {"id": bad_id, "role": "user", "content": "odd"}
+    element = {"role": "user", "content": "odd"} | ({} if bad_id is None else {"id": bad_id})
     (chat,) = copied_chats(sessionmaker, [element])
     sql = """
         INSERT INTO copilot_chat_messages

@@ -247,9 +247,12 @@ FROM copilot_chats c
 CROSS JOIN LATERAL (
     SELECT
         count(m.seq) AS live,
-        -- An unpaired element or row compares NULL: not equal.
-        coalesce(bool_and(coalesce(
-            e.elem = m.content
+        -- An unpaired element or row is not equal, and costs no more than this first test
+        -- (the rest is not evaluated): a chat that differs in every element, as in an empty
+        -- table, costs little more than unnesting its array.
+        coalesce(bool_and((
+            e.ord IS NOT NULL AND m.seq IS NOT NULL
+            AND e.elem = m.content
             AND jsonb_typeof(e.elem) = 'object'
             AND jsonb_typeof(e.elem -> 'id') = 'string'
             AND e.elem ->> 'id' = m.message_id
@@ -271,8 +274,8 @@ CROSS JOIN LATERAL (
                      THEN true
                      ELSE m.created_at = coalesce(
                          copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at)
-                END,
-            false)), true) AS equal
+                END
+        ) IS TRUE), true) AS equal  -- IS TRUE: an unknown is no match (bool_and skips NULLs)
     FROM jsonb_array_elements(
         CASE WHEN jsonb_typeof(c.messages) = 'array' THEN c.messages ELSE '[]'::jsonb END
     ) WITH ORDINALITY AS e(elem, ord)
