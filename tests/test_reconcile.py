@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from app.db import transaction
@@ -30,7 +31,17 @@ from app.repositories.sync_state import SYNC_LOCK_CLASS
 from app.services.drift import find_drift
 from app.services.reconcile import LOCK_KEY, Limits, reconcile
 from app.services.sync import resync
-from tests.support import ROOT, assert_converged, dumps, table_rows, wait_until
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    SessionFactory,
+    SetPhase,
+    WaitConverged,
+    assert_converged,
+    dumps,
+    table_rows,
+    wait_until,
+)
 from tests.test_handlers import message, new_chat
 
 DSN = os.environ["DATABASE_URL"]  # set by conftest before this module is imported
@@ -89,7 +100,9 @@ def printed_run_id(stdout: str) -> int:
 # Chats made through the API, and drift made by hand behind its back.
 
 
-def seed(api, auth, count: int, size: int = 4) -> dict[str, list[dict[str, Any]]]:  # type: ignore[no-untyped-def]
+def seed(
+    api: TestClient, auth: AuthHeaders, count: int, size: int = 4
+) -> dict[str, list[dict[str, Any]]]:
     """`count` chats of `size` messages each, written through the API (the worker copies them)."""
     chats = {}
     for _ in range(count):
@@ -204,7 +217,9 @@ def run_ids(engine: Engine) -> list[int]:
         )
 
 
-def drifted_set(api, auth, engine, converged) -> tuple[list[str], dict[str, tuple[int, int, int]]]:  # type: ignore[no-untyped-def]
+def drifted_set(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
     """Four converged chats, then drift of every kind made by hand in three of them.
 
     Returns the chat ids and, per drifted chat, the expected (missing, stale, extra).
@@ -231,8 +246,12 @@ def drifted_set(api, auth, engine, converged) -> tuple[list[str], dict[str, tupl
 # ---------------------------------------------------------------------------------------------
 
 
-def test_dry_run_finds_every_kind_of_drift_exactly_and_a_run_repairs_it(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean
+def test_dry_run_finds_every_kind_of_drift_exactly_and_a_run_repairs_it(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     ids, _ = drifted_set(api, auth, engine, converged)
     before = every_row(engine)
@@ -298,8 +317,8 @@ def test_dry_run_finds_every_kind_of_drift_exactly_and_a_run_repairs_it(  # type
         assert r["error"] is None
 
 
-def test_a_chat_merely_behind_is_lag_not_drift(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean
+def test_a_chat_merely_behind_is_lag_not_drift(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, clean: None
 ) -> None:
     chats = seed(api, auth, 2)
     behind, drifted = sorted(chats)
@@ -329,8 +348,13 @@ LAG = (
 )
 
 
-def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean, set_phase
+def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    set_phase: SetPhase,
 ) -> None:
     chats = seed(api, auth, 2)
     written, quiet = sorted(chats)
@@ -369,8 +393,13 @@ def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike
     assert run_cli("check").returncode == 0
 
 
-def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     (chat,) = seed(api, auth, 1)
     converged(chat)
@@ -412,8 +441,13 @@ def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(  # type: ignore[no
     assert run_cli("check").returncode == 0
 
 
-def test_since_only_touches_recently_updated_chats(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_since_only_touches_recently_updated_chats(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 4, size=2)
     ids = sorted(chats)
@@ -453,8 +487,13 @@ def reconcile_lock() -> Iterator[psycopg.Connection[Any]]:
         connection.execute("SELECT pg_advisory_unlock(%s, %s)", LOCK_KEY)
 
 
-def test_a_reconcile_that_finds_the_lock_held_does_nothing(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, reconcile_lock
+def test_a_reconcile_that_finds_the_lock_held_does_nothing(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    reconcile_lock: psycopg.Connection[Any],
 ) -> None:
     chats = seed(api, auth, 1)
     (chat_id,) = chats
@@ -492,8 +531,12 @@ def _lock_state(connection: psycopg.Connection[Any]) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_held(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean
+def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_held(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 12, size=3)
     ids = sorted(chats)
@@ -530,8 +573,13 @@ def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_hel
     assert_converged(engine, ids)
 
 
-def test_a_reconcile_racing_live_appends_leaves_no_old_row(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_reconcile_racing_live_appends_leaves_no_old_row(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 6, size=2)
     ids = sorted(chats)
@@ -605,8 +653,13 @@ def test_a_reconcile_racing_live_appends_leaves_no_old_row(  # type: ignore[no-u
         assert recorded["drift"] == report.drift and recorded["chats_scanned"] == len(ids)
 
 
-def test_a_bad_element_does_not_abort_the_reconcile_of_other_chats(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_bad_element_does_not_abort_the_reconcile_of_other_chats(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """DESIGN 4.7: a bad element already in JSONB never aborts a batch. An element whose
     `streamId` is too long for the stream index is such an element (the API accepts it in a
@@ -628,8 +681,11 @@ def test_a_bad_element_does_not_abort_the_reconcile_of_other_chats(  # type: ign
         execute(engine, "DELETE FROM copilot_chats WHERE id = :c", c=bad)
 
 
-def test_the_reconcile_task_runs_in_the_worker_and_is_recorded_as_beat(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged
+def test_the_reconcile_task_runs_in_the_worker_and_is_recorded_as_beat(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
 ) -> None:
     from tasks import celery
 
@@ -673,8 +729,11 @@ celery.tasks["chats.reconcile"].apply_async(queue={queue!r})
 """
 
 
-def test_the_reconcile_task_is_not_cut_short_by_the_sync_time_limits(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged
+def test_the_reconcile_task_is_not_cut_short_by_the_sync_time_limits(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
 ) -> None:
     """The reconcile task says it "runs as long as it needs": a nightly run over every chat takes
     far longer than a sync's limits. In a deployment whose task limits are 1 s (soft) and 3 s
@@ -783,7 +842,9 @@ def open_letters(engine: Engine, chat_id: str) -> dict[str, str]:
     return {row.reason: row.error for row in rows}
 
 
-def drifted_chats(api, auth, engine, converged, count: int) -> tuple[list[str], dict[str, str]]:  # type: ignore[no-untyped-def]
+def drifted_chats(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, count: int
+) -> tuple[list[str], dict[str, str]]:
     """`count` converged chats, each then missing the row of its first message."""
     chats = seed(api, auth, count, size=2)
     ids = sorted(chats)
@@ -794,8 +855,13 @@ def drifted_chats(api, auth, engine, converged, count: int) -> tuple[list[str], 
     return ids, first
 
 
-def test_a_chat_held_past_the_lock_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_held_past_the_lock_timeout_is_dead_lettered_and_the_run_goes_on(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """One chat held by a sync for longer than the reconcile's lock timeout: its batch is split
     down to that chat, which gets a `reconcile_timeout` dead letter; every other chat, before and
@@ -855,8 +921,13 @@ def sweep_claims(session: Any) -> list[Any]:
     return sync.sweep(session, grace=timedelta(0), ttl=timedelta(0), limit=1000)
 
 
-def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """A statement that outlasts the reconcile's statement timeout (here: one waiting on a held
     chat, with the lock timeout far longer) is cancelled with 57014; the batch is split, the chat
@@ -886,8 +957,13 @@ def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(
     assert dry is not None and (dry.outcome, dry.inserted, dry.timed_out) == ("drift", 1, 0)
 
 
-def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """SIGKILL a CLI reconcile while it waits on a chat: its run row says `running`, but nothing
     holds the reconcile lock any more; `status` shows it killed at once, and the next reconcile
@@ -920,8 +996,13 @@ def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(  # type: ig
     assert_converged(engine, ids)
 
 
-def test_a_run_that_raises_is_marked_failed_not_left_running(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_run_that_raises_is_marked_failed_not_left_running(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     drifted_chats(api, auth, engine, converged, 2)
 
@@ -938,8 +1019,13 @@ def test_a_run_that_raises_is_marked_failed_not_left_running(  # type: ignore[no
     assert recorded["chats_scanned"] == 1  # what it had done when it stopped
 
 
-def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     ids, first = drifted_chats(api, auth, engine, converged, 3)
     lost = ids[1]
@@ -1015,7 +1101,7 @@ def transcript(size: int = 6) -> list[dict[str, Any]]:
     return sent
 
 
-def copied_chats(sessionmaker: Any, *transcripts: list[Any]) -> list[str]:
+def copied_chats(sessionmaker: SessionFactory, *transcripts: list[Any]) -> list[str]:
     """Chats holding these transcripts, in order, their rows copied by a repair (nothing is
     published)."""
     with transaction(sessionmaker) as session:
@@ -1029,14 +1115,14 @@ def copied_chats(sessionmaker: Any, *transcripts: list[Any]) -> list[str]:
     return [str(chat_id) for chat_id in ids]
 
 
-def cleared(sessionmaker: Any, ids: list[str], *, settled: bool = False) -> set[str]:
+def cleared(sessionmaker: SessionFactory, ids: list[str], *, settled: bool = False) -> set[str]:
     """The chats `messages.equal` clears as in sync."""
     with transaction(sessionmaker) as session:
         same = messages_repo.equal(session, [uuid.UUID(i) for i in ids], settled=settled)
     return {str(counts.chat_id) for counts in same}
 
 
-def diffed(sessionmaker: Any, ids: list[str]) -> dict[str, tuple[int, int, int]]:
+def diffed(sessionmaker: SessionFactory, ids: list[str]) -> dict[str, tuple[int, int, int]]:
     """(missing, stale, extra) per chat, element by element, without the cheap comparison."""
     with transaction(sessionmaker) as session:
         counts = messages_repo.diff(session, [uuid.UUID(i) for i in ids])
@@ -1045,6 +1131,18 @@ def diffed(sessionmaker: Any, ids: list[str]) -> dict[str, tuple[int, int, int]]
 
 def tamper_row(engine: Engine, chat_id: str, message_id: str, assignment: str) -> None:
     sql = f"UPDATE copilot_chat_messages SET {assignment} WHERE chat_id = :c AND message_id = :m"
+    assert execute(engine, sql, c=chat_id, m=message_id) == 1
+
+
+def twin_row(engine: Engine, chat_id: str, message_id: str) -> None:
+    """A second live row, under another message id, with the same content and position."""
+    sql = """
+        INSERT INTO copilot_chat_messages
+            (chat_id, message_id, role, seq, content, stream_id, model, created_at,
+             source_version)
+        SELECT chat_id, 'twin', role, seq, content, stream_id, model, created_at, source_version
+        FROM copilot_chat_messages WHERE chat_id = :c AND message_id = :m
+    """
     assert execute(engine, sql, c=chat_id, m=message_id) == 1
 
 
@@ -1113,15 +1211,7 @@ ROW_DRIFT: dict[str, tuple[Callable[[Engine, str, list[Any]], None], tuple[int, 
     "an extra live row": (lambda e, c, t: add_extra_row(e, c), (0, 0, 1)),
     "an extra live row at the next seq": (lambda e, c, t: extra_row_next(e, c, t), (0, 0, 1)),
     "an extra live row that copies an element's content": (
-        lambda e, c, t: execute(
-            e,
-            "INSERT INTO copilot_chat_messages (chat_id, message_id, role, seq, content, "
-            "stream_id, model, created_at, source_version) SELECT chat_id, 'twin', role, seq, "
-            "content, stream_id, model, created_at, source_version FROM copilot_chat_messages "
-            "WHERE chat_id = :c AND message_id = :m",
-            c=c,
-            m=t[1]["id"],
-        ),
+        lambda e, c, t: twin_row(e, c, t[1]["id"]),
         (0, 0, 1),
     ),
 }
@@ -1129,7 +1219,7 @@ ROW_DRIFT: dict[str, tuple[Callable[[Engine, str, list[Any]], None], tuple[int, 
 
 @pytest.mark.parametrize("kind", list(ROW_DRIFT))
 def test_rows_changed_behind_the_mapping_are_never_cleared_as_in_sync(
-    engine: Engine, sessionmaker: Any, clean: None, kind: str
+    engine: Engine, sessionmaker: SessionFactory, clean: None, kind: str
 ) -> None:
     """Every kind of change a script can make to the rows keeps its chat out of the cheap
     comparison's clearance, so the diff, `check`, a dry run and a repair all see it."""
@@ -1174,7 +1264,7 @@ def rewrite(engine: Engine, chat_id: str, messages: list[Any]) -> None:
 
 
 # Each changes the JSONB of a copied chat (the copy falls behind); the diff's count of it.
-JSONB_CHANGE: dict[str, tuple[Callable[[list[Any]], list[Any]], tuple[int, int, int]]] = {
+JSONB_CHANGE: dict[str, tuple[Callable[[list[Any]], Any], tuple[int, int, int]]] = {
     "an element appended": (lambda t: [*t, message("user")], (1, 0, 0)),
     "the last element removed": (lambda t: t[:-1], (0, 0, 1)),
     "an element's content changed": (
@@ -1192,7 +1282,7 @@ JSONB_CHANGE: dict[str, tuple[Callable[[list[Any]], list[Any]], tuple[int, int, 
 
 @pytest.mark.parametrize("kind", list(JSONB_CHANGE))
 def test_a_jsonb_that_moved_on_is_never_cleared_as_in_sync(
-    engine: Engine, sessionmaker: Any, clean: None, kind: str
+    engine: Engine, sessionmaker: SessionFactory, clean: None, kind: str
 ) -> None:
     """The JSONB side: any change, and bad elements or duplicate ids even where the rows are
     what the mapping makes of them, go to the element-by-element diff."""
@@ -1211,7 +1301,7 @@ def test_a_jsonb_that_moved_on_is_never_cleared_as_in_sync(
 
 
 def test_bad_elements_and_duplicate_ids_go_to_the_diff_and_count_as_today(
-    engine: Engine, sessionmaker: Any, clean: None
+    engine: Engine, sessionmaker: SessionFactory, clean: None
 ) -> None:
     """Chats the cheap comparison cannot clear are still compared, their bad elements counted,
     and converged chats with them report no drift, before and after a repair."""
@@ -1233,7 +1323,7 @@ def test_bad_elements_and_duplicate_ids_go_to_the_diff_and_count_as_today(
 
 
 def test_an_in_sync_table_is_cleared_whole_and_nothing_is_written(
-    engine: Engine, sessionmaker: Any, clean: None
+    engine: Engine, sessionmaker: SessionFactory, clean: None
 ) -> None:
     """Every chat of an in-sync table, the empty one and the one-message one included, is
     cleared by the cheap comparison; check, a dry run and a repair find no drift and change
@@ -1264,7 +1354,7 @@ def versions(engine: Engine, chat_id: str) -> tuple[int, int]:
 
 
 def test_a_repair_still_records_versions_and_closes_letters_of_in_sync_chats(
-    engine: Engine, sessionmaker: Any, clean: None
+    engine: Engine, sessionmaker: SessionFactory, clean: None
 ) -> None:
     """Rows equal but the copy's record not current (a rewrite of the same transcript bumps
     the version), or a dead letter open: the repair converges them as before, so it records
@@ -1302,7 +1392,7 @@ def test_a_repair_still_records_versions_and_closes_letters_of_in_sync_chats(
     "bad_id", [5, "", "x" * 1025, None], ids=["number", "empty", "too long", "missing"]
 )
 def test_a_live_row_for_an_element_the_mapping_skips_is_never_cleared(
-    engine: Engine, sessionmaker: Any, clean: None, bad_id: Any
+    engine: Engine, sessionmaker: SessionFactory, clean: None, bad_id: Any
 ) -> None:
     """A script copied an element that the mapping skips (its id is no valid message id) into a
     live row that looks like the others: the row is extra, not in sync."""
