@@ -1,7 +1,7 @@
 """Reconcile against the migration's inline backfill on the reference data set, in one run:
 (a) the backfill's one statement (`migrations.backfill.INLINE`) into an empty table, (b) again
 with every row there, (c) `python -m app reconcile`'s code into the emptied table, (d) again, in
-sync. Targets: (c) <= 1.5 x (a), (d) <= 2 x (b); where one is missed (or with --explain), the
+sync. Targets: (c) <= 1.5 x (a), (d) <= 1.5 x (b); where one is missed (or with --explain), the
 time per statement kind and the plan of one converge batch go to bench/out/.
 
     .venv/bin/python -m bench.reconcile [--scale 1.0] [--runs 3] [--batch-size 200] [--quick]
@@ -24,7 +24,7 @@ from app.services.reconcile import reconcile
 from bench import dataset, infra
 from migrations.backfill import INLINE
 
-TARGETS = {"c": ("a", 1.5), "d": ("b", 2.0)}
+TARGETS = {"c": ("a", 1.5), "d": ("b", 1.5)}
 STEPS = {
     "a": "(a) inline backfill, empty table",
     "b": "(b) inline backfill, all rows exist",
@@ -34,6 +34,7 @@ STEPS = {
 REFERENCES = {"a": "14-17 s ref.", "b": "~2.8 s ref."}
 KINDS = (  # statement marker -> what it is, for the time per statement kind
     ("upserted AS", "converge (one statement per batch)"),
+    ("AS equal", "cheap comparison (clears in-sync chats)"),
     ("pg_advisory_xact_lock", "per-chat advisory locks"),
     ("SELECT id FROM copilot_chats", "next batch of chat ids"),
     ("copilot_chat_sync_state", "sync state"),
@@ -44,13 +45,14 @@ KINDS = (  # statement marker -> what it is, for the time per statement kind
 
 class StatementClock:
     """Time spent in the database per kind of statement, from SQLAlchemy's cursor events; keeps
-    the last converge statement run, for its plan."""
+    the last converge statement run, and the last cheap comparison, for their plans."""
 
     def __init__(self, engine: Any) -> None:
         self.seconds: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self._started = 0.0
         self.converge: tuple[str, Any] = ("", None)
+        self.comparison: tuple[str, Any] = ("", None)
 
         @event.listens_for(engine, "before_cursor_execute")
         def before(*_: Any) -> None:
@@ -61,6 +63,8 @@ class StatementClock:
             kind = next((k for marker, k in KINDS if marker in statement), "other")
             if kind == KINDS[0][1] and not statement.startswith("EXPLAIN"):
                 self.converge = (statement, parameters)
+            if kind == KINDS[1][1] and not statement.startswith("EXPLAIN"):
+                self.comparison = (statement, parameters)
             self.seconds[kind] += time.perf_counter() - self._started
             self.calls[kind] += 1
 
@@ -105,7 +109,8 @@ def run_reconcile(factory: Any, url: str, batch_size: int) -> tuple[float, Any]:
 
 
 def explain(factory: Any, converge: tuple[str, Any], path: Any, clock_rows: list[Any]) -> None:
-    """EXPLAIN (ANALYZE, BUFFERS) of a converge statement the reconcile ran, rolled back."""
+    """EXPLAIN (ANALYZE, BUFFERS) of a statement the reconcile ran (converge, or the cheap
+    comparison), rolled back."""
     statement, parameters = converge
     with factory() as session:
         session.execute(text("SET LOCAL statement_timeout = 0"))  # the slow plan is the one wanted
@@ -117,7 +122,9 @@ def explain(factory: Any, converge: tuple[str, Any], path: Any, clock_rows: list
     headers = ["statement", "calls", "seconds", "share"]
     path.write_text(
         f"## time per statement kind, whole run\n{infra.table(headers, clock_rows)}\n\n"
-        "## the last batch's converge statement, rolled back\n" + "\n".join(plan) + "\n"
+        "## the last batch's converge statement (in sync: its cheap comparison), rolled back\n"
+        + "\n".join(plan)
+        + "\n"
     )
     print(f"plans: {path.relative_to(infra.ROOT)}")
 
@@ -139,7 +146,9 @@ def measure(url: str, args: argparse.Namespace, expected: int) -> dict[str, Any]
             for step in "cd":
                 seconds, report = run_reconcile(factory, url, args.batch_size)
                 out["seconds"][step].append(seconds)
-                out["clocks"][step], converge[step] = clock.rows(seconds), clock.converge
+                # In sync, the cheap comparison is (nearly) all the reconcile runs: its plan.
+                last = clock.comparison if step == "d" else clock.converge
+                out["clocks"][step], converge[step] = clock.rows(seconds), last
                 copied = infra.scalar(url, "SELECT count(*) FROM copilot_chat_messages")
                 if isinstance(report, str):
                     out["failed"][step] += 1

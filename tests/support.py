@@ -80,7 +80,8 @@ def expected_rows(messages: Any, chat_created_at: datetime) -> dict[str, Row]:
             seq=position,
             role=role if isinstance(role, str) else "unknown",
             content=element,
-            stream_id=stream if isinstance(stream, str) else None,
+            # Longer ones would not fit the stream index; the mapping leaves them out.
+            stream_id=stream if isinstance(stream, str) and len(stream.encode()) <= 1024 else None,
             model=model if isinstance(model, str) else None,
             created_at=parse_timestamp(element.get("timestamp")) or chat_created_at,
         )

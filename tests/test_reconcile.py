@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -26,8 +26,11 @@ from app.db import transaction
 from app.jobs import SYNC_CHAT
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
+from app.repositories import messages as messages_repo
 from app.repositories.sync_state import SYNC_LOCK_CLASS
+from app.services.drift import find_drift
 from app.services.reconcile import LOCK_KEY, Limits, reconcile
+from app.services.sync import resync
 from tests.support import (
     ROOT,
     AuthHeaders,
@@ -1067,3 +1070,343 @@ def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(
     finally:
         with transaction(sessionmaker) as session:
             dead_letters.close(session, [letter])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cheap comparison (`messages.equal`) that clears in-sync chats before the element-by-element
+# diff: it must never clear a chat that `diff` or `converge` would find different. Chats made
+# and copied through the repositories (no worker), then changed behind the mapping's back.
+
+
+def transcript(size: int = 6) -> list[dict[str, Any]]:
+    """Messages that use every derived column: roles, a stream on each turn, a model on the
+    replies, timestamps of every kind, nested and non-ASCII content."""
+    sent: list[dict[str, Any]] = []
+    for i in range(size):
+        if i % 2 == 0:
+            sent.append(message("user", content=f"question {i} é ✓", streamId=f"s-{i}"))
+        else:
+            reply = message("assistant", content=[{"type": "text", "text": f"answer {i}"}])
+            sent.append({**reply, "streamId": f"s-{i - 1}", "model": "gpt-4o", "usage": 1.50})
+        sent[-1]["timestamp"] = f"2026-11-26T10:00:{i:02d}.000Z"
+    # created_at from other timestamps: none and unparseable ones fall back to the chat's.
+    odd: list[Any] = [None, "2026-11-26T12:00:03+02:00", "2026-13-45T99:99:99.000Z", 12345]
+    for i, timestamp in enumerate(odd[: max(0, size - 2)], start=2):
+        if timestamp is None:
+            del sent[i]["timestamp"]
+        else:
+            sent[i]["timestamp"] = timestamp
+    if size > 5:
+        sent[5]["streamId"] = "s-" + "4" * 1024  # too long for the stream index: no stream_id
+    return sent
+
+
+def copied_chats(sessionmaker: SessionFactory, *transcripts: list[Any]) -> list[str]:
+    """Chats holding these transcripts, in order, their rows copied by a repair (nothing is
+    published)."""
+    with transaction(sessionmaker) as session:
+        ids = [
+            chats_repo.create(
+                session, user_id="alice", title=None, model="m", workflow_id=None, messages=t
+            ).id
+            for t in transcripts
+        ]
+        resync(session, ids)
+    return [str(chat_id) for chat_id in ids]
+
+
+def cleared(sessionmaker: SessionFactory, ids: list[str], *, settled: bool = False) -> set[str]:
+    """The chats `messages.equal` clears as in sync."""
+    with transaction(sessionmaker) as session:
+        same = messages_repo.equal(session, [uuid.UUID(i) for i in ids], settled=settled)
+    return {str(counts.chat_id) for counts in same}
+
+
+def diffed(sessionmaker: SessionFactory, ids: list[str]) -> dict[str, tuple[int, int, int]]:
+    """(missing, stale, extra) per chat, element by element, without the cheap comparison."""
+    with transaction(sessionmaker) as session:
+        counts = messages_repo.diff(session, [uuid.UUID(i) for i in ids])
+    return {str(c.chat_id): (c.inserted, c.updated, c.removed) for c in counts}
+
+
+def tamper_row(engine: Engine, chat_id: str, message_id: str, assignment: str) -> None:
+    sql = f"UPDATE copilot_chat_messages SET {assignment} WHERE chat_id = :c AND message_id = :m"
+    assert execute(engine, sql, c=chat_id, m=message_id) == 1
+
+
+def twin_row(engine: Engine, chat_id: str, message_id: str) -> None:
+    """A second live row, under another message id, with the same content and position."""
+    sql = """
+        INSERT INTO copilot_chat_messages
+            (chat_id, message_id, role, seq, content, stream_id, model, created_at,
+             source_version)
+        SELECT chat_id, 'twin', role, seq, content, stream_id, model, created_at, source_version
+        FROM copilot_chat_messages WHERE chat_id = :c AND message_id = :m
+    """
+    assert execute(engine, sql, c=chat_id, m=message_id) == 1
+
+
+def extra_row_next(engine: Engine, chat_id: str, sent: list[Any]) -> None:
+    add_extra_row(engine, chat_id)
+    tamper_row(engine, chat_id, "ghost", f"seq = {len(sent)}")
+
+
+# Each changes the rows of a chat whose copy claims to be current, as a script could: drift,
+# (missing, stale, extra) as the element-by-element diff counts it. The element changed is a
+# reply: it has a stream, a model and a timestamp.
+ROW_DRIFT: dict[str, tuple[Callable[[Engine, str, list[Any]], None], tuple[int, int, int]]] = {
+    "content": (lambda e, c, t: change_content(e, c, t[1]["id"]), (0, 1, 0)),
+    "content, one number's scale": (
+        lambda e, c, t: tamper_row(e, c, t[1]["id"], "content = content || '{\"usage\": 1.500}'"),
+        (0, 0, 0),  # printed differently, equal as jsonb: nothing to repair, as for the diff
+    ),
+    "role": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "role = 'user'"), (0, 1, 0)),
+    "seq": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "seq = 17"), (0, 1, 0)),
+    "seq of the last, past the end": (
+        lambda e, c, t: tamper_row(e, c, t[-1]["id"], "seq = seq + 1"),
+        (0, 1, 0),
+    ),
+    "seq swapped": (lambda e, c, t: swap_seq(e, c, t[1]["id"], t[3]["id"]), (0, 2, 0)),
+    "stream_id": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "stream_id = 's-9'"), (0, 1, 0)),
+    "stream_id cleared": (
+        lambda e, c, t: tamper_row(e, c, t[1]["id"], "stream_id = NULL"),
+        (0, 1, 0),
+    ),
+    "stream_id from a streamId too long for it": (
+        lambda e, c, t: tamper_row(e, c, t[5]["id"], "stream_id = content ->> 'streamId'"),
+        (0, 1, 0),
+    ),
+    "model": (lambda e, c, t: tamper_row(e, c, t[1]["id"], "model = 'o3'"), (0, 1, 0)),
+    "model on a message without one": (
+        lambda e, c, t: tamper_row(e, c, t[0]["id"], "model = 'o3'"),
+        (0, 1, 0),
+    ),
+    "created_at": (
+        lambda e, c, t: tamper_row(e, c, t[1]["id"], "created_at = created_at + interval '1 ms'"),
+        (0, 1, 0),
+    ),
+    "created_at by less than a millisecond": (
+        lambda e, c, t: tamper_row(e, c, t[1]["id"], "created_at = created_at + interval '1 us'"),
+        (0, 1, 0),
+    ),
+    "created_at of a message with an offset in its timestamp": (
+        lambda e, c, t: tamper_row(e, c, t[3]["id"], "created_at = created_at + interval '1 h'"),
+        (0, 1, 0),
+    ),
+    "created_at of a message with an unparseable timestamp": (
+        lambda e, c, t: tamper_row(e, c, t[4]["id"], "created_at = created_at + interval '1 s'"),
+        (0, 1, 0),
+    ),
+    "created_at of a message without a timestamp": (
+        lambda e, c, t: tamper_row(e, c, t[2]["id"], "created_at = created_at - interval '1 h'"),
+        (0, 1, 0),
+    ),
+    "message_id": (
+        lambda e, c, t: tamper_row(e, c, t[1]["id"], "message_id = 'renamed'"),
+        (1, 0, 1),
+    ),
+    "a row deleted": (lambda e, c, t: drop_row(e, c, t[1]["id"]), (1, 0, 0)),
+    "the last row deleted": (lambda e, c, t: drop_row(e, c, t[-1]["id"]), (1, 0, 0)),
+    "a row soft-deleted": (lambda e, c, t: soft_delete(e, c, t[1]["id"]), (0, 1, 0)),
+    "an extra live row": (lambda e, c, t: add_extra_row(e, c), (0, 0, 1)),
+    "an extra live row at the next seq": (lambda e, c, t: extra_row_next(e, c, t), (0, 0, 1)),
+    "an extra live row that copies an element's content": (
+        lambda e, c, t: twin_row(e, c, t[1]["id"]),
+        (0, 0, 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROW_DRIFT))
+def test_rows_changed_behind_the_mapping_are_never_cleared_as_in_sync(
+    engine: Engine, sessionmaker: SessionFactory, clean: None, kind: str
+) -> None:
+    """Every kind of change a script can make to the rows keeps its chat out of the cheap
+    comparison's clearance, so the diff, `check`, a dry run and a repair all see it."""
+    change, expected = ROW_DRIFT[kind]
+    sent = transcript()
+    tampered, quiet = copied_chats(sessionmaker, sent, transcript())
+    assert cleared(sessionmaker, [tampered, quiet]) == {tampered, quiet}
+    change(engine, tampered, sent)
+
+    assert cleared(sessionmaker, [tampered, quiet]) == (
+        {quiet}
+        if sum(expected)
+        else {
+            tampered,
+            quiet,
+        }
+    )
+    assert diffed(sessionmaker, [tampered])[tampered] == expected
+    with transaction(sessionmaker) as session:
+        found = find_drift(session, batch_size=1)
+    assert {str(c.chat_id): (c.inserted, c.updated, c.removed) for c, _ in found.drifted} == (
+        {tampered: expected} if sum(expected) else {}
+    )
+    dry = reconcile(sessionmaker, dry_run=True)
+    assert dry is not None
+    assert (dry.inserted, dry.updated, dry.soft_deleted, dry.chats, dry.messages) == (
+        *expected,
+        2,
+        2 * len(sent),
+    )
+    repair = reconcile(sessionmaker)
+    assert repair is not None and repair.outcome == "ok"
+    assert (repair.inserted, repair.updated, repair.soft_deleted) == expected
+    assert_converged(engine, [tampered, quiet])
+    assert cleared(sessionmaker, [tampered, quiet], settled=True) == {tampered, quiet}
+
+
+def rewrite(engine: Engine, chat_id: str, messages: list[Any]) -> None:
+    """Replace a chat's JSONB with plain SQL (the trigger records a new version)."""
+    sql = "UPDATE copilot_chats SET messages = CAST(:m AS jsonb) WHERE id = :c"
+    assert execute(engine, sql, c=chat_id, m=dumps(messages)) == 1
+
+
+# Each changes the JSONB of a copied chat (the copy falls behind); the diff's count of it.
+JSONB_CHANGE: dict[str, tuple[Callable[[list[Any]], Any], tuple[int, int, int]]] = {
+    "an element appended": (lambda t: [*t, message("user")], (1, 0, 0)),
+    "the last element removed": (lambda t: t[:-1], (0, 0, 1)),
+    "an element's content changed": (
+        lambda t: [*t[:1], {**t[1], "content": "edited"}, *t[2:]],
+        (0, 1, 0),
+    ),
+    "two elements swapped": (lambda t: [t[1], t[0], *t[2:]], (0, 2, 0)),
+    "a key added to an element": (lambda t: [{**t[0], "extra": None}, *t[1:]], (0, 1, 0)),
+    "a bad element appended": (lambda t: [*t, "not an object"], (0, 0, 0)),
+    "an element without an id": (lambda t: [*t[:-1], {"role": "user"}], (0, 0, 1)),
+    "a duplicate id appended": (lambda t: [*t, {**t[0], "content": "again"}], (0, 0, 0)),
+    "not an array any more": (lambda t: {"messages": t}, (0, 0, len(transcript()))),
+}
+
+
+@pytest.mark.parametrize("kind", list(JSONB_CHANGE))
+def test_a_jsonb_that_moved_on_is_never_cleared_as_in_sync(
+    engine: Engine, sessionmaker: SessionFactory, clean: None, kind: str
+) -> None:
+    """The JSONB side: any change, and bad elements or duplicate ids even where the rows are
+    what the mapping makes of them, go to the element-by-element diff."""
+    change, expected = JSONB_CHANGE[kind]
+    sent = transcript()
+    (chat,) = copied_chats(sessionmaker, sent)
+    rewrite(engine, chat, change(sent))
+    assert cleared(sessionmaker, [chat]) == set()
+    assert diffed(sessionmaker, [chat])[chat] == expected
+    repair = reconcile(sessionmaker)  # the copy is behind, and a sync on its way: lag
+    assert repair is not None and repair.outcome == "ok"
+    assert (repair.drift, repair.behind) == (0, 1 if sum(expected) else 0)
+    assert_converged(engine, [chat])
+    dry = reconcile(sessionmaker, dry_run=True)
+    assert dry is not None and dry.drift == 0 and dry.outcome == "ok"
+
+
+def test_bad_elements_and_duplicate_ids_go_to_the_diff_and_count_as_today(
+    engine: Engine, sessionmaker: SessionFactory, clean: None
+) -> None:
+    """Chats the cheap comparison cannot clear are still compared, their bad elements counted,
+    and converged chats with them report no drift, before and after a repair."""
+    sent = transcript()
+    bad, duplicated, good = copied_chats(
+        sessionmaker,
+        [*sent[:2], 7, {"id": ""}, *sent[2:]],
+        [*sent, {**sent[1], "content": "a second copy"}],
+        transcript(),
+    )
+    assert cleared(sessionmaker, [bad, duplicated, good]) == {good}
+    for run in (reconcile(sessionmaker, dry_run=True), reconcile(sessionmaker)):
+        assert run is not None and run.outcome == "ok" and run.drift == 0
+        assert (run.chats, run.bad_elements, run.messages) == (3, 2, 3 * len(sent) + 3)
+    change_content(engine, duplicated, sent[1]["id"])
+    drop_row(engine, bad, sent[3]["id"])
+    dry = reconcile(sessionmaker, dry_run=True)
+    assert dry is not None and (dry.inserted, dry.updated, dry.soft_deleted) == (1, 1, 0)
+
+
+def test_an_in_sync_table_is_cleared_whole_and_nothing_is_written(
+    engine: Engine, sessionmaker: SessionFactory, clean: None
+) -> None:
+    """Every chat of an in-sync table, the empty one and the one-message one included, is
+    cleared by the cheap comparison; check, a dry run and a repair find no drift and change
+    nothing."""
+    ids = copied_chats(sessionmaker, transcript(), transcript(1), [], transcript(40))
+    assert cleared(sessionmaker, ids, settled=True) == set(ids)
+    before = every_row(engine)
+    with transaction(sessionmaker) as session:
+        assert find_drift(session).drifted == []
+    for dry_run in (True, False):
+        run = reconcile(sessionmaker, dry_run=dry_run, batch_size=3)
+        assert run is not None and run.outcome == "ok"
+        assert (run.drift, run.behind, run.chats, run.messages) == (0, 0, 4, 47)
+    assert every_row(engine) == before
+
+
+def versions(engine: Engine, chat_id: str) -> tuple[int, int]:
+    """The chat's (wanted, applied) versions."""
+    with engine.connect() as connection:
+        wanted, applied = connection.execute(
+            text(
+                "SELECT wanted_version, applied_version FROM copilot_chat_sync_state "
+                "WHERE chat_id = :c"
+            ),
+            {"c": chat_id},
+        ).one()
+    return int(wanted), int(applied)
+
+
+def test_a_repair_still_records_versions_and_closes_letters_of_in_sync_chats(
+    engine: Engine, sessionmaker: SessionFactory, clean: None
+) -> None:
+    """Rows equal but the copy's record not current (a rewrite of the same transcript bumps
+    the version), or a dead letter open: the repair converges them as before, so it records
+    the version and closes the letter; a dry run clears them unchanged."""
+    bumped, lettered, unwanted, quiet = copied_chats(
+        sessionmaker, transcript(), transcript(), transcript(), transcript()
+    )
+    execute(engine, "UPDATE copilot_chats SET messages = messages WHERE id = :c", c=bumped)
+    # A wanted version below the applied one (written by hand): a convergence raises it.
+    sql = "UPDATE copilot_chat_sync_state SET wanted_version = 0 WHERE chat_id = :c"
+    assert execute(engine, sql, c=unwanted) == 1
+    with transaction(sessionmaker) as session:
+        dead_letters.record(
+            session,
+            task="chats.reconcile",
+            chat_id=uuid.UUID(lettered),
+            args=[lettered],
+            reason=dead_letters.Reason.RECONCILE_TIMEOUT,
+            error="gave up",
+            attempts=1,
+        )
+    ids = [bumped, lettered, unwanted, quiet]
+    assert cleared(sessionmaker, ids) == set(ids)
+    assert cleared(sessionmaker, ids, settled=True) == {quiet}
+
+    run = reconcile(sessionmaker)
+    assert run is not None and run.outcome == "ok" and run.drift == 0
+    assert open_letters(engine, lettered) == {}
+    assert versions(engine, bumped) == (2, 2)  # the rewrite was version 2
+    assert versions(engine, unwanted) == (1, 1)
+    assert cleared(sessionmaker, ids, settled=True) == set(ids)
+
+
+@pytest.mark.parametrize(
+    "bad_id", [5, "", "x" * 1025, None], ids=["number", "empty", "too long", "missing"]
+)
+def test_a_live_row_for_an_element_the_mapping_skips_is_never_cleared(
+    engine: Engine, sessionmaker: SessionFactory, clean: None, bad_id: Any
+) -> None:
+    """A script copied an element that the mapping skips (its id is no valid message id) into a
+    live row that looks like the others: the row is extra, not in sync."""
+    element = {"role": "user", "content": "odd"} | ({} if bad_id is None else {"id": bad_id})
+    (chat,) = copied_chats(sessionmaker, [element])
+    sql = """
+        INSERT INTO copilot_chat_messages
+            (chat_id, message_id, role, seq, content, created_at, source_version)
+        SELECT id, CAST(:m AS text), 'user', 0, messages -> 0, created_at, messages_version
+        FROM copilot_chats WHERE id = :c
+    """
+    assert execute(engine, sql, c=chat, m=str(bad_id)) == 1
+    assert cleared(sessionmaker, [chat]) == set()
+    assert diffed(sessionmaker, [chat])[chat] == (0, 0, 1)
+    repair = reconcile(sessionmaker)
+    assert repair is not None and (repair.soft_deleted, repair.bad_elements) == (1, 1)
+    assert table_rows(engine, chat) == ({}, {str(bad_id)})

@@ -310,6 +310,93 @@ ORDER BY t.id
 ).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
 
 
+# The cheap comparison that runs before `_DIFF` or `_CONVERGE`. Per chat, the array's elements
+# are paired with the live rows by position (`seq`), in a hash join within the chat, and each
+# pair is checked against the mapping's rules. Unlike the diff, nothing is sorted by message id,
+# no element is joined to the whole table, and nothing is counted by kind: one pass that only
+# answers "equal or not". A chat it cannot clear goes to the diff (or the convergence), which
+# says how it differs.
+#
+# Why a cleared chat is one in which `converge` changes no row:
+# - the join is full, so every element pairs with a live row at its position and every live row
+#   with an element; each pair's element is a valid one (an object with a non-empty string id of
+#   at most 1,024 bytes) whose id is its row's `message_id`. `(chat_id, message_id)` is unique,
+#   so no two elements share an id (no duplicate shadowed, none skipped), no two live rows share
+#   a `seq`, and the pairing is one to one: nothing to insert and no live row extra;
+# - in each pair, content, role, stream_id, model and created_at are compared as `_CONVERGE`
+#   compares them, each derived value computed from the element as `_MAPPING` does, so a row
+#   changed behind the mapping's back (by a script, say) is caught.
+# created_at is checked without `copilot_message_timestamp` (PL/pgSQL, a subtransaction per
+# call) when the element's `timestamp` is the row's instant printed in the ISO form clients send;
+# that string is one the function parses to exactly that instant. Any other goes through it.
+#
+# `settled` says whether `converge` would also write nothing else for the chat: its sync state
+# already records this version, and no dead letter is open for it (a convergence may close it).
+_EQUAL = text(
+    """
+SELECT
+    c.id,
+    c.messages_version,
+    c.updated_at,
+    r.live,
+    clock_timestamp(),
+    coalesce(s.applied_version >= c.messages_version
+             AND s.wanted_version >= c.messages_version, false)
+        AND NOT EXISTS (
+            SELECT 1 FROM dualwrite_dead_letters d
+            WHERE d.chat_id = c.id AND d.resolved_at IS NULL
+        )
+FROM copilot_chats c
+CROSS JOIN LATERAL (
+    SELECT
+        count(m.seq) AS live,
+        -- An unpaired element or row is not equal, and costs no more than this first test
+        -- (the rest is not evaluated): a chat that differs in every element, as in an empty
+        -- table, costs little more than unnesting its array.
+        coalesce(bool_and((
+            e.ord IS NOT NULL AND m.seq IS NOT NULL
+            AND e.elem = m.content
+            AND jsonb_typeof(e.elem) = 'object'
+            AND jsonb_typeof(e.elem -> 'id') = 'string'
+            AND e.elem ->> 'id' = m.message_id
+            AND m.message_id <> ''
+            AND octet_length(m.message_id) <= 1024
+            AND m.role = coalesce(e.elem ->> 'role', 'unknown')
+            AND m.stream_id IS NOT DISTINCT FROM (
+                CASE WHEN jsonb_typeof(e.elem -> 'streamId') = 'string'
+                          AND octet_length(e.elem ->> 'streamId') <= 1024
+                     THEN e.elem ->> 'streamId' END)
+            AND m.model IS NOT DISTINCT FROM (
+                CASE WHEN jsonb_typeof(e.elem -> 'model') = 'string'
+                     THEN e.elem ->> 'model' END)
+            AND CASE WHEN m.created_at = date_trunc('milliseconds', m.created_at)
+                          AND m.created_at >= '1000-01-01T00:00:00Z'
+                          AND m.created_at < '9999-01-01T00:00:00Z'
+                          AND e.elem ->> 'timestamp' = to_char(
+                              m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+                     THEN true
+                     ELSE m.created_at = coalesce(
+                         copilot_message_timestamp(e.elem -> 'timestamp'), c.created_at)
+                END
+        ) IS TRUE), true) AS equal  -- IS TRUE: an unknown is no match (bool_and skips NULLs)
+    FROM jsonb_array_elements(
+        CASE WHEN jsonb_typeof(c.messages) = 'array' THEN c.messages ELSE '[]'::jsonb END
+    ) WITH ORDINALITY AS e(elem, ord)
+    -- The rows' columns are read from the table here, the elements' fields from `e.elem`: each
+    -- reference to a stored value that is out of line would fetch it again.
+    FULL JOIN (
+        SELECT seq, message_id, role, content, stream_id, model, created_at
+        FROM copilot_chat_messages
+        WHERE chat_id = c.id AND deleted_at IS NULL
+    ) m ON m.seq = e.ord - 1
+) r
+LEFT JOIN copilot_chat_sync_state s ON s.chat_id = c.id
+WHERE c.id = ANY(:chat_ids) AND r.equal
+ORDER BY c.id
+"""
+).bindparams(bindparam("chat_ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
 @dataclass(frozen=True, slots=True)
 class ChatCounts:
     """Per chat: what the JSONB holds and how the rows differ from it (or were changed)."""
@@ -364,6 +451,23 @@ def diff(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[ChatCounts]:
     if not chat_ids:
         return []
     return _counts(session.execute(_DIFF, {"chat_ids": sorted(chat_ids)}).all())
+
+
+def equal(
+    session: Session, chat_ids: Sequence[uuid.UUID], *, settled: bool = False
+) -> list[ChatCounts]:
+    """Those of these chats whose rows provably equal their JSONB, as counts without drift:
+    `diff` would find nothing in them. With `settled`, only those in which `converge` would
+    write nothing at all (see `_EQUAL`), so a repair may leave them out. A chat not returned
+    may still be equal: only `diff` or `converge` says how it differs."""
+    if not chat_ids:
+        return []
+    rows = session.execute(_EQUAL, {"chat_ids": sorted(chat_ids)}).all()
+    return [
+        ChatCounts(chat_id, version, updated_at, live, 0, 0, 0, 0, done_at)
+        for chat_id, version, updated_at, live, done_at, quiet in rows
+        if quiet or not settled
+    ]
 
 
 def page(

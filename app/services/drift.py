@@ -47,6 +47,16 @@ def state(counts: messages_repo.ChatCounts, applied: int, followed: bool) -> Sta
     return State.BEHIND if followed else State.STALLED
 
 
+def compare(session: Session, chat_ids: Sequence[uuid.UUID]) -> list[messages_repo.ChatCounts]:
+    """What differs in each of these chats, as `messages_repo.diff` counts it, in id order. The
+    cheap comparison (`messages_repo.equal`) clears the chats in sync first; only the others are
+    mapped element by element."""
+    same = messages_repo.equal(session, chat_ids)
+    cleared = {counts.chat_id for counts in same}
+    rest = [chat_id for chat_id in chat_ids if chat_id not in cleared]
+    return sorted([*same, *messages_repo.diff(session, rest)], key=lambda c: c.chat_id)
+
+
 def unfollowed(session: Session, chat_ids: Sequence[uuid.UUID], phase: Phase) -> set[uuid.UUID]:
     """Those of these chats that no sync will copy if they fall behind: all of them in
     `jsonb_only` (no sync runs), else those with an open dead letter that keeps the sweep off
@@ -88,7 +98,7 @@ def find_drift(session: Session, batch_size: int = 500) -> Found:
         # still differs in it is drift; a newer JSONB is lag (as in the reconcile's dry run).
         recorded = sync_state.versions(session, ids)
         stuck = unfollowed(session, ids, phase)
-        for counts in messages_repo.diff(session, ids):
+        for counts in compare(session, ids):
             applied = applied_version(recorded, counts.chat_id)
             kind = state(counts, applied, counts.chat_id not in stuck)
             if kind.is_drift:

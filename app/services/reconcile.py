@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import transaction
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters, reconcile_runs, sync_state
-from app.repositories import messages as messages_repo
 from app.repositories import phase as phase_repo
 from app.services import drift, sync
 from app.settings import Phase, get_settings
@@ -273,7 +272,7 @@ def _check(
                     recorded = sync_state.versions(session, piece)
                     phase = phase_repo.current(session).phase
                     unfollowed = drift.unfollowed(session, piece, phase)
-                    diff = messages_repo.diff(session, piece)
+                    diff = drift.compare(session, piece)
                     done = sync.SyncReport.checked(diff, recorded, unfollowed)
                 else:
                     done = sync.resync(session, piece)
