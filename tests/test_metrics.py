@@ -1,5 +1,5 @@
-"""`GET /metrics`, `GET /healthz` and `GET /readyz`: what the API, the workers (through Redis)
-and the database say, after real requests, real syncs and a real reconcile."""
+"""`GET /metrics`, `GET /healthz` and `GET /readyz`: what the API, a worker node (its own
+`/metrics`) and the database say, after real requests, real syncs and a real reconcile."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event, text
@@ -23,7 +22,6 @@ from sqlalchemy import event, text
 from app.db import transaction
 from app.jobs import Job
 from app.main import create_app
-from app.metrics import WORKER_KEY
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.services import sync
@@ -41,8 +39,12 @@ def scrape(client: TestClient) -> Samples:
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def parse(body: str) -> Samples:
     samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(body):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample)
     return samples
@@ -103,8 +105,12 @@ def test_an_enqueue_that_fails_is_counted(api, auth, settings) -> None:  # type:
     assert api.delete(f"/chats/{chat_id}", headers=auth()).status_code == 204  # nothing behind
 
 
-def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(api, auth, converged) -> None:  # type: ignore[no-untyped-def]
-    before = scrape(api)
+def test_worker_syncs_show_on_the_nodes_metrics_not_the_apis(api, auth, converged, worker) -> None:  # type: ignore[no-untyped-def]
+    def node() -> Samples:
+        body = httpx.get(worker.metrics_url, timeout=30).raise_for_status().text
+        return parse(body)
+
+    before = node()
     lag_count = value(before, "dualwrite_sync_lag_seconds_count") or 0
     applied = {"task": "chats.sync_messages", "outcome": "applied"}
     applied_before = value(before, "dualwrite_tasks_total", **applied) or 0
@@ -116,8 +122,8 @@ def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(api, auth, converg
         converged(chat_id)  # one sync per append
 
     def recorded() -> Samples | None:
-        # The worker writes its measurements to Redis after its commit: poll.
-        now = scrape(api)
+        # The worker counts after its commit: poll.
+        now = node()
         lag_grew = (value(now, "dualwrite_sync_lag_seconds_count") or 0) >= lag_count + 2
         tasks_grew = (value(now, "dualwrite_tasks_total", **applied) or 0) >= applied_before + 2
         return now if lag_grew and tasks_grew else None
@@ -132,6 +138,11 @@ def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(api, auth, converg
     lag_sum = value(after, "dualwrite_sync_lag_seconds_sum")
     assert lag_sum is not None and lag_sum >= 0
     assert value(after, "dualwrite_rows_written_total", kind="inserted")
+    assert {s.labels["node"] for samples in after.values() for s in samples} == {
+        f"{worker.name}@{socket.gethostname()}"
+    }
+    # The API exports none of the workers' series any more.
+    assert not {"dualwrite_tasks_total", "dualwrite_sync_lag_seconds_count"} & set(scrape(api))
 
 
 def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(  # type: ignore[no-untyped-def]
@@ -212,25 +223,6 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None: 
         app.state.engine.dispose()
 
 
-def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(api, settings) -> None:  # type: ignore[no-untyped-def]
-    assert value(scrape(api), "dualwrite_worker_metrics_up") == 1
-    with socket.socket() as probe:  # a port where nothing listens: the broker's Redis is gone
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    unreachable = create_app(
-        settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"}),
-        send_many=lambda jobs: [True] * len(jobs),
-    )
-    try:
-        with TestClient(unreachable) as client:
-            samples = scrape(client)  # the scrape itself still answers
-            assert value(samples, "dualwrite_worker_metrics_up") == 0
-            assert "dualwrite_sync_lag_seconds_count" not in samples
-            assert value(samples, "dualwrite_chats_behind") is not None
-    finally:
-        unreachable.state.engine.dispose()
-
-
 def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: ignore[no-untyped-def]
     api, engine, sessionmaker, clean
 ) -> None:
@@ -309,31 +301,6 @@ def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # ty
             assert len(statements) == read, statements[read:]  # no query within the window
     finally:
         cached.state.engine.dispose()
-
-
-def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(  # type: ignore[no-untyped-def]
-    api, settings, caplog
-) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
-    bad = {
-        "tasks|chats.not_a_task|applied": "not a number",
-        "tasks|chats.also_not|nan": "nan",
-        "rows": "3",  # no kind
-        "tasks|chats.sync_chat": "1",  # no outcome
-    }
-    client.hset(WORKER_KEY, mapping=bad)
-    try:
-        with caplog.at_level("WARNING", logger="app.metrics"):
-            samples = scrape(api)
-            scrape(api)
-        tasks = {s.labels.get("task") for s in samples.get("dualwrite_tasks_total", [])}
-        assert not tasks & {"chats.not_a_task", "chats.also_not"}
-        assert all(s.labels.get("kind") for s in samples.get("dualwrite_rows_written_total", []))
-        assert "dualwrite_sync_lag_seconds_count" in samples  # the rest is still there
-        warned = [r.getMessage() for r in caplog.records if "worker metrics hash" in r.getMessage()]
-        assert len(warned) == len(bad), warned  # once per field, not once per scrape
-    finally:
-        client.hdel(WORKER_KEY, *bad)
 
 
 def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: ignore[no-untyped-def]

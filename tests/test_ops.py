@@ -148,20 +148,40 @@ def test_the_page_shows_phase_gates_backlog_dead_letters_and_refreshes(  # type:
     assert f'id="replay-{letter}"' in row.group(1)
     for counter in ("dualwrite_publish_dropped_total", "dualwrite_enqueue_failures_total"):
         assert counter in page
-    assert 'id="lag"' in page or "worker metrics are unreachable" in page
+    assert "set OPS_WORKER_METRICS_URLS to add them up here" in page  # none configured
     assert "reconcile-nightly" in page and "reconcile-recent" in page
     assert "recent reconciles" in page
 
 
-def test_the_lag_histogram_shows_each_bucket_of_the_worker_metrics(ops) -> None:  # type: ignore[no-untyped-def]
-    from app.ops.service import lag
+def test_the_lag_histogram_adds_up_the_worker_nodes(ops) -> None:  # type: ignore[no-untyped-def]
+    from app.ops.service import worker_lag
 
-    shown = lag({b"lag_bucket|0.05": b"3", b"lag_bucket|+Inf": b"1", b"lag_count": b"4",
-                 b"lag_sum": b"4000.2", b"lag_bucket|1": b"nan"})  # fmt: skip
+    def node(count_05: int, count_1: int, total: int, seconds: float) -> str:
+        return (
+            "# TYPE dualwrite_sync_lag_seconds histogram\n"
+            f'dualwrite_sync_lag_seconds_bucket{{le="0.05",node="n"}} {count_05}\n'
+            f'dualwrite_sync_lag_seconds_bucket{{le="1.0",node="n"}} {count_1}\n'
+            f'dualwrite_sync_lag_seconds_bucket{{le="+Inf",node="n"}} {total}\n'
+            f'dualwrite_sync_lag_seconds_count{{node="n"}} {total}\n'
+            f'dualwrite_sync_lag_seconds_sum{{node="n"}} {seconds}\n'
+        )
+
+    bodies = {"http://a/metrics": node(3, 3, 4, 4000.2), "http://b/metrics": node(1, 2, 2, 0.5)}
+
+    def scrape(url: str) -> str:
+        if url == "http://down/metrics":
+            raise ConnectionRefusedError("nothing listens")
+        if url == "http://other/metrics":
+            return "# TYPE something_else counter\nsomething_else_total 1\n"
+        return bodies[url]
+
+    shown = worker_lag([*bodies, "http://down/metrics", "http://other/metrics"], scrape)
     counts = {b.le: b.count for b in shown.buckets}
-    assert counts["0.05"] == 3 and counts["+Inf"] == 1 and counts["1"] == 0
-    assert shown.count == 4 and shown.mean_seconds == pytest.approx(1000.05)
+    assert counts == {"0.05": 4, "1": 1, "+Inf": 1}  # per bucket, summed over both nodes
+    assert shown.count == 6 and shown.mean_seconds == pytest.approx(4000.7 / 6)
     assert max(b.percent for b in shown.buckets) == 100.0
+    assert shown.nodes == 2
+    assert shown.unreachable == ("http://down/metrics", "http://other/metrics")
 
 
 def _replay_confirmation(ops, letter: int) -> str:  # type: ignore[no-untyped-def]

@@ -250,9 +250,7 @@ def worker_lag(urls: Sequence[str], scrape: Callable[[str], str] = _scrape) -> L
         below = cumulative[bound]
     fullest = max((count for _, count in counts), default=0) or 1
     return Lag(
-        buckets=[
-            Bucket(_bound(bound), count, 100.0 * count / fullest) for bound, count in counts
-        ],
+        buckets=[Bucket(_bound(bound), count, 100.0 * count / fullest) for bound, count in counts],
         count=int(total),
         mean_seconds=sum_seconds / total if total else None,
         nodes=nodes,
