@@ -11,6 +11,7 @@ process that answers, once per scrape, never summed over processes.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import math
@@ -126,23 +127,31 @@ class CompactingCollector(MultiProcessCollector):
     would pile up for good, and every scrape would read them all. Counter and histogram values
     are plain sums per key, so the dead ones add into `<type>_archive.db` and go; a live gauge
     of a dead process (`multiprocess_mode="live..."`) is removed, as `mark_process_dead` does.
-    Scrapes run in threads: one lock holds the fold and the read together, so that no scrape
-    sees a value both in a dead file and in the archive.
+    Scrapes run in threads, and in any process of an API instance: a lock on a file of the
+    directory holds the fold and the read together, so that no scrape (nor another fold) sees a
+    value both in a dead file and in the archive.
     """
 
     ADDITIVE = ("counter", "histogram")
+    LOCK = "fold.lock"  # not `*.db`: never read as metrics
 
     def __init__(self, path: str) -> None:
         super().__init__(None, path)  # type: ignore[no-untyped-call]
-        self._fold_lock = threading.Lock()
 
     def collect(self) -> Iterator[Any]:
-        with self._fold_lock:
+        # One open file description per call: flock excludes threads of one process too.
+        with open(os.path.join(self._path, self.LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self._fold()
             except OSError as exc:  # the scrape goes on with the files as they are
                 log.warning("could not fold the metrics files of dead processes: %s", exc)
-            return iter(list(super().collect()))  # type: ignore[no-untyped-call]
+            # A process creating its file (a child just forked) has it empty for a moment, and
+            # prometheus_client fails on an empty file: left out, it has counted nothing yet.
+            files = [
+                path for path in glob.glob(os.path.join(self._path, "*.db")) if _size(path) >= 8
+            ]
+            return iter(list(self.merge(files, accumulate=True)))  # type: ignore[no-untyped-call]
 
     def _fold(self) -> None:
         dead: dict[str, list[str]] = {}
@@ -151,7 +160,9 @@ class CompactingCollector(MultiProcessCollector):
             pid = rest.removesuffix(".db").rpartition("_")[2]
             if not pid.isdigit() or _alive(int(pid)):
                 continue
-            if kind in self.ADDITIVE:
+            if kind in self.ADDITIVE and _size(path) < 8:
+                os.remove(path)  # died while creating it: it holds nothing
+            elif kind in self.ADDITIVE:
                 dead.setdefault(kind, []).append(path)
             elif kind == "gauge" and rest.startswith("live"):
                 os.remove(path)
@@ -175,6 +186,13 @@ class CompactingCollector(MultiProcessCollector):
             os.replace(building, archive)
             for path in paths:
                 os.remove(path)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:  # a live gauge of a process that just exited
+        return 0
 
 
 def _alive(pid: int) -> bool:

@@ -284,7 +284,7 @@ def test_counts_of_exited_processes_fold_into_one_archive(tmp_path: Path) -> Non
     assert first["fold_seconds_count[]"] == 2
     assert first["fold_seconds_bucket[('le', '5.0')]"] == 2
     assert first["fold_seconds_bucket[('le', '1.0')]"] == 0
-    assert sorted(p.name for p in directory.iterdir()) == [
+    assert sorted(p.name for p in directory.glob("*.db")) == [
         "counter_archive.db",
         "histogram_archive.db",
     ]
@@ -292,4 +292,51 @@ def test_counts_of_exited_processes_fold_into_one_archive(tmp_path: Path) -> Non
     again = read(collector)
     assert again["fold_things_total[('kind', 'a')]"] == 9
     assert again["fold_seconds_sum[]"] == 6
-    assert len(list(directory.iterdir())) == 2
+    assert len(list(directory.glob("*.db"))) == 2
+
+
+def test_processes_scraping_one_directory_at_once_fold_it_once(tmp_path: Path) -> None:
+    """The processes of one API instance answer scrapes concurrently, each folding the files of
+    the processes that died meanwhile: every read sees each count exactly once, so no scrape
+    shows a total that a later one takes back, and nothing is counted twice at the end."""
+    directory = fresh_directory(tmp_path / "metrics")
+    done = tmp_path / "done"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    dying = (
+        "import os, sys\n"
+        "for _ in range(60):\n"
+        "    if os.fork() == 0:\n"
+        "        from prometheus_client import Counter\n"
+        "        Counter('fold_things', 'h').inc(2)\n"
+        "        os._exit(0)\n"
+        "    os.wait()\n"
+        "open(sys.argv[1], 'w').close()\n"
+    )
+    scraper = (
+        "import os, sys\n"
+        "from app.metrics import CompactingCollector\n"
+        "collector = CompactingCollector(sys.argv[1])\n"
+        "while True:\n"
+        "    last = os.path.exists(sys.argv[2])\n"
+        "    print(sum(s.value for f in collector.collect() for s in f.samples"
+        " if s.name == 'fold_things_total'), flush=True)\n"
+        "    if last:\n"
+        "        break\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    scrapers = [
+        subprocess.Popen(
+            [sys.executable, "-c", scraper, str(directory), str(done)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        for _ in range(3)
+    ]
+    subprocess.run([sys.executable, "-c", dying, str(done)], env=env, check=True)
+    for p in scrapers:
+        seen = [float(line) for line in p.communicate(timeout=120)[0].split()]
+        assert p.returncode == 0
+        assert seen == sorted(seen), seen  # never more than a later scrape
+        assert seen[-1] == 120
+    assert [p.name for p in directory.glob("*.db")] == ["counter_archive.db"]

@@ -184,6 +184,34 @@ def test_the_lag_histogram_adds_up_the_worker_nodes(ops) -> None:  # type: ignor
     assert shown.unreachable == ("http://down/metrics", "http://other/metrics")
 
 
+def test_the_page_shows_the_lag_the_worker_nodes_serve(  # type: ignore[no-untyped-def]
+    ops_settings, worker, api, auth, converged
+) -> None:
+    from app.main import create_app
+    from harness.processes import free_port
+
+    chat_id = api.post("/chats", json={}, headers=auth()).json()["id"]
+    sent = {"id": "m-ops-lag", "role": "user", "content": "hi", "timestamp": "2026-12-07T08:00:00Z"}
+    api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+    converged(chat_id)
+    down = f"http://127.0.0.1:{free_port()}/metrics"  # a node that does not answer
+    urls = f"{worker.metrics_url}, {down}"
+    app = create_app(ops_settings.model_copy(update={"ops_worker_metrics_urls": urls}))
+    try:
+        with TestClient(app) as client:
+
+            def page() -> str | None:
+                shown = client.get("/ops/", headers=AUTH).text
+                found = re.search(r"(\d+) syncs measured", shown)
+                return shown if found and int(found.group(1)) >= 1 else None
+
+            shown = wait_until(page, timeout=30, interval=0.2)
+    finally:
+        app.state.engine.dispose()
+    assert 'id="lag"' in shown and "1 worker node)" in shown
+    assert f"not counted, no answer: {down}" in shown
+
+
 def _replay_confirmation(ops, letter: int) -> str:  # type: ignore[no-untyped-def]
     confirm = ops.get(f"/ops/replay?id={letter}", headers=AUTH)
     assert confirm.status_code == 200, confirm.text
