@@ -124,6 +124,7 @@ def create_app(
     default a `BoundedPublisher` of these settings; it runs for the app's lifespan."""
     settings = settings or get_settings()
     settings.signing_secret  # noqa: B018 - refuse to start without a real secret
+    metrics.check_multiprocess(settings.prometheus_multiproc_dir)
     engine = make_engine(settings)
     factory = make_sessionmaker(engine)
     publisher = background_publisher(settings, send_many, release=sync.releaser(factory))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -107,6 +107,17 @@ DEAD_LETTER_REASONS = (
 )  # always shown, 0 when none
 # Buckets of `dualwrite_sync_lag_seconds`, which the workers observe (`tasks.metrics`).
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+def check_multiprocess(directory: str | None) -> None:
+    """Refuse a PROMETHEUS_MULTIPROC_DIR that prometheus_client did not see when it was
+    imported (the variable must be in the process's environment from its start): its metrics
+    would count in memory while the scrape reads the files, and export zeros."""
+    if directory and values.ValueClass is values.MutexValue:
+        raise RuntimeError(
+            f"PROMETHEUS_MULTIPROC_DIR={directory} is set, but prometheus_client was imported "
+            "without it: set it in the environment the process starts with"
+        )
 
 
 def multiprocess_registry(path: str) -> CollectorRegistry:

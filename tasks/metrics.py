@@ -123,6 +123,7 @@ class NodeCollector(Collector):
 def node_registry(settings: Settings, node: str, *, prefork: bool) -> CollectorRegistry | None:
     """What the node's main process serves, or None when it cannot see its tasks' counts (a
     prefork pool without PROMETHEUS_MULTIPROC_DIR: each child counts in its own memory)."""
+    metrics.check_multiprocess(settings.prometheus_multiproc_dir)
     if settings.prometheus_multiproc_dir:
         sources: list[Collector] = [metrics.CompactingCollector(settings.prometheus_multiproc_dir)]
     elif prefork:
@@ -142,11 +143,17 @@ def serve_node_metrics(sender: Any, **_: Any) -> None:
     """Serve this node's metrics from its main process, once its pool runs."""
     global _server
     settings = get_settings()
+    if _server is not None:  # ready again after the consumer restarted: already serving
+        return
     if not settings.worker_metrics_port:
         log.info("worker metrics are not served (WORKER_METRICS_PORT=0)")
         return
     node = str(sender.hostname)
-    registry = node_registry(settings, node, prefork=isinstance(sender.pool, TaskPool))
+    try:
+        registry = node_registry(settings, node, prefork=isinstance(sender.pool, TaskPool))
+    except RuntimeError as exc:
+        log.error("worker metrics are not served: %s", exc)
+        return
     if registry is None:
         log.error(
             "worker metrics are not served: the prefork pool needs PROMETHEUS_MULTIPROC_DIR (a "

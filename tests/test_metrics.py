@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event, text
@@ -331,3 +332,13 @@ def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: igno
     finally:
         api.stop()
     assert after - before <= 10, (before, after)
+
+
+def test_a_multiprocess_directory_the_metrics_library_never_saw_is_refused(  # type: ignore[no-untyped-def]
+    settings, tmp_path
+) -> None:
+    # This process imported prometheus_client without PROMETHEUS_MULTIPROC_DIR: its counts are
+    # in memory, and a scrape of the directory would show zeros.
+    late = settings.model_copy(update={"prometheus_multiproc_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        create_app(late, send_many=lambda jobs: [True] * len(jobs))
