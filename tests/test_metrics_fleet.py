@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from app.auth import issue_token
 from app.metrics import CompactingCollector
-from harness.processes import ApiProcess, RedisServer, fresh_directory
+from harness.processes import ApiProcess, RedisServer, free_port, fresh_directory
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
 from tests.support import wait_converged, wait_until
 from tests.test_handlers import message
@@ -192,6 +192,46 @@ def test_independent_api_instances_sum_to_the_true_totals(settings, tmp_path: Pa
     finally:
         for api in apis:
             api.stop()
+
+
+def test_failed_publishes_of_every_process_add_up(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two API processes of one instance whose broker is gone: every append's publish fails in
+    the process that took the request, and either process's scrape counts all of them."""
+    shared = fresh_directory(tmp_path / "metrics")
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens
+    apis = [
+        ApiProcess(env, LOG_DIR / f"api-nobroker-{i}-{RUN_ID}.log", metrics_dir=shared).start()
+        for i in range(2)
+    ]
+    try:
+        drive([api.base for api in apis], settings, chats=8)  # every request still succeeds
+
+        def failed() -> list[float] | None:
+            counts = [
+                total([scrape(api.base + "/metrics")], "dualwrite_enqueue_failures_total")
+                for api in apis
+            ]
+            return counts if counts == [8, 8] else None
+
+        wait_until(failed, timeout=60, interval=0.5, what="8 failures, in either scrape")
+        scraped = scrape(apis[0].base + "/metrics")
+        assert enqueued([scraped]) == 0
+        # Both processes took appends, so both counted failures in files of their own.
+        per_process = [
+            total([samples_of(path)], "dualwrite_enqueue_failures_total")
+            for path in shared.glob("counter_*.db")
+        ]
+        assert sorted(per_process) == [4, 4]
+    finally:
+        for api in apis:
+            api.stop()
+
+
+def samples_of(path: Path) -> list[Sample]:
+    """The samples of one process's file, as prometheus_client reads it."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    return [s for family in MultiProcessCollector.merge([str(path)]) for s in family.samples]
 
 
 def test_two_worker_nodes_each_export_their_own_syncs_labelled_by_node(  # type: ignore[no-untyped-def]
