@@ -12,13 +12,14 @@ import string
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
 
 from app.db import transaction
 from app.jobs import Job
@@ -28,8 +29,8 @@ from app.repositories import dead_letters
 from app.services import sync
 from app.services.reconcile import reconcile
 from app.settings import Settings
-from harness.processes import ApiProcess
-from tests.support import wait_until
+from harness.processes import ApiProcess, WorkerProcess
+from tests.support import AuthHeaders, SessionFactory, WaitConverged, wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import drop_row, seed
 
@@ -59,7 +60,9 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_requests_are_counted_by_route_template_and_status(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_requests_are_counted_by_route_template_and_status(
+    api: TestClient, auth: AuthHeaders
+) -> None:
     before = scrape(api)
     chat_id = new_chat(api, auth)
     sent = message("user")
@@ -85,8 +88,10 @@ def test_requests_are_counted_by_route_template_and_status(api, auth) -> None:  
     assert not any(chat_id in route for route in routes)  # templates, not raw paths
 
 
-def test_an_enqueue_that_fails_is_counted(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
-    def broker_down(jobs: Sequence[Job]) -> list[bool | Exception]:
+def test_an_enqueue_that_fails_is_counted(
+    api: TestClient, auth: AuthHeaders, settings: Settings
+) -> None:
+    def broker_down(jobs: Sequence[Job]) -> list[Exception | None]:
         raise ConnectionError("broker down")
 
     name, task = "dualwrite_enqueue_failures_total", "chats.sync_messages"
@@ -106,9 +111,11 @@ def test_an_enqueue_that_fails_is_counted(api, auth, settings) -> None:  # type:
     assert api.delete(f"/chats/{chat_id}", headers=auth()).status_code == 204  # nothing behind
 
 
-def test_worker_syncs_show_on_the_nodes_metrics_not_the_apis(api, auth, converged, worker) -> None:  # type: ignore[no-untyped-def]
+def test_worker_syncs_show_on_the_nodes_metrics_not_the_apis(
+    api: TestClient, auth: AuthHeaders, converged: WaitConverged, worker: WorkerProcess
+) -> None:
     def node() -> Samples:
-        body = httpx.get(worker.metrics_url, timeout=30).raise_for_status().text
+        body = httpx.get(str(worker.metrics_url), timeout=30).raise_for_status().text
         return parse(body)
 
     before = node()
@@ -146,8 +153,13 @@ def test_worker_syncs_show_on_the_nodes_metrics_not_the_apis(api, auth, converge
     assert not {"dualwrite_tasks_total", "dualwrite_sync_lag_seconds_count"} & set(scrape(api))
 
 
-def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 1, size=3)
     (drifted,) = chats
@@ -194,13 +206,13 @@ def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(  # ty
             dead_letters.close(session, [letter])
 
 
-def test_healthz_is_liveness_and_checks_no_dependency(api) -> None:  # type: ignore[no-untyped-def]
+def test_healthz_is_liveness_and_checks_no_dependency(api: TestClient) -> None:
     response = api.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
-def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None:  # type: ignore[no-untyped-def]
+def test_database_down_healthz_200_readyz_503_metrics_answer(settings: Settings) -> None:
     with socket.socket() as probe:  # a port where nothing listens
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -208,7 +220,7 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None: 
         database_url=f"postgresql://postgres@127.0.0.1:{port}/nothing",
         auth_secret=settings.signing_secret,
     )
-    app = create_app(down, send_many=lambda jobs: [True] * len(jobs))
+    app = create_app(down, send_many=lambda jobs: [None] * len(jobs))
     try:
         with TestClient(app) as client:
             assert client.get("/healthz").status_code == 200
@@ -224,8 +236,11 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None: 
         app.state.engine.dispose()
 
 
-def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: ignore[no-untyped-def]
-    api, engine, sessionmaker, clean
+def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(
+    api: TestClient,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    clean: None,
 ) -> None:
     with transaction(sessionmaker) as session:  # two chats whose copy never ran
         stalled, parked = (
@@ -278,14 +293,15 @@ def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: 
             dead_letters.close(session, [letter])
 
 
-def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # type: ignore[no-untyped-def]
+def test_database_gauges_are_read_once_per_cache_window(settings: Settings) -> None:
     cached = create_app(
         settings.model_copy(update={"metrics_cache_seconds": 60}),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     statements: list[str] = []
 
-    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+    def count(*args: Any) -> None:
+        statement = args[2]
         statements.append(statement)
 
     event.listen(cached.state.engine, "before_cursor_execute", count)
@@ -304,7 +320,7 @@ def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # ty
         cached.state.engine.dispose()
 
 
-def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_random_methods_and_paths_add_no_series(tmp_path: Path) -> None:
     """Unauthenticated clients choose the method and the path of a request; the series they can
     create are those of a fixed set, however many requests they send."""
     api = ApiProcess(dict(os.environ), tmp_path / "api.log").start()
@@ -334,11 +350,11 @@ def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: igno
     assert after - before <= 10, (before, after)
 
 
-def test_a_multiprocess_directory_the_metrics_library_never_saw_is_refused(  # type: ignore[no-untyped-def]
-    settings, tmp_path
+def test_a_multiprocess_directory_the_metrics_library_never_saw_is_refused(
+    settings: Settings, tmp_path: Path
 ) -> None:
     # This process imported prometheus_client without PROMETHEUS_MULTIPROC_DIR: its counts are
     # in memory, and a scrape of the directory would show zeros.
     late = settings.model_copy(update={"prometheus_multiproc_dir": str(tmp_path)})
     with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
-        create_app(late, send_many=lambda jobs: [True] * len(jobs))
+        create_app(late, send_many=lambda jobs: [None] * len(jobs))

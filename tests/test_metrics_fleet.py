@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app.auth import issue_token
 from app.metrics import CompactingCollector
+from app.settings import Settings
 from harness.processes import ApiProcess, RedisServer, free_port, fresh_directory
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
 from tests.support import wait_converged, wait_until
@@ -40,7 +41,7 @@ def scrape(url: str) -> list[Sample]:
 def total(scrapes: Iterable[list[Sample]], name: str, **labels: str) -> float:
     """The sum of every sample called `name` with these labels, over every scrape: what
     `sum(name{labels})` gives in Prometheus over the targets."""
-    return sum(
+    return sum(  # type: ignore[no-any-return]
         s.value
         for scraped in scrapes
         for s in scraped
@@ -48,11 +49,11 @@ def total(scrapes: Iterable[list[Sample]], name: str, **labels: str) -> float:
     )
 
 
-def headers(settings: Any, user: str) -> dict[str, str]:
+def headers(settings: Settings, user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {issue_token(settings.signing_secret, user)}"}
 
 
-def drive(bases: list[str], settings: Any, chats: int) -> dict[tuple[str, str, str], int]:
+def drive(bases: list[str], settings: Settings, chats: int) -> dict[tuple[str, str, str], int]:
     """Requests spread round-robin over `bases`, each on a connection of its own: per chat a
     create, an append and a read of another user's chat (404). Returns the true count per
     (method, route, status)."""
@@ -94,8 +95,8 @@ def enqueued(scrapes: list[list[Sample]]) -> float:
     return total(scrapes, "dualwrite_enqueued_total", task="chats.sync_messages")
 
 
-def test_two_api_processes_of_one_instance_export_their_sum_from_either(  # type: ignore[no-untyped-def]
-    settings, tmp_path: Path, engine
+def test_two_api_processes_of_one_instance_export_their_sum_from_either(
+    settings: Settings, tmp_path: Path, engine: Engine
 ) -> None:
     """Two API processes sharing one PROMETHEUS_MULTIPROC_DIR (as the processes of one `uvicorn
     --workers` or gunicorn instance do): whichever answers the scrape exports the sum of both,
@@ -144,8 +145,8 @@ def test_two_api_processes_of_one_instance_export_their_sum_from_either(  # type
             api.stop()
 
 
-def test_uvicorn_workers_export_the_same_totals_whichever_answers(  # type: ignore[no-untyped-def]
-    settings, tmp_path: Path
+def test_uvicorn_workers_export_the_same_totals_whichever_answers(
+    settings: Settings, tmp_path: Path
 ) -> None:
     """`uvicorn --workers 2`: every scrape, answered by either worker process, shows the
     totals of both."""
@@ -171,7 +172,9 @@ def test_uvicorn_workers_export_the_same_totals_whichever_answers(  # type: igno
         api.stop()
 
 
-def test_independent_api_instances_sum_to_the_true_totals(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_independent_api_instances_sum_to_the_true_totals(
+    settings: Settings, tmp_path: Path
+) -> None:
     """Two API instances, each with a directory of its own, behind one scrape config: the sum
     of their scrapes is the number of requests and of published jobs, exactly."""
     apis = [
@@ -194,7 +197,7 @@ def test_independent_api_instances_sum_to_the_true_totals(settings, tmp_path: Pa
             api.stop()
 
 
-def test_failed_publishes_of_every_process_add_up(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_failed_publishes_of_every_process_add_up(settings: Settings, tmp_path: Path) -> None:
     """Two API processes of one instance whose broker is gone: every append's publish fails in
     the process that took the request, and either process's scrape counts all of them."""
     shared = fresh_directory(tmp_path / "metrics")
@@ -231,11 +234,12 @@ def samples_of(path: Path) -> list[Sample]:
     """The samples of one process's file, as prometheus_client reads it."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    return [s for family in MultiProcessCollector.merge([str(path)]) for s in family.samples]
+    merged = MultiProcessCollector.merge([str(path)])  # type: ignore[no-untyped-call]
+    return [s for family in merged for s in family.samples]
 
 
-def test_two_worker_nodes_each_export_their_own_syncs_labelled_by_node(  # type: ignore[no-untyped-def]
-    broker: RedisServer, hooks: Path, settings, engine
+def test_two_worker_nodes_each_export_their_own_syncs_labelled_by_node(
+    broker: RedisServer, hooks: Path, settings: Settings, engine: Engine
 ) -> None:
     """Two real worker nodes on one broker: what their own /metrics serve adds up to the syncs
     they ran, per outcome, and to one lag observation per sync. One of them replaces its
@@ -249,7 +253,6 @@ def test_two_worker_nodes_each_export_their_own_syncs_labelled_by_node(  # type:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.settings import Settings
 
     try:
         app = create_app(Settings(redis_url=broker.url))
