@@ -26,5 +26,6 @@ RUN mkdir -p /var/lib/chat-dualwrite/beat /var/lib/chat-dualwrite/flower \
     && chown -R chat /var/lib/chat-dualwrite
 USER chat
 
-EXPOSE 8000
+# The API; 9540 is a worker node's metrics (WORKER_METRICS_PORT).
+EXPOSE 8000 9540
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
-import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import mark_process_dead
 
 from app import health, logs, metrics
 from app.api import errors as api_errors
@@ -123,6 +124,7 @@ def create_app(
     default a `BoundedPublisher` of these settings; it runs for the app's lifespan."""
     settings = settings or get_settings()
     settings.signing_secret  # noqa: B018 - refuse to start without a real secret
+    metrics.check_multiprocess(settings.prometheus_multiproc_dir)
     engine = make_engine(settings)
     factory = make_sessionmaker(engine)
     publisher = background_publisher(settings, send_many, release=sync.releaser(factory))
@@ -141,6 +143,9 @@ def create_app(
             dropped = await anyio.to_thread.run_sync(publisher.close)
             if not dropped:  # else the publisher has said what it dropped
                 log.info("publisher closed: every buffered job was sent")
+            if settings.prometheus_multiproc_dir:
+                # This process's live gauges leave the sums of the others (its counters stay).
+                mark_process_dead(os.getpid(), settings.prometheus_multiproc_dir)  # type: ignore[no-untyped-call]
 
     api = FastAPI(title="chat-dualwrite", version="0.1.0", lifespan=lifespan)
     api.state.settings = settings
@@ -193,11 +198,6 @@ def create_app(
             labels = metrics.request_labels(request.method, request.scope.get("route"), status)
             metrics.REQUESTS.labels(*labels).inc()
 
-    # One pooled client of the broker's Redis for the worker metrics.
-    broker = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
-    )
-
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         # Liveness only: the event loop answers (no thread, no dependency), so a database or
@@ -228,16 +228,22 @@ def create_app(
         with api.state.sessionmaker() as session:
             return status.database_gauges(session)
 
+    # The API's own counters: this process's, or with PROMETHEUS_MULTIPROC_DIR those of every
+    # process of this instance, summed. The database gauges are read by the process that
+    # answers, once per scrape: facts of the cluster, which no process count may multiply.
+    counted = (
+        metrics.multiprocess_registry(settings.prometheus_multiproc_dir)
+        if settings.prometheus_multiproc_dir
+        else REGISTRY
+    )
     shared = CollectorRegistry()
-    shared.register(metrics.WorkerMetricsCollector(broker))
     shared.register(
         metrics.DatabaseCollector(metrics.Cached(read_gauges, settings.metrics_cache_seconds))
     )
-    shared.register(metrics.PublisherCollector(publisher.pending))
 
     @api.get("/metrics")
     def prometheus_metrics() -> PlainTextResponse:
-        body = generate_latest(REGISTRY) + generate_latest(shared)
+        body = generate_latest(counted) + generate_latest(shared)
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     return api

@@ -1,23 +1,31 @@
-"""Prometheus metrics (prefix `dualwrite_`).
+"""Prometheus metrics (prefix `dualwrite_`) of the API, and how a process group exports them.
 
-The API's own metrics live in its process. Worker metrics are measured in the worker processes
-and kept in one Redis hash beside the broker's queues, so that the API's `/metrics` can show them
-whatever process or container the workers run in. Database gauges are read at scrape time.
+Every process counts its own work. With `PROMETHEUS_MULTIPROC_DIR` set (read by prometheus_client
+itself, before any metric exists), each process keeps its counts in files there, and whichever
+process answers a scrape reads and sums them all: the API under `uvicorn --workers` or gunicorn,
+and a worker node's prefork children (`tasks.metrics`, served by the node's main process on
+`WORKER_METRICS_PORT`). The workers' own series (tasks, rows, the lag histogram) are theirs alone;
+the API exports none of them. Database gauges are cluster-wide facts: read at scrape time by the
+process that answers, once per scrape, never summed over processes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import logging
 import math
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
-import redis
-from prometheus_client import Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from app.task_names import SYNC_CHAT, SYNC_MESSAGES
@@ -40,6 +48,14 @@ COALESCED = Counter(
     "dualwrite_coalesced_total",
     "Tasks not published because one for the same chat was still waiting in the queue.",
     ["task"],
+)
+# Set by each API process's publisher as its buffer changes; across the processes of one API
+# instance the live ones add up ("livesum": a process that exited leaves the sum).
+PUBLISH_BUFFERED = Gauge(
+    "dualwrite_publish_buffered",
+    "Jobs committed but not yet sent by the API's background publishers (every process of "
+    "this API instance).",
+    multiprocess_mode="livesum",
 )
 PUBLISH_SECONDS = Histogram(
     "dualwrite_publish_seconds",
@@ -83,142 +99,123 @@ def request_labels(method: str, route: object, status: int) -> tuple[str, str, s
     )
 
 
-WORKER_KEY = "dualwrite:metrics"
 DEAD_LETTER_REASONS = (
     "failed",
     "worker_lost",
     "bad_elements",
     "diverged",
 )  # always shown, 0 when none
+# Buckets of `dualwrite_sync_lag_seconds`, which the workers observe (`tasks.metrics`).
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
-class WorkerMetrics:
-    """Writes worker measurements into the Redis hash; a failure to write is logged, not raised."""
-
-    def __init__(self, client: Callable[[], redis.Redis]) -> None:
-        self._client = client
-
-    def task(
-        self,
-        task: str,
-        outcome: str,
-        *,
-        lags: Sequence[float] = (),
-        rows: Mapping[str, int] | None = None,
-    ) -> None:
-        fields: dict[str, float] = {f"tasks|{task}|{outcome}": 1}
-        for kind, count in (rows or {}).items():
-            if count:
-                fields[f"rows|{kind}"] = count
-        for lag in lags:
-            bucket = next((b for b in LAG_BUCKETS if lag <= b), "+Inf")
-            fields[f"lag_bucket|{bucket}"] = fields.get(f"lag_bucket|{bucket}", 0) + 1
-            fields["lag_sum"] = fields.get("lag_sum", 0) + lag
-            fields["lag_count"] = fields.get("lag_count", 0) + 1
-        try:
-            pipe = self._client().pipeline(transaction=False)
-            for field, amount in fields.items():
-                pipe.hincrbyfloat(WORKER_KEY, field, amount)
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("could not record worker metrics: %s", exc)
-
-
-class PublisherCollector(Collector):
-    """The API's background publisher, read at scrape time: jobs waiting to be sent."""
-
-    def __init__(self, pending: Callable[[], int]) -> None:
-        self._pending = pending
-
-    def collect(self) -> Iterator[Any]:
-        buffered = GaugeMetricFamily(
-            "dualwrite_publish_buffered",
-            "Jobs committed but not yet sent by this API process's background publisher.",
+def check_multiprocess(directory: str | None) -> None:
+    """Refuse a PROMETHEUS_MULTIPROC_DIR that prometheus_client did not see when it was
+    imported (the variable must be in the process's environment from its start): its metrics
+    would count in memory while the scrape reads the files, and export zeros."""
+    if directory and values.ValueClass is values.MutexValue:
+        raise RuntimeError(
+            f"PROMETHEUS_MULTIPROC_DIR={directory} is set, but prometheus_client was imported "
+            "without it: set it in the environment the process starts with"
         )
-        buffered.add_metric([], self._pending())
-        yield buffered
 
 
-class WorkerMetricsCollector(Collector):
-    """Exposes the worker measurements from Redis on the API's `/metrics`.
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry of what every process writing to `path` (`PROMETHEUS_MULTIPROC_DIR`) counted:
+    the processes of one API instance, or the prefork children of one worker node."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CompactingCollector(path))
+    return registry
 
-    The hash is shared with whatever else can write to that Redis: a field that is not a finite
-    number, or not of a shape the workers write, is left out (and logged once), so that one bad
-    field never costs the whole scrape.
+
+class CompactingCollector(MultiProcessCollector):
+    """prometheus_client's multiprocess collector, which also folds the files of dead processes
+    into one archive per metric type before it reads.
+
+    Each process writes its own `counter_<pid>.db` and `histogram_<pid>.db`, and they stay after
+    it exits (its counts must: counters never go down). A worker replaces its children every
+    `WORKER_MAX_TASKS_PER_CHILD` tasks, a gunicorn worker is replaced after `max_requests`: files
+    would pile up for good, and every scrape would read them all. Counter and histogram values
+    are plain sums per key, so the dead ones add into `<type>_archive.db` and go; a live gauge
+    of a dead process (`multiprocess_mode="live..."`) is removed, as `mark_process_dead` does.
+    Scrapes run in threads, and in any process of an API instance: a lock on a file of the
+    directory holds the fold and the read together, so that no scrape (nor another fold) sees a
+    value both in a dead file and in the archive.
     """
 
-    # Field name -> how many parts separated by "|" it has.
-    _SHAPES = {"tasks": 3, "rows": 2, "lag_bucket": 2}
+    ADDITIVE = ("counter", "histogram")
+    LOCK = "fold.lock"  # not `*.db`: never read as metrics
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-        self._reported: set[str] = set()
-
-    def _values(self, raw: Mapping[Any, Any]) -> dict[str, float]:
-        values: dict[str, float] = {}
-        for key, value in raw.items():
-            field = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = math.nan
-            parts = field.split("|")
-            shape = self._SHAPES.get(parts[0], 1)
-            if math.isfinite(number) and len(parts) == shape:
-                values[field] = number
-            elif field not in self._reported and len(self._reported) < 100:
-                self._reported.add(field)
-                log.warning(
-                    "ignoring field %r of the worker metrics hash %s: %r is not a count the "
-                    "workers write",
-                    field,
-                    WORKER_KEY,
-                    value,
-                )
-        return values
+    def __init__(self, path: str) -> None:
+        super().__init__(None, path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterator[Any]:
-        up = GaugeMetricFamily(
-            "dualwrite_worker_metrics_up",
-            "1 when this API process could read the workers' metrics from Redis at this scrape, "
-            "0 when it could not (the worker series are missing from the scrape then).",
-        )
-        try:
-            raw = self._client.hgetall(WORKER_KEY)
-        except redis.RedisError as exc:
-            log.warning("could not read the worker metrics hash %s: %s", WORKER_KEY, exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        values = self._values(raw)
-        tasks = CounterMetricFamily(
-            "dualwrite_tasks",
-            "Sync tasks by outcome, counted by the workers.",
-            labels=["task", "outcome"],
-        )
-        rows = CounterMetricFamily(
-            "dualwrite_rows_written", "Rows written by syncs, by kind.", labels=["kind"]
-        )
-        for field, value in sorted(values.items()):
-            parts = field.split("|")
-            if parts[0] == "tasks":
-                tasks.add_metric(parts[1:], value)
-            elif parts[0] == "rows":
-                rows.add_metric(parts[1:], value)
-        cumulative, buckets = 0.0, []
-        for bound in (*LAG_BUCKETS, "+Inf"):
-            cumulative += values.get(f"lag_bucket|{bound}", 0)
-            buckets.append((str(float(bound)) if bound != "+Inf" else "+Inf", cumulative))
-        lag = HistogramMetricFamily(
-            "dualwrite_sync_lag_seconds",
-            "Seconds from a chat's JSONB commit to its rows being applied, measured in the worker.",
-            buckets=buckets,
-            sum_value=values.get("lag_sum", 0.0),
-        )
-        yield from (tasks, rows, lag)
+        # One open file description per call: flock excludes threads of one process too.
+        with open(os.path.join(self._path, self.LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._fold()
+            except OSError as exc:  # the scrape goes on with the files as they are
+                log.warning("could not fold the metrics files of dead processes: %s", exc)
+            # A process creating its file (a child just forked) has it empty for a moment, and
+            # prometheus_client fails on an empty file: left out, it has counted nothing yet.
+            files = [
+                path for path in glob.glob(os.path.join(self._path, "*.db")) if _size(path) >= 8
+            ]
+            return iter(list(self.merge(files, accumulate=True)))  # type: ignore[no-untyped-call]
+
+    def _fold(self) -> None:
+        dead: dict[str, list[str]] = {}
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            kind, _, rest = os.path.basename(path).partition("_")
+            pid = rest.removesuffix(".db").rpartition("_")[2]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind in self.ADDITIVE and _size(path) < 8:
+                os.remove(path)  # died while creating it: it holds nothing
+            elif kind in self.ADDITIVE:
+                dead.setdefault(kind, []).append(path)
+            elif kind == "gauge" and rest.startswith("live"):
+                os.remove(path)
+        for kind, paths in dead.items():
+            archive = os.path.join(self._path, f"{kind}_archive.db")
+            totals: dict[str, float] = {}
+            for path in [archive, *paths] if os.path.exists(archive) else paths:
+                for key, value, _, _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                    totals[key] = totals.get(key, 0.0) + value
+            # Written aside and renamed over the archive, then the dead files go: a crash in
+            # between can count a dead process twice, never lose it.
+            building = archive + ".tmp"
+            if os.path.exists(building):
+                os.remove(building)
+            folded = MmapedDict(building)  # type: ignore[no-untyped-call]
+            try:
+                for key, value in totals.items():
+                    folded.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+            finally:
+                folded.close()  # type: ignore[no-untyped-call]
+            os.replace(building, archive)
+            for path in paths:
+                os.remove(path)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:  # a live gauge of a process that just exited
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process, so one that lives
+        return True
+    return True
 
 
 class Cached:

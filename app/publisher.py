@@ -110,6 +110,11 @@ class BackgroundPublisher:
         with self._lock:
             return len(self._buffer) + len(self._in_flight) + self._releasing
 
+    def _show_pending(self) -> None:
+        # Set, not read at scrape time: the process that answers a scrape is not this one
+        # under several API processes (`app.metrics`).
+        metrics.PUBLISH_BUFFERED.set(self.pending())
+
     def submit(self, jobs: Sequence[Job]) -> None:
         """Hand committed jobs over for sending. Never blocks on the broker and never raises:
         the jobs the buffer cannot hold are dropped and counted."""
@@ -138,6 +143,7 @@ class BackgroundPublisher:
                     self._full_burst += dropped
                 elif self._full_burst:
                     recovered, self._full_burst = self._full_burst, 0
+        self._show_pending()
         if dropped:
             metrics.PUBLISH_DROPPED.labels(reason).inc(dropped)
         if late:
@@ -197,6 +203,7 @@ class BackgroundPublisher:
                     len(marks),
                     self.release_seconds,
                 )
+        self._show_pending()
         return len(left)
 
     def _run(self) -> None:
@@ -221,6 +228,7 @@ class BackgroundPublisher:
                 log.exception("publish: batch of %d jobs failed unexpectedly", len(batch))
                 with self._lock:
                     self._in_flight = []
+            self._show_pending()
 
     def _take_batch(self) -> list[Job]:
         return [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]

@@ -88,6 +88,18 @@ class Settings(BaseSettings):
     # `/metrics` reads its database gauges (about six queries) at most this often; scrapes in
     # between show the last values.
     metrics_cache_seconds: float = Field(default=5.0, ge=0)
+    # A directory of this process group's own, empty at its start (a tmpfs in compose): with it,
+    # every process of an API instance (`uvicorn --workers`, gunicorn), or every prefork child
+    # of a worker node, keeps its counts in files there and a scrape sums them all. prometheus_
+    # client reads the variable itself when it is imported; it is declared here to be documented
+    # and checked. Two API instances or two worker nodes never share one.
+    prometheus_multiproc_dir: str | None = None
+    # Each worker node's main process serves its node's metrics (`dualwrite_tasks_total`,
+    # `dualwrite_rows_written_total`, `dualwrite_sync_lag_seconds`, labelled `node`) at
+    # http://WORKER_METRICS_ADDRESS:WORKER_METRICS_PORT/metrics; 0 serves none. Under the
+    # prefork pool it needs PROMETHEUS_MULTIPROC_DIR, or the children's counts cannot be seen.
+    worker_metrics_port: int = Field(default=9540, ge=0, le=65535)
+    worker_metrics_address: str = "0.0.0.0"
     # `/readyz` answers within `ready_timeout_seconds` whatever hangs (a probe's own timeout is
     # typically 1 s), and runs its checks (a database round trip, a broker PING) at most once
     # per `ready_cache_seconds`: a storm of probes costs the database one query a second.
@@ -257,6 +269,10 @@ class Settings(BaseSettings):
     ops_basic_auth: SecretStr | None = None
     # How often the page reloads itself; 0 never.
     ops_refresh_seconds: int = Field(default=10, ge=0)
+    # The worker nodes' metrics, comma-separated `http://host:WORKER_METRICS_PORT/metrics` URLs,
+    # whose lag histograms the page adds up (each read with a 1 s timeout). Empty, the page
+    # shows no lag and says where to find it.
+    ops_worker_metrics_urls: str = ""
 
     @field_validator("reconcile_crontab")
     @classmethod

@@ -141,7 +141,7 @@ def measure(running: infra.Stack, args: argparse.Namespace) -> dict[str, Any]:
     run["samples"], run["ready"] = drain(running, run["expected"], args.concurrency)
     log = running.processes[-1].log()
     run["task_seconds"] = [float(s) for s in re.findall(r"succeeded in ([0-9.]+)s", log)]
-    run["outcomes"] = infra.task_outcomes(running.broker.client())
+    run["outcomes"] = infra.task_outcomes(running.workers())
     run["drift"] = infra.state(running.url)[0]
     return run
 

@@ -24,14 +24,12 @@ from typing import Any
 
 import httpx
 import psycopg
-import redis
 from sqlalchemy import event
 
 from app.auth import issue_token
 from app.broker import queue_lengths
 from app.db import make_engine, make_sessionmaker, transaction
 from app.jobs import JobQueue, publish_after_commit
-from app.metrics import WORKER_KEY
 from app.repositories import dead_letters, sync_state
 from app.services import chats as service
 from app.services.drift import find_drift
@@ -125,6 +123,9 @@ class Stack:
     def _start(self, process: Any) -> Any:
         self.processes.append(process)
         return process.start()
+
+    def workers(self) -> list[WorkerProcess]:
+        return [p for p in self.processes if isinstance(p, WorkerProcess)]
 
     def worker(self, name: str = "worker", *args: str) -> WorkerProcess:
         log = OUT / f"{name}-{os.getpid()}.log"
@@ -253,10 +254,14 @@ def queue_length(redis_url: str, queue: str = "dualwrite.sync") -> int:
     return queue_lengths(Settings(redis_url=redis_url))[0][queue]
 
 
-def task_outcomes(client: redis.Redis) -> dict[str, int]:
-    """Task executions the workers counted, by "task|outcome"."""
-    counted = {k.decode(): v for k, v in client.hgetall(WORKER_KEY).items()}
-    return {k.split("|", 1)[1]: int(float(v)) for k, v in counted.items() if k.startswith("tasks|")}
+def task_outcomes(workers: Iterable[WorkerProcess]) -> dict[str, int]:
+    """Task executions the worker nodes counted (each serves its own), by "task|outcome"."""
+    counted: dict[str, int] = {}
+    for worker in workers:
+        for sample in worker.samples("dualwrite_tasks_total"):
+            key = f"{sample.labels['task']}|{sample.labels['outcome']}"
+            counted[key] = counted.get(key, 0) + int(sample.value)
+    return counted
 
 
 def state(url: str) -> tuple[int, int, int]:

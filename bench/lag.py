@@ -27,9 +27,7 @@ from typing import Any
 
 import httpx
 import psycopg
-import redis
 
-from app.metrics import WORKER_KEY
 from bench import infra
 
 TARGET_P99_MS = 50.0
@@ -174,12 +172,15 @@ def api_appends(running: infra.Stack, args: argparse.Namespace, seconds: float) 
 def worker_lags(running: infra.Stack) -> dict[float, int]:
     """The workers' `dualwrite_sync_lag_seconds` buckets: from the write's transaction (the
     chat's `updated_at`) to the end of the convergence that copied it, per sync."""
-    counted = redis.Redis.from_url(running.broker.url).hgetall(WORKER_KEY)
-    return {
-        float(k.decode().split("|")[1].replace("+Inf", "inf")): int(float(v))
-        for k, v in counted.items()
-        if k.startswith(b"lag_bucket|")
-    }
+    cumulative: dict[float, int] = {}
+    for worker in running.workers():
+        for sample in worker.samples("dualwrite_sync_lag_seconds_bucket"):
+            bound = float(sample.labels["le"])
+            cumulative[bound] = cumulative.get(bound, 0) + int(sample.value)
+    per_bucket, below = {}, 0
+    for bound in sorted(cumulative):
+        per_bucket[bound], below = cumulative[bound] - below, cumulative[bound]
+    return per_bucket
 
 
 def lag_bound(synced: dict[float, int], share: float) -> float:

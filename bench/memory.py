@@ -122,7 +122,7 @@ Sample = tuple[int, dict[str, dict[str, int]]]  # tasks run; KiB by KINDS, then 
 def sample(worker: Any, redis: Any) -> Sample:
     """Tasks the worker has run; VmRSS and RssAnon of its main process and each pool child."""
     pids = {"main": worker.pid, **{f"child {p}": p for p in worker.child_pids()}}
-    done = sum(infra.task_outcomes(redis).values())
+    done = sum(infra.task_outcomes([worker]).values())
     sizes = {k: {n: infra.proc_status(p, k) for n, p in pids.items()} for k in KINDS}
     return done, {k: {n: kib for n, kib in sizes[k].items() if kib} for k in KINDS}
 
@@ -209,7 +209,7 @@ def main() -> int:
         try:
             producer.run(args.tasks, args.queue_cap)
             infra.wait_until(
-                lambda: sum(infra.task_outcomes(redis).values()) >= producer.sent,
+                lambda: sum(infra.task_outcomes([worker]).values()) >= producer.sent,
                 300,
                 what="the worker to run every task",
             )
@@ -217,7 +217,7 @@ def main() -> int:
             time.sleep(3 * args.every)  # a few samples of the idle worker at the end
         finally:
             sampler.stop()
-        outcomes = infra.task_outcomes(redis)
+        outcomes = infra.task_outcomes([worker])
     report(sampler.values(), producer, outcomes, finished, args)
     return 0
 

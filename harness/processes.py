@@ -5,10 +5,12 @@ together with `os.killpg` (never `kill -TERM -PID` through a shell)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -130,14 +132,58 @@ class Process:
         return self.proc.wait(timeout)
 
 
+def fresh_directory(path: Path) -> Path:
+    """`path`, created and emptied: a PROMETHEUS_MULTIPROC_DIR at the start of its processes."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 class WorkerProcess(Process):
-    """`celery -A tasks worker` on the sync and maintenance queues; `args` go last."""
+    """`celery -A tasks worker` on the sync and maintenance queues; `args` go last. Its node
+    serves its metrics on a free port of its own (`metrics_url`), its children counting in a
+    PROMETHEUS_MULTIPROC_DIR of its own, emptied at each start, unless `env` names a port."""
 
     def __init__(self, env: dict[str, str], log_path: Path, name: str, *args: str) -> None:
         argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
         argv += ["-n", f"{name}@%h", "-Q", QUEUES, "--without-gossip", "--without-mingle", *args]
+        self.metrics_dir: Path | None = None
+        if "WORKER_METRICS_PORT" not in env:
+            self.metrics_dir = Path(tempfile.mkdtemp(prefix="dualwrite-worker-metrics-"))
+            env = {
+                **env,
+                "WORKER_METRICS_PORT": str(free_port()),
+                "WORKER_METRICS_ADDRESS": "127.0.0.1",
+                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            }
         super().__init__(argv, env, log_path, " ready.")
         self.name = name
+        port = int(env["WORKER_METRICS_PORT"])
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics" if port else None
+
+    def start(self, timeout: float = 60.0) -> Self:
+        if self.metrics_dir is not None:
+            fresh_directory(self.metrics_dir)
+        return super().start(timeout)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        super().stop(timeout)
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def samples(self, name: str) -> list[Any]:
+        """The samples called `name` (`dualwrite_tasks_total`, `..._bucket`) this node serves."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        assert self.metrics_url, "this worker serves no metrics"
+        body = httpx.get(self.metrics_url, timeout=10).raise_for_status().text
+        return [
+            sample
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == name
+        ]
 
 
 class BeatProcess(Process):
@@ -160,7 +206,9 @@ class UpgradeProcess(Process):
 
 class ApiProcess(Process):
     """`uvicorn app.main:app` (or another `app`) on a port of its own, started once it answers
-    `/healthz`. `quiet` leaves out uvicorn's INFO lines and its access log."""
+    `/healthz`. `quiet` leaves out uvicorn's INFO lines and its access log. With `metrics_dir`
+    (which the caller empties first: processes of one instance may share it) its processes
+    count in PROMETHEUS_MULTIPROC_DIR mode; `workers` is uvicorn's `--workers`."""
 
     def __init__(
         self,
@@ -170,13 +218,20 @@ class ApiProcess(Process):
         *,
         app: str = "app.main:app",
         quiet: bool = True,
+        workers: int = 1,
+        metrics_dir: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
         argv += ["--port", str(self.port)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         if quiet:
             argv += ["--log-level", "warning", "--no-access-log"]
+        self.metrics_dir = metrics_dir
+        if metrics_dir is not None:
+            env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         super().__init__(argv, env, log_path, self.answers)
 
     def answers(self) -> bool:

@@ -31,6 +31,14 @@ with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=Tru
 PY
 .venv/bin/alembic upgrade head
 
+# Metrics (README, "Watching it"): the API's processes and the worker node's prefork children
+# count in files of a directory of their own, emptied here before they start; the worker's main
+# process serves its node's counts on WORKER_METRICS_PORT.
+WORKER_METRICS_PORT=${WORKER_METRICS_PORT:-9540}
+for group in api worker; do
+    rm -rf "$PWD/.run/metrics/$group" && mkdir -p "$PWD/.run/metrics/$group"
+done
+
 pids=()
 stop() {
     trap - INT TERM EXIT
@@ -39,7 +47,9 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-.venv/bin/celery -A tasks worker --loglevel=INFO -n "worker@%h" \
+PROMETHEUS_MULTIPROC_DIR=$PWD/.run/metrics/worker WORKER_METRICS_PORT=$WORKER_METRICS_PORT \
+    WORKER_METRICS_ADDRESS=127.0.0.1 \
+    .venv/bin/celery -A tasks worker --loglevel=INFO -n "worker@%h" \
     -Q dualwrite.sync,dualwrite.maintenance > .run/worker.log 2>&1 &
 pids+=($!)
 .venv/bin/celery -A tasks beat --loglevel=INFO -s .run/celerybeat-schedule > .run/beat.log 2>&1 &
@@ -49,6 +59,8 @@ pids+=($!)
 OPS_LOGIN="user and password of OPS_BASIC_AUTH"
 [ -n "${OPS_BASIC_AUTH:-}" ] || OPS_LOGIN="Flower's user and password"
 OPS_BASIC_AUTH=${OPS_BASIC_AUTH:-$FLOWER_USER:$FLOWER_PASSWORD} \
+    PROMETHEUS_MULTIPROC_DIR=$PWD/.run/metrics/api \
+    OPS_WORKER_METRICS_URLS=${OPS_WORKER_METRICS_URLS:-http://127.0.0.1:$WORKER_METRICS_PORT/metrics} \
     .venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$API_PORT" > .run/api.log 2>&1 &
 pids+=($!)
 # Flower starts once the worker answers, so that it lists the worker from the start.
@@ -70,6 +82,7 @@ done
 cat <<INFO
 chat-dualwrite is running (logs in .run/; Ctrl-C stops it)
   API     http://127.0.0.1:$API_PORT   (docs at /docs, /healthz, /readyz, metrics at /metrics)
+  worker  http://127.0.0.1:$WORKER_METRICS_PORT/metrics   (the worker node's metrics)
   Flower  http://127.0.0.1:$FLOWER_PORT   (user $FLOWER_USER, password $FLOWER_PASSWORD)
   rollout http://127.0.0.1:$API_PORT/ops/   ($OPS_LOGIN)
   token   $(.venv/bin/python -m app token demo-user)

@@ -46,7 +46,7 @@ def worker_statement() -> Iterator[Connection]:
 
 
 def broker_redis() -> redis.Redis:
-    """A client of the broker's Redis, for delivery counts and metrics."""
+    """A client of the broker's Redis, for delivery counts."""
     pid = os.getpid()
     if pid not in _redis:
         _redis[pid] = redis.Redis.from_url(

@@ -21,20 +21,20 @@ from typing import Any
 import redis
 from celery import Task
 
-from app import metrics
 from app.repositories import dead_letters, sync_state
 from app.retry import RetryPolicy
 from app.services import sync
 from app.settings import get_settings
 from app.task_names import SYNC_CHAT, SYNC_MESSAGES, Queue
 from tasks import celery
+from tasks.metrics import WorkerMetrics
 from tasks.runtime import broker_redis, worker_statement, worker_transaction
 
 log = logging.getLogger(__name__)
 
 SETTINGS = get_settings()
 POLICY = RetryPolicy.from_settings(SETTINGS)
-METRICS = metrics.WorkerMetrics(broker_redis)
+METRICS = WorkerMetrics()
 DELIVERY_KEY = "dualwrite:deliveries:{task_id}:{attempt}"
 
 

@@ -1,7 +1,7 @@
 """The Prometheus alert rules (`monitoring/alerts.yml`): valid for `promtool`, passing their unit
 tests, each alert tested firing and quiet and linked to its runbook section, and every metric
-they read exported under that name by the API's `/metrics` or by Flower's, so that renaming a
-metric breaks this test instead of silencing an alert."""
+they read exported under that name by the API's `/metrics`, a worker node's or Flower's, so that
+renaming a metric breaks this test instead of silencing an alert."""
 
 from __future__ import annotations
 
@@ -107,13 +107,18 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
 
 
 def test_every_metric_the_rules_read_is_exported_under_that_name(
-    api: TestClient, broker: RedisServer
+    api: TestClient, broker: RedisServer, hooks: Path
 ) -> None:
     used = {name for rule in alerts() for name in METRIC.findall(rule["expr"])}
     assert any(name.startswith("flower_") for name in used)
     response = api.get("/metrics")
     assert response.status_code == 200
     names = exposed(response.text)
+    worker = start_worker(broker, hooks, "exported")
+    try:
+        names |= exposed(httpx.get(str(worker.metrics_url), timeout=30).raise_for_status().text)
+    finally:
+        worker.stop()
     with running_flower({**os.environ, "REDIS_URL": broker.url}) as flower:
         names |= exposed(flower_metrics(flower))
     assert used - names == set(), "read by the rules, exported by nobody"

@@ -31,11 +31,11 @@ from tasks.queues import Queue
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-# Services that run the project's image; postgres and redis run stock images.
+# Services that run the project's image; postgres, redis and prometheus run stock images.
 APP_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
 
 # Variables in app services that are read by a tool, not by `app.settings.Settings`.
-NOT_SETTINGS_PREFIXES = ("FLOWER_", "POSTGRES_")
+NOT_SETTINGS_PREFIXES = ("FLOWER_", "POSTGRES_", "WEB_CONCURRENCY")
 # DESIGN.md section 7: the environment every process of the service is configured through (its
 # log format too: every process logs in the one an operator picks).
 REQUIRED_SETTINGS = {"DATABASE_URL", "REDIS_URL", "AUTH_SECRET", "DUALWRITE_PHASE", "LOG_FORMAT"}
@@ -479,3 +479,49 @@ def test_image_runs_as_a_non_root_user() -> None:
     users = [instruction[1] for instruction in dockerfile() if instruction[0].upper() == "USER"]
     assert users
     assert users[-1].split(":")[0] not in ("root", "0")
+
+
+PROMETHEUS: dict[str, Any] = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+
+
+def scrape_job(name: str) -> dict[str, Any]:
+    (job,) = [job for job in PROMETHEUS["scrape_configs"] if job["job_name"] == name]
+    found: dict[str, Any] = job
+    return found
+
+
+@pytest.mark.parametrize("name", ["api", "worker"])
+def test_metrics_files_start_empty_in_every_container(name: str) -> None:
+    # Counts of an earlier container (or another process group) must not add to this one's.
+    directory = environment(name)["PROMETHEUS_MULTIPROC_DIR"]
+    assert directory in SERVICES[name].get("tmpfs", [])
+
+
+def test_prometheus_scrapes_each_api_instance_and_each_worker_node() -> None:
+    worker_port = environment("worker").get("WORKER_METRICS_PORT") or str(
+        Settings.model_fields["worker_metrics_port"].default
+    )
+    for job, service, port in [
+        ("dualwrite-api", "api", option(command("api"), "--port")),
+        ("dualwrite-worker", "worker", worker_port),
+    ]:
+        # One target per replica (a DNS A record each), never one address in front of them.
+        (discovery,) = scrape_job(job)["dns_sd_configs"]
+        assert discovery["names"] == [service] and discovery["type"] == "A"
+        assert str(discovery["port"]) == port
+    assert worker_port in SERVICES["worker"]["expose"]
+    (flower,) = scrape_job("flower")["static_configs"]
+    assert flower["targets"] == [f"flower:{option(command('flower'), '--port')}"]
+
+
+def test_prometheus_loads_this_config_and_the_alert_rules() -> None:
+    args = command("prometheus")
+    config = Path(option(args, "--config.file"))
+    assert f"./monitoring:{config.parent.as_posix()}:ro" in SERVICES["prometheus"]["volumes"]
+    assert config.name == "prometheus.yml"
+    for rules in PROMETHEUS["rule_files"]:
+        assert (ROOT / "monitoring" / rules).is_file()
+    # Every job an alert names is one this config scrapes.
+    alerts = (ROOT / "monitoring" / "alerts.yml").read_text()
+    jobs = {job["job_name"] for job in PROMETHEUS["scrape_configs"]}
+    assert set(re.findall(r'job="([^"]+)"', alerts)) <= jobs

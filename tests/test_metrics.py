@@ -1,5 +1,5 @@
-"""`GET /metrics`, `GET /healthz` and `GET /readyz`: what the API, the workers (through Redis)
-and the database say, after real requests, real syncs and a real reconcile."""
+"""`GET /metrics`, `GET /healthz` and `GET /readyz`: what the API, a worker node (its own
+`/metrics`) and the database say, after real requests, real syncs and a real reconcile."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, event, text
@@ -25,13 +24,12 @@ from sqlalchemy import Engine, event, text
 from app.db import transaction
 from app.jobs import Job
 from app.main import create_app
-from app.metrics import WORKER_KEY
 from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.services import sync
 from app.services.reconcile import reconcile
 from app.settings import Settings
-from harness.processes import ApiProcess
+from harness.processes import ApiProcess, WorkerProcess
 from tests.support import AuthHeaders, SessionFactory, WaitConverged, wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import drop_row, seed
@@ -43,8 +41,12 @@ def scrape(client: TestClient) -> Samples:
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def parse(body: str) -> Samples:
     samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(body):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample)
     return samples
@@ -109,10 +111,14 @@ def test_an_enqueue_that_fails_is_counted(
     assert api.delete(f"/chats/{chat_id}", headers=auth()).status_code == 204  # nothing behind
 
 
-def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(
-    api: TestClient, auth: AuthHeaders, converged: WaitConverged
+def test_worker_syncs_show_on_the_nodes_metrics_not_the_apis(
+    api: TestClient, auth: AuthHeaders, converged: WaitConverged, worker: WorkerProcess
 ) -> None:
-    before = scrape(api)
+    def node() -> Samples:
+        body = httpx.get(str(worker.metrics_url), timeout=30).raise_for_status().text
+        return parse(body)
+
+    before = node()
     lag_count = value(before, "dualwrite_sync_lag_seconds_count") or 0
     applied = {"task": "chats.sync_messages", "outcome": "applied"}
     applied_before = value(before, "dualwrite_tasks_total", **applied) or 0
@@ -124,8 +130,8 @@ def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(
         converged(chat_id)  # one sync per append
 
     def recorded() -> Samples | None:
-        # The worker writes its measurements to Redis after its commit: poll.
-        now = scrape(api)
+        # The worker counts after its commit: poll.
+        now = node()
         lag_grew = (value(now, "dualwrite_sync_lag_seconds_count") or 0) >= lag_count + 2
         tasks_grew = (value(now, "dualwrite_tasks_total", **applied) or 0) >= applied_before + 2
         return now if lag_grew and tasks_grew else None
@@ -140,6 +146,11 @@ def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(
     lag_sum = value(after, "dualwrite_sync_lag_seconds_sum")
     assert lag_sum is not None and lag_sum >= 0
     assert value(after, "dualwrite_rows_written_total", kind="inserted")
+    assert {s.labels["node"] for samples in after.values() for s in samples} == {
+        f"{worker.name}@{socket.gethostname()}"
+    }
+    # The API exports none of the workers' series any more.
+    assert not {"dualwrite_tasks_total", "dualwrite_sync_lag_seconds_count"} & set(scrape(api))
 
 
 def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(
@@ -223,27 +234,6 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings: Settings)
             assert "dualwrite_requests_total" in samples
     finally:
         app.state.engine.dispose()
-
-
-def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(
-    api: TestClient, settings: Settings
-) -> None:
-    assert value(scrape(api), "dualwrite_worker_metrics_up") == 1
-    with socket.socket() as probe:  # a port where nothing listens: the broker's Redis is gone
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    unreachable = create_app(
-        settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"}),
-        send_many=lambda jobs: [None] * len(jobs),
-    )
-    try:
-        with TestClient(unreachable) as client:
-            samples = scrape(client)  # the scrape itself still answers
-            assert value(samples, "dualwrite_worker_metrics_up") == 0
-            assert "dualwrite_sync_lag_seconds_count" not in samples
-            assert value(samples, "dualwrite_chats_behind") is not None
-    finally:
-        unreachable.state.engine.dispose()
 
 
 def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(
@@ -330,33 +320,6 @@ def test_database_gauges_are_read_once_per_cache_window(settings: Settings) -> N
         cached.state.engine.dispose()
 
 
-def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(
-    api: TestClient,
-    settings: Settings,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
-    bad = {
-        "tasks|chats.not_a_task|applied": "not a number",
-        "tasks|chats.also_not|nan": "nan",
-        "rows": "3",  # no kind
-        "tasks|chats.sync_chat": "1",  # no outcome
-    }
-    client.hset(WORKER_KEY, mapping=bad)  # type: ignore[arg-type]
-    try:
-        with caplog.at_level("WARNING", logger="app.metrics"):
-            samples = scrape(api)
-            scrape(api)
-        tasks = {s.labels.get("task") for s in samples.get("dualwrite_tasks_total", [])}
-        assert not tasks & {"chats.not_a_task", "chats.also_not"}
-        assert all(s.labels.get("kind") for s in samples.get("dualwrite_rows_written_total", []))
-        assert "dualwrite_sync_lag_seconds_count" in samples  # the rest is still there
-        warned = [r.getMessage() for r in caplog.records if "worker metrics hash" in r.getMessage()]
-        assert len(warned) == len(bad), warned  # once per field, not once per scrape
-    finally:
-        client.hdel(WORKER_KEY, *bad)
-
-
 def test_random_methods_and_paths_add_no_series(tmp_path: Path) -> None:
     """Unauthenticated clients choose the method and the path of a request; the series they can
     create are those of a fixed set, however many requests they send."""
@@ -385,3 +348,13 @@ def test_random_methods_and_paths_add_no_series(tmp_path: Path) -> None:
     finally:
         api.stop()
     assert after - before <= 10, (before, after)
+
+
+def test_a_multiprocess_directory_the_metrics_library_never_saw_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # This process imported prometheus_client without PROMETHEUS_MULTIPROC_DIR: its counts are
+    # in memory, and a scrape of the directory would show zeros.
+    late = settings.model_copy(update={"prometheus_multiproc_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        create_app(late, send_many=lambda jobs: [None] * len(jobs))

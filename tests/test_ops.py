@@ -24,7 +24,14 @@ from app.repositories import dead_letters
 from app.settings import Settings
 from app.task_names import RECONCILE
 from harness.processes import WorkerProcess
-from tests.support import SessionFactory, SetPhase, wait_converged, wait_until
+from tests.support import (
+    AuthHeaders,
+    SessionFactory,
+    SetPhase,
+    WaitConverged,
+    wait_converged,
+    wait_until,
+)
 from tests.test_cli import _behind_chat_with_dead_letter, _letter
 from tests.test_reconcile import run_cli
 
@@ -153,20 +160,72 @@ def test_the_page_shows_phase_gates_backlog_dead_letters_and_refreshes(
     assert f'id="replay-{letter}"' in row.group(1)
     for counter in ("dualwrite_publish_dropped_total", "dualwrite_enqueue_failures_total"):
         assert counter in page
-    assert 'id="lag"' in page or "worker metrics are unreachable" in page
+    assert "set OPS_WORKER_METRICS_URLS to add them up here" in page  # none configured
     assert "reconcile-nightly" in page and "reconcile-recent" in page
     assert "recent reconciles" in page
 
 
-def test_the_lag_histogram_shows_each_bucket_of_the_worker_metrics(ops: TestClient) -> None:
-    from app.ops.service import lag
+def test_the_lag_histogram_adds_up_the_worker_nodes(ops: TestClient) -> None:
+    from app.ops.service import worker_lag
 
-    shown = lag({b"lag_bucket|0.05": b"3", b"lag_bucket|+Inf": b"1", b"lag_count": b"4",
-                 b"lag_sum": b"4000.2", b"lag_bucket|1": b"nan"})  # fmt: skip
+    def node(count_05: int, count_1: int, total: int, seconds: float) -> str:
+        return (
+            "# TYPE dualwrite_sync_lag_seconds histogram\n"
+            f'dualwrite_sync_lag_seconds_bucket{{le="0.05",node="n"}} {count_05}\n'
+            f'dualwrite_sync_lag_seconds_bucket{{le="1.0",node="n"}} {count_1}\n'
+            f'dualwrite_sync_lag_seconds_bucket{{le="+Inf",node="n"}} {total}\n'
+            f'dualwrite_sync_lag_seconds_count{{node="n"}} {total}\n'
+            f'dualwrite_sync_lag_seconds_sum{{node="n"}} {seconds}\n'
+        )
+
+    bodies = {"http://a/metrics": node(3, 3, 4, 4000.2), "http://b/metrics": node(1, 2, 2, 0.5)}
+
+    def scrape(url: str) -> str:
+        if url == "http://down/metrics":
+            raise ConnectionRefusedError("nothing listens")
+        if url == "http://other/metrics":
+            return "# TYPE something_else counter\nsomething_else_total 1\n"
+        return bodies[url]
+
+    shown = worker_lag([*bodies, "http://down/metrics", "http://other/metrics"], scrape)
     counts = {b.le: b.count for b in shown.buckets}
-    assert counts["0.05"] == 3 and counts["+Inf"] == 1 and counts["1"] == 0
-    assert shown.count == 4 and shown.mean_seconds == pytest.approx(1000.05)
+    assert counts == {"0.05": 4, "1": 1, "+Inf": 1}  # per bucket, summed over both nodes
+    assert shown.count == 6 and shown.mean_seconds == pytest.approx(4000.7 / 6)
     assert max(b.percent for b in shown.buckets) == 100.0
+    assert shown.nodes == 2
+    assert shown.unreachable == ("http://down/metrics", "http://other/metrics")
+
+
+def test_the_page_shows_the_lag_the_worker_nodes_serve(
+    ops_settings: Settings,
+    worker: WorkerProcess,
+    api: TestClient,
+    auth: AuthHeaders,
+    converged: WaitConverged,
+) -> None:
+    from app.main import create_app
+    from harness.processes import free_port
+
+    chat_id = api.post("/chats", json={}, headers=auth()).json()["id"]
+    sent = {"id": "m-ops-lag", "role": "user", "content": "hi", "timestamp": "2026-12-07T08:00:00Z"}
+    api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
+    converged(chat_id)
+    down = f"http://127.0.0.1:{free_port()}/metrics"  # a node that does not answer
+    urls = f"{worker.metrics_url}, {down}"
+    app = create_app(ops_settings.model_copy(update={"ops_worker_metrics_urls": urls}))
+    try:
+        with TestClient(app) as client:
+
+            def page() -> str | None:
+                shown = client.get("/ops/", headers=AUTH).text
+                found = re.search(r"(\d+) syncs measured", shown)
+                return shown if found and int(found.group(1)) >= 1 else None
+
+            shown = wait_until(page, timeout=30, interval=0.2)
+    finally:
+        app.state.engine.dispose()
+    assert 'id="lag"' in shown and "1 worker node)" in shown
+    assert f"not counted, no answer: {down}" in shown
 
 
 def _replay_confirmation(ops: TestClient, letter: int) -> str:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import metrics
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 LETTERS_SHOWN = 100
 RECONCILES_SHOWN = 5
 CHANGES_SHOWN = 5
+# How long the page waits for each worker node's metrics.
+WORKER_SCRAPE_SECONDS = 1.0
 
 
 def age(seconds: float) -> str:
@@ -71,6 +76,8 @@ class Lag:
     buckets: list[Bucket]
     count: int
     mean_seconds: float | None
+    nodes: int = 0  # worker nodes whose histograms were added up
+    unreachable: tuple[str, ...] = ()  # metrics URLs that did not answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +146,19 @@ def overview(session: Session, settings: Settings, broker: redis.Redis) -> Overv
         ),
         reconciles=reconcile_runs.recent(session, limit=RECONCILES_SHOWN),
         passes=_passes(session, settings),
-        publish_dropped=_counter(metrics.PUBLISH_DROPPED, "reason"),
-        enqueue_failures=_counter(metrics.ENQUEUE_FAILURES, "task"),
+        publish_dropped=_counter(settings, "dualwrite_publish_dropped", "reason"),
+        enqueue_failures=_counter(settings, "dualwrite_enqueue_failures", "task"),
     )
-    try:
-        found.lag = lag(broker.hgetall(metrics.WORKER_KEY))
-    except redis.RedisError as exc:
-        found.lag_error = f"the worker metrics are unreachable: {type(exc).__name__}"
+    urls = [url.strip() for url in settings.ops_worker_metrics_urls.split(",") if url.strip()]
+    if not urls:
+        found.lag_error = (
+            "each worker node serves its lag at :WORKER_METRICS_PORT/metrics; set "
+            "OPS_WORKER_METRICS_URLS to add them up here"
+        )
+    else:
+        found.lag = worker_lag(urls)
+        if not found.lag.nodes:
+            found.lag_error = "the worker metrics are unreachable: " + ", ".join(urls)
     try:
         found.queues, found.unacked = _queues(broker)
     except redis.RedisError as exc:
@@ -178,40 +191,87 @@ def _passes(session: Session, settings: Settings) -> list[BulkPass]:
     return [BulkPass(name, schedules[name], paused.get(name)) for name in Pass]
 
 
-def _counter(counter: Any, label: str) -> dict[str, float]:
-    """This process's counts of a labelled counter, by that label."""
+def _counter(settings: Settings, family: str, label: str) -> dict[str, float]:
+    """The counts of a labelled counter of this API instance (every process of it with
+    PROMETHEUS_MULTIPROC_DIR, else this one), by that label."""
+    registry = (
+        metrics.multiprocess_registry(settings.prometheus_multiproc_dir)
+        if settings.prometheus_multiproc_dir
+        else REGISTRY
+    )
     counts: dict[str, float] = {}
-    for family in counter.collect():
-        for sample in family.samples:
+    for found in registry.collect():
+        if found.name != family:
+            continue
+        for sample in found.samples:
             if sample.name.endswith("_total"):
-                counts[sample.labels[label]] = sample.value
+                counts[sample.labels[label]] = counts.get(sample.labels[label], 0) + sample.value
     return dict(sorted(counts.items()))
 
 
-def lag(raw: dict[Any, Any]) -> Lag:
-    """The sync lag histogram from the worker metrics hash (`app.metrics.WorkerMetrics`): a
-    count per bucket, not cumulative. A field that is not a finite number counts as 0."""
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=WORKER_SCRAPE_SECONDS) as response:
+        body: bytes = response.read()
+    return body.decode()
 
-    def number(key: str) -> float:
-        value = raw.get(key.encode(), raw.get(key))
+
+def worker_lag(urls: Sequence[str], scrape: Callable[[str], str] = _scrape) -> Lag:
+    """The sync lag histogram of the worker nodes at `urls` (`dualwrite_sync_lag_seconds`),
+    added up, with a count per bucket (not cumulative). Read in parallel; a node that does not
+    answer in time, or answers something else, is named and left out."""
+    cumulative: dict[float, float] = {}
+    total = sum_seconds = 0.0
+    nodes, unreachable = 0, []
+    with ThreadPoolExecutor(max_workers=min(len(urls), 8) or 1) as pool:
+        bodies = list(pool.map(lambda url: _quietly(scrape, url), urls))
+    for url, body in zip(urls, bodies, strict=True):
         try:
-            parsed = float(value) if isinstance(value, bytes | str | int | float) else 0.0
-        except (TypeError, ValueError):
-            return 0.0
-        return parsed if math.isfinite(parsed) else 0.0
-
-    bounds = [*metrics.LAG_BUCKETS, "+Inf"]
-    counts = [int(number(f"lag_bucket|{bound}")) for bound in bounds]
-    fullest = max(counts) or 1
-    total = number("lag_count")
+            samples = [
+                sample
+                for family in text_string_to_metric_families(body or "")
+                if family.name == "dualwrite_sync_lag_seconds"
+                for sample in family.samples
+            ]
+        except ValueError:
+            samples = []
+        if body is None or not samples:
+            unreachable.append(url)
+            continue
+        nodes += 1
+        for sample in samples:
+            if not math.isfinite(sample.value):
+                continue
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                cumulative[bound] = cumulative.get(bound, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                total += sample.value
+            elif sample.name.endswith("_sum"):
+                sum_seconds += sample.value
+    counts, below = [], 0.0
+    for bound in sorted(cumulative):
+        counts.append((bound, int(cumulative[bound] - below)))
+        below = cumulative[bound]
+    fullest = max((count for _, count in counts), default=0) or 1
     return Lag(
-        buckets=[
-            Bucket(str(bound), count, 100.0 * count / fullest)
-            for bound, count in zip(bounds, counts, strict=True)
-        ],
+        buckets=[Bucket(_bound(bound), count, 100.0 * count / fullest) for bound, count in counts],
         count=int(total),
-        mean_seconds=number("lag_sum") / total if total else None,
+        mean_seconds=sum_seconds / total if total else None,
+        nodes=nodes,
+        unreachable=tuple(unreachable),
     )
+
+
+def _quietly(scrape: Callable[[str], str], url: str) -> str | None:
+    try:
+        return scrape(url)
+    except (OSError, ValueError) as exc:  # urllib's errors are OSErrors; a bad URL ValueError
+        log.warning("could not read the worker metrics at %s: %s", url, exc)
+        return None
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else f"{bound:g}"
 
 
 def _queues(client: redis.Redis) -> tuple[dict[str, int], int]:
