@@ -490,7 +490,10 @@ def scrape_job(name: str) -> dict[str, Any]:
     return found
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+WORKER_SERVICES = [name for name in SERVICES if name.startswith("worker")]
+
+
+@pytest.mark.parametrize("name", ["api", *WORKER_SERVICES])
 def test_metrics_files_start_empty_in_every_container(name: str) -> None:
     # Counts of an earlier container (or another process group) must not add to this one's.
     directory = environment(name)["PROMETHEUS_MULTIPROC_DIR"]
@@ -498,18 +501,23 @@ def test_metrics_files_start_empty_in_every_container(name: str) -> None:
 
 
 def test_prometheus_scrapes_each_api_instance_and_each_worker_node() -> None:
-    worker_port = environment("worker").get("WORKER_METRICS_PORT") or str(
-        Settings.model_fields["worker_metrics_port"].default
-    )
-    for job, service, port in [
-        ("dualwrite-api", "api", option(command("api"), "--port")),
-        ("dualwrite-worker", "worker", worker_port),
+    assert {"worker", "worker-maintenance"} <= set(WORKER_SERVICES)
+    ports = {
+        environment(name).get("WORKER_METRICS_PORT")
+        or str(Settings.model_fields["worker_metrics_port"].default)
+        for name in WORKER_SERVICES
+    }
+    (worker_port,) = ports  # one scrape port for every worker service
+    for job, services, port in [
+        ("dualwrite-api", ["api"], option(command("api"), "--port")),
+        ("dualwrite-worker", WORKER_SERVICES, worker_port),
     ]:
         # One target per replica (a DNS A record each), never one address in front of them.
         (discovery,) = scrape_job(job)["dns_sd_configs"]
-        assert discovery["names"] == [service] and discovery["type"] == "A"
+        assert sorted(discovery["names"]) == sorted(services) and discovery["type"] == "A"
         assert str(discovery["port"]) == port
-    assert worker_port in SERVICES["worker"]["expose"]
+    for name in WORKER_SERVICES:
+        assert worker_port in SERVICES[name]["expose"]
     (flower,) = scrape_job("flower")["static_configs"]
     assert flower["targets"] == [f"flower:{option(command('flower'), '--port')}"]
 
