@@ -284,12 +284,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs = reconcile_runs.recent(session, limit=5)
         copied = backfill.progress(session)
         paused = bulk_paused.paused(session)
-    waiting, unacked = queue_lengths(get_settings())
-    print(
-        "queues: "
-        + ", ".join(f"{name} {count} waiting" for name, count in waiting.items())
-        + f"; {unacked} delivered, not acked"
-    )
+    print(queue_lengths(get_settings()).line())
     workers = workers_seen(get_settings(), timeout=1.0)
     print(f"workers seen: {len(workers)}" + (f" ({', '.join(workers)})" if workers else ""))
     phase = gauges["phase"]

@@ -193,9 +193,12 @@ def create_app(
             labels = metrics.request_labels(request.method, request.scope.get("route"), status)
             metrics.REQUESTS.labels(*labels).inc()
 
-    # One pooled client of the broker's Redis for the worker metrics.
-    broker = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+    # One pooled client of the Redis that holds the worker metrics; none on RabbitMQ without
+    # `REDIS_URL` (nothing connects to Redis then).
+    worker_metrics = (
+        None
+        if settings.redis is None
+        else redis.Redis.from_url(settings.redis, socket_timeout=0.5, socket_connect_timeout=0.5)
     )
 
     @api.get("/healthz")
@@ -212,7 +215,7 @@ def create_app(
     readiness = health.Readiness(
         [
             health.database_check(make_sessionmaker(ready_engine)),
-            health.broker_check(settings.redis_url),
+            health.broker_check(settings),
         ],
         timeout=settings.ready_timeout_seconds,
         cache_seconds=settings.ready_cache_seconds,
@@ -229,7 +232,8 @@ def create_app(
             return status.database_gauges(session)
 
     shared = CollectorRegistry()
-    shared.register(metrics.WorkerMetricsCollector(broker))
+    if worker_metrics is not None:
+        shared.register(metrics.WorkerMetricsCollector(worker_metrics))
     shared.register(
         metrics.DatabaseCollector(metrics.Cached(read_gauges, settings.metrics_cache_seconds))
     )

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import metrics
-from app.broker import PRIORITY_SEPARATOR, UNACKED
+from app.broker import QueueDepths
 from app.db import transaction
 from app.jobs import JobQueue, UnsafePublish, publish_after_commit
 from app.repositories import backfill, dead_letters, reconcile_runs, sync_state
@@ -24,7 +24,6 @@ from app.repositories.bulk_paused import paused as paused_passes
 from app.services import bulk, replay
 from app.services import phase as phase_service
 from app.settings import Phase, Settings
-from app.task_names import Queue
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +97,7 @@ class Overview:
     enqueue_failures: dict[str, float]
     lag: Lag | None = None
     lag_error: str | None = None
-    queues: dict[str, int] = field(default_factory=dict)
-    unacked: int | None = None
+    depths: QueueDepths | None = None
     queues_error: str | None = None
 
     @property
@@ -107,8 +105,14 @@ class Overview:
         return sum(self.dead_letters_open.values())
 
 
-def overview(session: Session, settings: Settings, broker: redis.Redis) -> Overview:
-    """Everything the page shows, read in one transaction (the broker's part from Redis)."""
+def overview(
+    session: Session,
+    settings: Settings,
+    worker_metrics: redis.Redis | None,
+    depths: Callable[[], QueueDepths],
+) -> Overview:
+    """Everything the page shows, read in one transaction (the broker's part from the broker, the
+    workers' metrics from Redis, when there is one)."""
     state = phase_repo.current(session)
     following = None if state.contracted else phase_service.next_forward(state.phase)
     previous = (
@@ -142,13 +146,16 @@ def overview(session: Session, settings: Settings, broker: redis.Redis) -> Overv
         publish_dropped=_counter(metrics.PUBLISH_DROPPED, "reason"),
         enqueue_failures=_counter(metrics.ENQUEUE_FAILURES, "task"),
     )
+    if worker_metrics is None:
+        found.lag_error = "no worker metrics: the broker is RabbitMQ and REDIS_URL is unset"
+    else:
+        try:
+            found.lag = lag(worker_metrics.hgetall(metrics.WORKER_KEY))
+        except redis.RedisError as exc:
+            found.lag_error = f"the worker metrics are unreachable: {type(exc).__name__}"
     try:
-        found.lag = lag(broker.hgetall(metrics.WORKER_KEY))
-    except redis.RedisError as exc:
-        found.lag_error = f"the worker metrics are unreachable: {type(exc).__name__}"
-    try:
-        found.queues, found.unacked = _queues(broker)
-    except redis.RedisError as exc:
+        found.depths = depths()
+    except Exception as exc:  # whatever the broker's client raises: the page still answers
         found.queues_error = f"the broker is unreachable: {type(exc).__name__}"
     return found
 
@@ -208,16 +215,6 @@ def lag(raw: dict[Any, Any]) -> Lag:
         count=int(total),
         mean_seconds=number("lag_sum") / total if total else None,
     )
-
-
-def _queues(client: redis.Redis) -> tuple[dict[str, int], int]:
-    """Messages waiting per queue and delivered but not acked, as `status` counts them
-    (`app.broker.queue_lengths`), through the page's own client."""
-    waiting = {}
-    for queue in Queue:
-        keys = [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
-        waiting[queue.value] = sum(int(client.llen(key)) for key in keys)
-    return waiting, int(client.hlen(UNACKED))
 
 
 # A confirmation lists at most this many of the letters it would replay (after an incident
