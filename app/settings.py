@@ -45,6 +45,8 @@ BROKER_SCHEMES = {
     "pyamqp": BrokerKind.AMQP,
 }
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The quorum queues' `x-delivery-limit` (`app.topology.DELIVERY_LIMIT`, where the reason is).
+AMQP_DELIVERY_LIMIT = 20
 
 
 def broker_kind(url: str) -> BrokerKind:
@@ -334,6 +336,12 @@ class Settings(BaseSettings):
         if self.task_soft_time_limit_seconds >= self.task_time_limit_seconds:
             raise ValueError("TASK_SOFT_TIME_LIMIT_SECONDS must be below TASK_TIME_LIMIT_SECONDS")
         if self.broker_kind is BrokerKind.AMQP:
+            if self.max_redeliveries + 1 >= AMQP_DELIVERY_LIMIT:
+                raise ValueError(
+                    f"MAX_REDELIVERIES must be below {AMQP_DELIVERY_LIMIT - 1} with RabbitMQ, "
+                    "whose quorum queues dead-letter a message handed back "
+                    f"{AMQP_DELIVERY_LIMIT} times before the worker could record it"
+                )
             if self.task_time_limit_seconds >= self.broker_consumer_timeout_seconds:
                 raise ValueError(
                     "BROKER_CONSUMER_TIMEOUT_SECONDS (RabbitMQ's consumer_timeout) must exceed "

@@ -16,7 +16,7 @@ from typing import Any
 from kombu.entity import Exchange
 from kombu.entity import Queue as KombuQueue
 
-from app.settings import BrokerKind, Settings
+from app.settings import AMQP_DELIVERY_LIMIT, BrokerKind, Settings
 from app.task_names import Queue
 
 # RabbitMQ only: the exchange every task queue is bound to, by its own name. Topic, because
@@ -28,13 +28,15 @@ DEAD_LETTER_EXCHANGE = "dualwrite.dead"
 DEAD_LETTER_QUEUE = "dualwrite.dead"
 
 
-def delivery_limit(settings: Settings) -> int:
-    """The quorum queues' `x-delivery-limit`: how often RabbitMQ may hand a message back after
-    a consumer lost it before dead-lettering it. Above the worker's own cap
-    (`MAX_REDELIVERIES`, counted from the message's `x-delivery-count` in `tasks.sync`), so that
-    the worker records a sync's dead letter first; the broker's limit catches the rest (a task
-    that kills its worker before it counts, the maintenance tasks)."""
-    return settings.max_redeliveries + 2
+# The quorum queues' `x-delivery-limit`: how often RabbitMQ may hand a message back after its
+# consumer was lost before it dead-letters it (RabbitMQ 4's own default). A constant, not a
+# setting: a queue's arguments must be the same in every process that declares it (API and
+# workers alike), or the declare fails with PRECONDITION_FAILED and nothing is sent; and they
+# cannot change once the queue exists. It stays above the worker's own cap (`MAX_REDELIVERIES`,
+# counted from the message's `x-delivery-count` in `tasks.sync`, checked by the settings), so
+# that a sync's dead letter is recorded by the worker first; the broker's limit catches the rest
+# (a maintenance task, a message that kills its worker before it is counted).
+DELIVERY_LIMIT = AMQP_DELIVERY_LIMIT
 
 
 def task_queues(settings: Settings) -> list[KombuQueue]:
@@ -50,7 +52,7 @@ def task_queues(settings: Settings) -> list[KombuQueue]:
             durable=True,
             queue_arguments={
                 "x-queue-type": "quorum",
-                "x-delivery-limit": delivery_limit(settings),
+                "x-delivery-limit": DELIVERY_LIMIT,
                 "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
                 "x-dead-letter-routing-key": DEAD_LETTER_QUEUE,
             },
