@@ -5,8 +5,8 @@ from __future__ import annotations
 from celery.schedules import crontab
 
 from app import topology
-from app.settings import get_settings
-from app.task_names import RECONCILE, ROUTES, SWEEP, Queue
+from app.settings import BrokerKind, get_settings
+from app.task_names import COLLECT_DEAD_LETTERS, RECONCILE, ROUTES, SWEEP, Queue
 
 _settings = get_settings()
 
@@ -78,6 +78,15 @@ beat_schedule = {
         "options": {"expires": _settings.reconcile_recent_interval_seconds},
     },
 }
+
+if _settings.broker_kind is BrokerKind.AMQP:
+    # What RabbitMQ dead-lettered past a queue's delivery limit, into the database's dead
+    # letters (`tasks/dead.py`), as often as the sweep runs.
+    beat_schedule["collect-dead-letters"] = {
+        "task": COLLECT_DEAD_LETTERS,
+        "schedule": _settings.sweep_interval_seconds,
+        "options": {"expires": _settings.sweep_interval_seconds},
+    }
 
 # Beat writes its schedule file after every job it sends (not only every three minutes), so
 # the file's age tells a healthcheck that beat is alive and ticking: with the sweep every

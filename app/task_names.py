@@ -15,6 +15,8 @@ SYNC_MESSAGES = "chats.sync_messages"
 SYNC_CHAT = "chats.sync_chat"
 SWEEP = "chats.sweep"
 RECONCILE = "chats.reconcile"
+# RabbitMQ only: what the broker dead-lettered, into the database's dead letters (`tasks.dead`).
+COLLECT_DEAD_LETTERS = "chats.collect_dead_letters"
 
 # Where each task goes; the task definitions declare the same queue.
 ROUTES: dict[str, Queue] = {
@@ -22,4 +24,5 @@ ROUTES: dict[str, Queue] = {
     SYNC_CHAT: Queue.SYNC,
     SWEEP: Queue.MAINTENANCE,
     RECONCILE: Queue.MAINTENANCE,
+    COLLECT_DEAD_LETTERS: Queue.MAINTENANCE,
 }

@@ -128,3 +128,50 @@ def test_readyz_names_a_hung_or_down_rabbitmq_within_its_bound(
         assert body["failed"] == ["broker"] and body["broker"].startswith("down: ")
     finally:
         api.stop()
+
+
+def test_a_message_past_the_delivery_limit_ends_in_the_database_dead_letters(
+    rabbit: RabbitVhost, hooks, engine, sessionmaker
+) -> None:  # type: ignore[no-untyped-def]
+    """A consumer that loses the message every time (here: rejects it back to the queue) makes
+    RabbitMQ dead-letter it after `DELIVERY_LIMIT` returns; the worker's periodic task moves it
+    from the dead-letter queue into the dead letters, where `status` and replay see it."""
+    from kombu.connection import Connection
+
+    from app import topology
+    from app.broker import producer
+    from app.db import transaction
+    from app.repositories import chats as chats_repo
+    from app.task_names import COLLECT_DEAD_LETTERS
+    from tests.conftest import start_worker
+    from tests.test_faults import dead_letters_of
+    from tests.test_handlers import message
+
+    settings = Settings(broker_url=rabbit.url, redis_url=None)
+    with transaction(sessionmaker) as session:
+        chat = chats_repo.create(
+            session, user_id="u", title=None, model="m", workflow_id=None, messages=[message()]
+        )
+    with Connection(rabbit.url) as connection:
+        channel = connection.default_channel
+        for queue in [*topology.task_queues(settings), topology.dead_letter_queue()]:
+            queue.bind(channel).declare()
+        producer(settings).send_task("chats.sync_chat", args=(str(chat.id), 1))
+        sync_queue = topology.task_queues(settings)[0].bind(channel)
+        returns = 0
+        while (taken := sync_queue.get(no_ack=False)) is not None:
+            taken.reject(requeue=True)
+            returns += 1
+            assert returns <= topology.DELIVERY_LIMIT + 1
+    assert returns == topology.DELIVERY_LIMIT + 1
+    depths = app_broker.queue_lengths(settings)
+    assert depths.waiting["dualwrite.sync"] == 0 and depths.dead == 1
+
+    worker = start_worker(rabbit, hooks, "collect")
+    try:
+        producer(settings).send_task(COLLECT_DEAD_LETTERS)
+        found = wait_until(lambda: dead_letters_of(engine, str(chat.id)), timeout=30)
+    finally:
+        worker.stop()
+    assert found == [("worker_lost", topology.DELIVERY_LIMIT + 1)]
+    assert app_broker.queue_lengths(settings).dead == 0
