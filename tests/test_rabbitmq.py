@@ -175,3 +175,33 @@ def test_a_message_past_the_delivery_limit_ends_in_the_database_dead_letters(
         worker.stop()
     assert found == [("worker_lost", topology.DELIVERY_LIMIT + 1)]
     assert app_broker.queue_lengths(settings).dead == 0
+
+
+def test_status_shows_rabbitmqs_queues_consumers_and_workers_without_redis(
+    rabbit: RabbitVhost, hooks
+) -> None:  # type: ignore[no-untyped-def]
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import broker_environ, start_worker
+    from tests.support import ROOT
+
+    worker = start_worker(rabbit, hooks, "status")
+    try:
+        env = broker_environ(rabbit)
+        assert "REDIS_URL" not in env
+        result = subprocess.run(
+            [sys.executable, "-m", "app", "status"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        worker.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(
+        r"^queues: dualwrite\.sync 0 waiting \(1 consumers\), dualwrite\.maintenance 0 waiting "
+        r"\(1 consumers\); 0 dead-lettered by the broker$",
+        result.stdout,
+        re.MULTILINE,
+    ), result.stdout
+    assert re.search(rf"^workers seen: 1 \({worker.name}@", result.stdout, re.MULTILINE)
