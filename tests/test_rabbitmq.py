@@ -205,3 +205,28 @@ def test_status_shows_rabbitmqs_queues_consumers_and_workers_without_redis(
         re.MULTILINE,
     ), result.stdout
     assert re.search(rf"^workers seen: 1 \({worker.name}@", result.stdout, re.MULTILINE)
+
+
+def test_the_rollout_page_shows_rabbitmqs_queues_and_no_worker_metrics_without_redis(
+    rabbit: RabbitVhost,
+) -> None:
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from app.main import create_app
+    from tests.test_ops import OPS, basic
+
+    settings = Settings(
+        broker_url=rabbit.url, redis_url=None, ops_basic_auth=SecretStr(":".join(OPS))
+    )
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/ops/", headers=basic(*OPS))
+        metrics = client.get("/metrics").text
+    assert page.status_code == 200, page.text
+    # No worker has declared the queues yet: they count as empty, with no consumer.
+    assert (
+        "queues: dualwrite.sync 0 waiting (0 consumers), dualwrite.maintenance 0 waiting "
+        "(0 consumers); 0 dead-lettered by the broker" in page.text
+    )
+    assert "no worker metrics: the broker is RabbitMQ and REDIS_URL is unset" in page.text
+    assert "dualwrite_worker_metrics_up" not in metrics  # nothing reads a Redis
