@@ -206,14 +206,16 @@ class BrokerInspector:
         self._lock = threading.Lock()
         self._redis: redis.Redis | None = None
         self._amqp: Connection | None = None
-        if settings.broker_kind is BrokerKind.REDIS:
-            self._redis = redis.Redis.from_url(
-                settings.broker, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
 
     def depths(self) -> QueueDepths:
         """Raises when the broker does not answer."""
-        if self._redis is not None:
+        if self.settings.broker_kind is BrokerKind.REDIS:
+            if self._redis is None:  # built on first use: a client connects lazily anyway
+                self._redis = redis.Redis.from_url(
+                    self.settings.broker,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                )
             return redis_depths(self._redis)
         with self._lock:  # a kombu connection is not for two threads at once
             try:

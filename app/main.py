@@ -20,6 +20,7 @@ from app import health, logs, metrics
 from app.api import errors as api_errors
 from app.api.gate import USER_REQUESTS, Gates
 from app.api.routes import router
+from app.broker import BrokerInspector
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
 from app.jobs import UnsafePublishMany
@@ -238,6 +239,12 @@ def create_app(
         metrics.DatabaseCollector(metrics.Cached(read_gauges, settings.metrics_cache_seconds))
     )
     shared.register(metrics.PublisherCollector(publisher.pending))
+    queues = BrokerInspector(settings, timeout=health.BROKER_TIMEOUT_SECONDS)
+    shared.register(
+        metrics.BrokerCollector(
+            metrics.Cached(lambda: {"depths": queues.depths()}, settings.metrics_cache_seconds)
+        )
+    )
 
     @api.get("/metrics")
     def prometheus_metrics() -> PlainTextResponse:

@@ -66,6 +66,9 @@ def test_every_callsite_reaches_the_table_through_the_broker(
     )
     assert set(depths.waiting) == {"dualwrite.sync", "dualwrite.maintenance"}
     assert any(name.startswith(f"{fault_worker.name}@") for name in workers_seen(settings))
+    scraped = api.get("/metrics").text
+    assert 'dualwrite_queue_messages{queue="dualwrite.sync"} 0.0' in scraped
+    assert "dualwrite_broker_up 1.0" in scraped
     ready = api.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["broker"] == "ok"
