@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -59,7 +59,7 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
-    def start(self, timeout: float = 60.0) -> Any:
+    def start(self, timeout: float = 60.0) -> Self:
         if self.log_path is None:
             self.proc = self._spawn(subprocess.DEVNULL)
         else:
@@ -200,7 +200,7 @@ class RedisServer(Process):
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         super().__init__([*argv, "--save", "", "--appendonly", "no"], dict(os.environ), None)
 
-    def start(self, timeout: float = 10.0) -> Any:
+    def start(self, timeout: float = 10.0) -> Self:
         super().start()
         wait_until(self.answers, timeout, what="redis-server to answer")
         return self

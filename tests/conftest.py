@@ -6,17 +6,29 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
-from harness.processes import RedisServer, WorkerProcess
+from app.settings import Settings
+from harness.processes import RedisServer as RedisServer
+from harness.processes import WorkerProcess
 from harness.processes import free_port as free_port
 from harness.rabbit import RabbitVhost
-from tests.support import ROOT, wait_converged
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    SessionFactory,
+    SetPhase,
+    WaitConverged,
+    wait_converged,
+)
 
 RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 ADMIN_DSN = os.environ.get("TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -56,7 +68,7 @@ def alembic(url: str, *args: str) -> str:
     """Run the alembic CLI, as an operator would, against `url`."""
     env = {**os.environ, "DATABASE_URL": url}
     result = subprocess.run(
-        [str(Path(os.sys.executable).parent / "alembic"), *args],
+        [str(Path(sys.executable).parent / "alembic"), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -108,14 +120,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings():  # type: ignore[no-untyped-def]
+def settings() -> Settings:
     from app.settings import get_settings
 
     return get_settings()
 
 
 @pytest.fixture(scope="session")
-def engine(settings):  # type: ignore[no-untyped-def]
+def engine(settings: Settings) -> Iterator[Engine]:
     from app.db import make_engine
 
     engine = make_engine(settings, pool_size=2)
@@ -124,14 +136,14 @@ def engine(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def sessionmaker(engine):  # type: ignore[no-untyped-def]
+def sessionmaker(engine: Engine) -> SessionFactory:
     from app.db import make_sessionmaker
 
     return make_sessionmaker(engine)
 
 
 @pytest.fixture()
-def set_phase(engine):  # type: ignore[no-untyped-def]
+def set_phase(engine: Engine) -> Iterator[SetPhase]:
     """`set_phase(name)` puts the database in a rollout phase, as `phase set --force` would,
     without catching up; the phase goes back to `dual_write` after the test."""
     from sqlalchemy import text
@@ -161,7 +173,7 @@ def worker() -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def clean(engine) -> None:  # type: ignore[no-untyped-def]
+def clean(engine: Engine) -> None:
     """Empty tables; for tests that look at every chat rather than their own."""
     from sqlalchemy import text
 
@@ -170,7 +182,7 @@ def clean(engine) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def api(settings):  # type: ignore[no-untyped-def]
+def api(settings: Settings) -> Iterator[TestClient]:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -180,7 +192,7 @@ def api(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def auth(settings):  # type: ignore[no-untyped-def]
+def auth(settings: Settings) -> AuthHeaders:
     from app.auth import issue_token
 
     def headers(user: str = "alice", admin: bool = False) -> dict[str, str]:
@@ -192,7 +204,7 @@ def auth(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def converged(engine, worker):  # type: ignore[no-untyped-def]
+def converged(engine: Engine, worker: WorkerProcess) -> WaitConverged:
     """`converged(*chat_ids)` waits for the worker to bring those chats in line with the JSONB."""
 
     def wait(*chat_ids: object, timeout: float = 30.0) -> None:
@@ -303,7 +315,7 @@ def fault_worker(fault_broker: Broker, hooks: Path) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def fault_api(fault_broker: Broker):  # type: ignore[no-untyped-def]
+def fault_api(fault_broker: Broker) -> Iterator[TestClient]:
     """An API client whose publishes go to the test's own broker."""
     from fastapi.testclient import TestClient
 

@@ -6,18 +6,34 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from harness.processes import WorkerProcess as WorkerProcess
-from harness.processes import wait_until
+from harness.processes import wait_until as wait_until
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What the shared fixtures of `conftest.py` hand to a test.
+SessionFactory = sessionmaker[Session]
+SetPhase = Callable[[str], None]
+
+
+class AuthHeaders(Protocol):
+    def __call__(self, user: str = "alice", admin: bool = False) -> dict[str, str]: ...
+
+
+class WaitConverged(Protocol):
+    def __call__(self, *chat_ids: object, timeout: float = 30.0) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,3 +191,8 @@ def read_terminal(controller: int) -> bytes:
         shown += chunk
     os.close(controller)
     return shown
+
+
+def app_state(client: TestClient) -> Any:
+    """The `state` of the app behind a test client (its engine, publisher, gates)."""
+    return cast(Any, client.app).state

@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 import yaml
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.processes import RedisServer
 from tests.conftest import start_worker
 from tests.support import ROOT, wait_until
 from tests.test_flower import running_flower
@@ -104,7 +106,9 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     assert names - quiet == set(), "never tested quiet"
 
 
-def test_every_metric_the_rules_read_is_exported_under_that_name(api, broker) -> None:  # type: ignore[no-untyped-def]
+def test_every_metric_the_rules_read_is_exported_under_that_name(
+    api: TestClient, broker: RedisServer
+) -> None:
     used = {name for rule in alerts() for name in METRIC.findall(rule["expr"])}
     assert any(name.startswith("flower_") for name in used)
     response = api.get("/metrics")
@@ -115,7 +119,9 @@ def test_every_metric_the_rules_read_is_exported_under_that_name(api, broker) ->
     assert used - names == set(), "read by the rules, exported by nobody"
 
 
-def test_flower_shows_a_worker_online_and_drops_it_once_killed(broker, hooks: Path) -> None:  # type: ignore[no-untyped-def]
+def test_flower_shows_a_worker_online_and_drops_it_once_killed(
+    broker: RedisServer, hooks: Path
+) -> None:
     """`DualwriteNoWorkerSeen` counts Flower's `flower_worker_online`. A worker killed without a
     goodbye (SIGKILL, OOM, a lost host) keeps its last value, 1, unless Flower purges workers
     gone silent, as `FLOWER_PURGE_OFFLINE_WORKERS` (set by scripts/run.sh and compose) has it."""

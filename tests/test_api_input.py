@@ -5,30 +5,36 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import jwt
 import pytest
-from sqlalchemy import text
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
 
 from app import schemas
 from app.api import body as body_module
 from app.api.body import ENVELOPE_BYTES, count_values
-from tests.support import snapshot
+from app.settings import Settings
+from tests.support import AuthHeaders, snapshot
 from tests.test_handlers import jsonb, message, new_chat
 
 
-def test_missing_token_is_401(api) -> None:  # type: ignore[no-untyped-def]
+def test_missing_token_is_401(api: TestClient) -> None:
     assert api.post("/chats", json={}).status_code == 401
 
 
-def test_forged_token_is_401(api) -> None:  # type: ignore[no-untyped-def]
+def test_forged_token_is_401(api: TestClient) -> None:
     forged = jwt.encode({"sub": "alice", "exp": 4102444800}, "not-the-secret-" * 4, "HS256")
     response = api.post("/chats", json={}, headers={"Authorization": f"Bearer {forged}"})
     assert response.status_code == 401
 
 
-def test_token_without_expiry_or_with_other_algorithm_is_401(api, settings) -> None:  # type: ignore[no-untyped-def]
+def test_token_without_expiry_or_with_other_algorithm_is_401(
+    api: TestClient, settings: Settings
+) -> None:
     secret = settings.signing_secret
     no_exp = jwt.encode({"sub": "alice"}, secret, "HS256")
     other_alg = jwt.encode({"sub": "alice", "exp": 4102444800}, secret, "HS512")
@@ -40,7 +46,9 @@ def test_token_without_expiry_or_with_other_algorithm_is_401(api, settings) -> N
         assert response.status_code == 401, token
 
 
-def test_another_users_chat_is_404_for_every_route(api, auth, engine) -> None:  # type: ignore[no-untyped-def]
+def test_another_users_chat_is_404_for_every_route(
+    api: TestClient, auth: AuthHeaders, engine: Engine
+) -> None:
     chat_id = new_chat(api, auth, "alice")
     first = message("user")
     api.post(f"/chats/{chat_id}/messages", json={"message": first}, headers=auth("alice"))
@@ -68,7 +76,7 @@ def test_another_users_chat_is_404_for_every_route(api, auth, engine) -> None:  
     assert snapshot(engine, chat_id) == before
 
 
-def test_import_needs_an_admin_token(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_import_needs_an_admin_token(api: TestClient, auth: AuthHeaders) -> None:
     body = {"user_id": "bob", "messages": [message()]}
     assert api.post("/admin/chats/import", json=body, headers=auth("bob")).status_code == 403
     assert api.post("/admin/chats/import", json=body).status_code == 401
@@ -95,8 +103,12 @@ BAD_MESSAGES = [
 
 @pytest.mark.parametrize(("bad", "field"), BAD_MESSAGES)
 def test_invalid_message_is_422_naming_the_field_and_changes_nothing(
-    api, auth, engine, bad, field
-) -> None:  # type: ignore[no-untyped-def]
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    bad: object,
+    field: str,
+) -> None:
     chat_id = new_chat(api, auth)
     api.post(f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth())
     before = snapshot(engine, chat_id)
@@ -106,7 +118,9 @@ def test_invalid_message_is_422_naming_the_field_and_changes_nothing(
     assert snapshot(engine, chat_id) == before
 
 
-def test_invalid_snapshot_names_the_element_and_changes_nothing(api, auth, engine) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_snapshot_names_the_element_and_changes_nothing(
+    api: TestClient, auth: AuthHeaders, engine: Engine
+) -> None:
     chat_id = new_chat(api, auth)
     api.put(f"/chats/{chat_id}/messages", json={"messages": [message()]}, headers=auth())
     before = snapshot(engine, chat_id)
@@ -117,7 +131,7 @@ def test_invalid_snapshot_names_the_element_and_changes_nothing(api, auth, engin
     assert snapshot(engine, chat_id) == before
 
 
-def test_malformed_json_and_bad_ids_are_422(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_json_and_bad_ids_are_422(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
     raw = api.post(
         f"/chats/{chat_id}/messages",
@@ -137,7 +151,9 @@ def test_malformed_json_and_bad_ids_are_422(api, auth) -> None:  # type: ignore[
         assert page.json()["detail"][0]["loc"] == ["query", "before_seq"]
 
 
-def test_body_above_the_request_limit_is_413_before_any_work(api, auth, engine, settings) -> None:  # type: ignore[no-untyped-def]
+def test_body_above_the_request_limit_is_413_before_any_work(
+    api: TestClient, auth: AuthHeaders, engine: Engine, settings: Settings
+) -> None:
     chat_id = new_chat(api, auth)
     before = snapshot(engine, chat_id)
     huge = message(content="x" * (settings.max_request_bytes + 1))
@@ -146,7 +162,9 @@ def test_body_above_the_request_limit_is_413_before_any_work(api, auth, engine, 
     assert snapshot(engine, chat_id) == before
 
 
-def test_message_above_the_message_limit_is_413(api, auth, engine, settings) -> None:  # type: ignore[no-untyped-def]
+def test_message_above_the_message_limit_is_413(
+    api: TestClient, auth: AuthHeaders, engine: Engine, settings: Settings
+) -> None:
     chat_id = new_chat(api, auth)
     before = snapshot(engine, chat_id)
     big = message(content="x" * (settings.max_message_bytes + 10))
@@ -156,11 +174,13 @@ def test_message_above_the_message_limit_is_413(api, auth, engine, settings) -> 
     assert snapshot(engine, chat_id) == before
 
 
-def test_chunked_body_above_the_limit_is_413(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_chunked_body_above_the_limit_is_413(
+    api: TestClient, auth: AuthHeaders, settings: Settings
+) -> None:
     chat_id = new_chat(api, auth)
     size = settings.max_request_bytes + 1
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         yield b'{"message": {"id": "c", "role": "user", "content": "'
         for _ in range(size // 65536 + 1):
             yield b"x" * 65536
@@ -186,16 +206,19 @@ def raw_json(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=True).replace(f'"{HUGE}"', "1e400").encode()
 
 
-def send_raw(api, method: str, url: str, body: object, headers: dict[str, str]):  # type: ignore[no-untyped-def]
-    return api.request(
+def send_raw(
+    api: TestClient, method: str, url: str, body: object, headers: dict[str, str]
+) -> httpx.Response:
+    response: httpx.Response = api.request(
         method,
         url,
         content=raw_json(body),
         headers={**headers, "Content-Type": "application/json"},
     )
+    return response
 
 
-def stored(engine, chat_id: str) -> tuple[dict[str, Any], Any, int]:  # type: ignore[no-untyped-def]
+def stored(engine: Engine, chat_id: str) -> tuple[dict[str, Any], Any, int]:
     """The chat row, its wanted version, and how many chats an import for this chat made."""
     with engine.connect() as connection:
         wanted = connection.execute(
@@ -212,7 +235,9 @@ def stored(engine, chat_id: str) -> tuple[dict[str, Any], Any, int]:  # type: ig
 MESSAGE_ROUTES = ["append", "complete", "inbox", "replace", "import"]
 
 
-def prepare(api, auth, route: str, fields: dict[str, object]):  # type: ignore[no-untyped-def]
+def prepare(
+    api: TestClient, auth: AuthHeaders, route: str, fields: dict[str, object]
+) -> tuple[str, list[str | int], Callable[[], httpx.Response]]:
     """A chat with an open turn, and a `route` request carrying a message with `fields`.
 
     Returns the chat id, where that message sits in the body, and the request to send.
@@ -223,7 +248,12 @@ def prepare(api, auth, route: str, fields: dict[str, object]):  # type: ignore[n
     assert opened.status_code == 201, opened.text
     bad_user, bad_assistant = message(**fields), message("assistant", **fields)
     if route == "append":
-        call = ("POST", f"/chats/{chat_id}/messages", {"message": bad_user}, auth())
+        call: tuple[str, str, object, dict[str, str]] = (
+            "POST",
+            f"/chats/{chat_id}/messages",
+            {"message": bad_user},
+            auth(),
+        )
         where: list[str | int] = ["body", "message"]
     elif route == "complete":
         url = f"/chats/{chat_id}/turns/{first['id']}/complete"
@@ -297,8 +327,15 @@ UNSTORABLE = [
     ids=[case[0] for case in UNSTORABLE],
 )
 def test_unstorable_message_is_422_naming_its_path_and_changes_nothing(
-    api, auth, engine, route, fields, path, kind, says
-) -> None:  # type: ignore[no-untyped-def]
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    route: str,
+    fields: dict[str, object],
+    path: list[str | int],
+    kind: str,
+    says: str,
+) -> None:
     chat_id, where, send = prepare(api, auth, route, fields)
     before = stored(engine, chat_id)
     response = send()
@@ -319,8 +356,12 @@ def nested(levels: int) -> list[Any]:
 
 @pytest.mark.parametrize("route", MESSAGE_ROUTES)
 def test_message_nested_beyond_the_depth_limit_is_422_and_changes_nothing(
-    api, auth, engine, settings, route
-) -> None:  # type: ignore[no-untyped-def]
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+    route: str,
+) -> None:
     limit = settings.max_message_depth
     # The message is level 1 and `meta` level 2: its innermost array is one level too deep.
     chat_id, where, send = prepare(api, auth, route, {"meta": nested(limit)})
@@ -335,7 +376,9 @@ def test_message_nested_beyond_the_depth_limit_is_422_and_changes_nothing(
     assert stored(engine, chat_id) == before
 
 
-def test_message_nested_up_to_the_depth_limit_is_stored(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_message_nested_up_to_the_depth_limit_is_stored(
+    api: TestClient, auth: AuthHeaders, settings: Settings
+) -> None:
     chat_id = new_chat(api, auth)
     deepest = message(meta=nested(settings.max_message_depth - 1))
     response = api.post(f"/chats/{chat_id}/messages", json={"message": deepest}, headers=auth())
@@ -343,7 +386,13 @@ def test_message_nested_up_to_the_depth_limit_is_stored(api, auth, settings) -> 
     assert jsonb(api, auth, chat_id)[0]["meta"] == deepest["meta"]
 
 
-def test_the_depth_limit_is_a_setting(api, auth, engine, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_depth_limit_is_a_setting(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(
         schemas, "get_settings", lambda: settings.model_copy(update={"max_message_depth": 3})
     )
@@ -359,9 +408,13 @@ def test_the_depth_limit_is_a_setting(api, auth, engine, settings, monkeypatch) 
     assert stored(engine, chat_id) == before
 
 
-def test_numbers_jsonb_can_hold_are_stored_exactly(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_numbers_jsonb_can_hold_are_stored_exactly(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
-    numbers = {"beyond_bigint": 2**70, "largest_double": 1.7976931348623157e308, "tiny": 5e-324}
+    numbers: dict[str, Any] = {
+        "beyond_bigint": 2**70,
+        "largest_double": 1.7976931348623157e308,
+        "tiny": 5e-324,
+    }
     response = api.post(
         f"/chats/{chat_id}/messages", json={"message": message(**numbers)}, headers=auth()
     )
@@ -373,7 +426,7 @@ def test_numbers_jsonb_can_hold_are_stored_exactly(api, auth) -> None:  # type: 
     assert float(element["tiny"]) == numbers["tiny"]
 
 
-def chats_of(engine, user: str) -> int:  # type: ignore[no-untyped-def]
+def chats_of(engine: Engine, user: str) -> int:
     with engine.connect() as connection:
         count: int = connection.execute(
             text("SELECT count(*) FROM copilot_chats WHERE user_id = :user"), {"user": user}
@@ -388,8 +441,13 @@ def chats_of(engine, user: str) -> int:  # type: ignore[no-untyped-def]
     ids=["nul", "surrogate"],
 )
 def test_unstorable_chat_field_is_422_and_creates_nothing(
-    api, auth, engine, field, value, says
-) -> None:  # type: ignore[no-untyped-def]
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    field: str,
+    value: object,
+    says: str,
+) -> None:
     user = f"creator-{uuid.uuid4().hex[:8]}"
     response = send_raw(api, "POST", "/chats", {field: value}, auth(user))
     assert response.status_code == 422, response.text
@@ -404,8 +462,12 @@ def test_unstorable_chat_field_is_422_and_creates_nothing(
     [("user_id", "a\x00b"), ("title", "\udfff"), ("model", "m\x00"), ("workflow_id", "\x00")],
 )
 def test_unstorable_import_field_is_422_and_creates_nothing(
-    api, auth, engine, field, value
-) -> None:  # type: ignore[no-untyped-def]
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    field: str,
+    value: object,
+) -> None:
     user = f"importee-{uuid.uuid4().hex[:8]}"
     body = {"user_id": user, "messages": [message()], field: value}
     response = send_raw(api, "POST", "/admin/chats/import", body, auth("root", admin=True))
@@ -418,7 +480,12 @@ def test_unstorable_import_field_is_422_and_creates_nothing(
 
 
 @pytest.mark.parametrize("up_to", ["m\x00", "m\ud800"], ids=["nul", "surrogate"])
-def test_unstorable_fork_point_is_422_and_forks_nothing(api, auth, engine, up_to) -> None:  # type: ignore[no-untyped-def]
+def test_unstorable_fork_point_is_422_and_forks_nothing(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    up_to: str,
+) -> None:
     user = f"forker-{uuid.uuid4().hex[:8]}"
     chat_id = new_chat(api, auth, user)
     api.post(f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth(user))
@@ -432,7 +499,9 @@ def test_unstorable_fork_point_is_422_and_forks_nothing(api, auth, engine, up_to
     assert snapshot(engine, chat_id) == before
 
 
-def test_validation_error_about_nan_or_a_lone_surrogate_is_a_422_itself(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_validation_error_about_nan_or_a_lone_surrogate_is_a_422_itself(
+    api: TestClient, auth: AuthHeaders
+) -> None:
     # Errors that are not about storability still meet such input: the answer must not echo it.
     chat_id = new_chat(api, auth)
     bodies = [
@@ -500,8 +569,12 @@ def test_counting_values_accepts_exactly_the_bodies_within_the_limit(seed: int) 
         assert count_values(raw, 10**9) >= values  # the quick count is an upper bound
 
 
-def test_a_body_with_more_values_than_the_limit_is_413_before_it_is_parsed(  # type: ignore[no-untyped-def]
-    api, auth, engine, settings, monkeypatch
+def test_a_body_with_more_values_than_the_limit_is_413_before_it_is_parsed(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     chat_id = new_chat(api, auth)
     before = snapshot(engine, chat_id)
@@ -522,7 +595,9 @@ def test_a_body_with_more_values_than_the_limit_is_413_before_it_is_parsed(  # t
     assert snapshot(engine, chat_id) == before
 
 
-def test_commas_and_brackets_inside_strings_are_not_values(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_commas_and_brackets_inside_strings_are_not_values(
+    api: TestClient, auth: AuthHeaders, settings: Settings
+) -> None:
     chat_id = new_chat(api, auth)
     code = '{"a": [1, 2, "\\"]"], "b": {}}, ' * (settings.max_request_nodes // 4)
     response = api.post(
@@ -531,7 +606,7 @@ def test_commas_and_brackets_inside_strings_are_not_values(api, auth, settings) 
     assert response.status_code == 201, response.text[:500]
 
 
-def test_a_body_nested_too_deep_to_decode_is_422(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_nested_too_deep_to_decode_is_422(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
     raw = b'{"message": {"id": "m", "role": "user", "content": "x", "meta": %s}}' % (
         b"[" * 5000 + b"]" * 5000
@@ -553,8 +628,14 @@ def test_a_body_nested_too_deep_to_decode_is_422(api, auth) -> None:  # type: ig
         ("append", lambda s: s.max_message_bytes + ENVELOPE_BYTES),
     ],
 )
-def test_a_route_that_carries_less_has_a_smaller_body_cap(  # type: ignore[no-untyped-def]
-    api, auth, engine, settings, monkeypatch, route, cap
+def test_a_route_that_carries_less_has_a_smaller_body_cap(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+    cap: Callable[[Settings], int],
 ) -> None:
     chat_id = new_chat(api, auth)
     before = snapshot(engine, chat_id)
@@ -574,7 +655,9 @@ def test_a_route_that_carries_less_has_a_smaller_body_cap(  # type: ignore[no-un
     assert snapshot(engine, chat_id) == before
 
 
-def test_an_unauthenticated_body_is_never_read(api, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_unauthenticated_body_is_never_read(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(body_module, "json", type("NotJson", (), {"loads": None}))
     raw = b"[" + b"{}," * 1_000_000 + b"{}]"
     response = api.post(
@@ -583,7 +666,9 @@ def test_an_unauthenticated_body_is_never_read(api, monkeypatch) -> None:  # typ
     assert response.status_code == 401
 
 
-def test_a_body_that_is_not_utf8_is_422_however_json_would_read_it(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_that_is_not_utf8_is_422_however_json_would_read_it(
+    api: TestClient, auth: AuthHeaders
+) -> None:
     """UTF-16 is JSON to `json.loads` of bytes, but its bytes would be miscounted as UTF-8: a
     stray quote byte hides every value after it from the cap. Only UTF-8 is taken."""
     chat = api.post("/chats", json={}, headers=auth()).json()["id"]
@@ -604,7 +689,9 @@ def test_a_body_that_is_not_utf8_is_422_however_json_would_read_it(api, auth) ->
     assert latin.json()["detail"][0]["msg"] == "request body is not UTF-8"
 
 
-def test_a_422_lists_the_first_errors_and_counts_them_all(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_422_lists_the_first_errors_and_counts_them_all(
+    api: TestClient, auth: AuthHeaders
+) -> None:
     chat = api.post("/chats", json={}, headers=auth()).json()["id"]
     response = api.put(f"/chats/{chat}/messages", json={"messages": [1] * 5000}, headers=auth())
     assert response.status_code == 422

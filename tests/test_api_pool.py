@@ -22,6 +22,7 @@ from app.main import create_app
 from app.settings import Settings
 from harness.processes import ApiProcess, wait_until
 from tests.conftest import LOG_DIR, RUN_ID
+from tests.support import AuthHeaders, app_state
 from tests.test_handlers import message
 
 
@@ -62,7 +63,7 @@ def test_api_connections_carry_statement_lock_and_idle_timeouts() -> None:
     assert engine.pool.timeout() == settings.api_pool_timeout_seconds
 
 
-def test_the_default_api_timeouts_are_set(settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_default_api_timeouts_are_set(settings: Settings) -> None:
     engine = create_app(settings).state.engine
     try:
         with engine.connect() as connection:
@@ -94,7 +95,9 @@ def row_lock() -> Iterator[RowLock]:
     lock.connection.close()
 
 
-def test_a_lock_wait_past_the_limit_is_503_with_retry_after(auth, row_lock) -> None:  # type: ignore[no-untyped-def]
+def test_a_lock_wait_past_the_limit_is_503_with_retry_after(
+    auth: AuthHeaders, row_lock: RowLock
+) -> None:
     with api_client(api_lock_timeout_ms=200) as client:
         chat = new_chat(client, auth("pool-lock"))
         row_lock.hold(chat)
@@ -110,11 +113,11 @@ def test_a_lock_wait_past_the_limit_is_503_with_retry_after(auth, row_lock) -> N
     assert "API_LOCK_TIMEOUT_MS=200" in response.json()["detail"][0]["msg"]
 
 
-def test_a_pool_wait_past_the_limit_is_503_with_retry_after(auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_pool_wait_past_the_limit_is_503_with_retry_after(auth: AuthHeaders) -> None:
     with api_client(
         api_pool_size=1, api_pool_max_overflow=0, api_pool_timeout_seconds=0.3
     ) as client:
-        engine = client.app.state.engine  # type: ignore[attr-defined]
+        engine = app_state(client).engine
         with engine.connect():  # the pool's only connection
             response = client.post("/chats", json={}, headers=auth("pool-wait"))
         assert response.status_code == 503, response.text
@@ -176,8 +179,9 @@ def waiting_on_locks() -> int:
 
 
 def test_a_burst_on_one_chat_holds_two_connections_and_turns_the_rest_away(
-    auth, row_lock: RowLock
-) -> None:  # type: ignore[no-untyped-def]
+    auth: AuthHeaders,
+    row_lock: RowLock,
+) -> None:
     """Twelve concurrent appends to a chat whose row is locked: two take a connection and wait
     on the lock, four wait in the API without one, six get 503 with `Retry-After` at once;
     another user's requests go through meanwhile; once the lock goes, the admitted six are
@@ -227,7 +231,7 @@ def test_a_burst_on_one_chat_holds_two_connections_and_turns_the_rest_away(
         api.stop()
 
 
-def test_a_request_takes_its_users_gate_once(auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_request_takes_its_users_gate_once(auth: AuthHeaders) -> None:
     """The body and the unit of work share the request's place at the user's gate: with one
     place and no queue, a request with a body still goes through."""
     with api_client(user_concurrency=1, user_queue=0) as client:
@@ -236,12 +240,13 @@ def test_a_request_takes_its_users_gate_once(auth) -> None:  # type: ignore[no-u
         body = {"messages": [message()]}
         assert client.put(f"/chats/{chat}/messages", json=body, headers=headers).status_code == 200
         assert client.get(f"/chats/{chat}", headers=headers).status_code == 200
-        assert client.app.state.user_gates.admitted("user-gate-once") == 0  # type: ignore[attr-defined]
+        assert app_state(client).user_gates.admitted("user-gate-once") == 0
 
 
 def test_one_users_burst_past_their_cap_is_503_while_another_user_goes_through(
-    auth, row_lock: RowLock
-) -> None:  # type: ignore[no-untyped-def]
+    auth: AuthHeaders,
+    row_lock: RowLock,
+) -> None:
     """A user with USER_CONCURRENCY=2 and USER_QUEUE=1: two appends wait on locked chats (each
     holding a connection and a thread), a read waits in the API without either, and the user's
     next reads and writes, bodies included, get 503 with `Retry-After` at once, naming the
@@ -307,7 +312,7 @@ def test_one_users_burst_past_their_cap_is_503_while_another_user_goes_through(
         api.stop()
 
 
-def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth: AuthHeaders) -> None:
     """Large bodies are parsed one at a time per process; one whose turn does not come within
     BODY_PARSE_WAIT_SECONDS is answered 503 with `Retry-After`, and the next one goes through.
     A small body takes no turn: it goes through meanwhile."""
@@ -317,7 +322,7 @@ def test_a_body_that_waits_past_its_parse_turn_is_503_with_retry_after(auth) -> 
         large = {"messages": [message(content="x" * 100_000)]}  # above the 64 KiB envelope
         path = f"/chats/{chat}/messages"
         assert client.put(path, json=large, headers=headers).status_code == 200  # makes the turn
-        turn, _ = client.app.state.body_parsing  # type: ignore[attr-defined]
+        turn, _ = app_state(client).body_parsing
         held, release = threading.Event(), threading.Event()
 
         async def hold() -> None:

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,7 +24,7 @@ def msg(id_: object, role: str = "user", **extra: object) -> dict[str, object]:
     return {"id": id_, "role": role, "content": f"content of {id_}", **extra}
 
 
-LEGACY: dict[str, object] = {
+LEGACY: dict[str, Any] = {
     "duplicates": [
         msg("a", timestamp="2025-01-01T00:00:00Z"),
         msg("b", "assistant"),
@@ -80,7 +82,7 @@ def legacy_db() -> Iterator[tuple[str, dict[str, str]]]:
         drop_database(name)
 
 
-def load_migration(revision: str):  # type: ignore[no-untyped-def]
+def load_migration(revision: str) -> ModuleType:
     path = next((ROOT / "migrations" / "versions").glob(f"{revision}_*.py"))
     spec = importlib.util.spec_from_file_location(f"migration_{revision}", path)
     assert spec and spec.loader
@@ -97,7 +99,9 @@ def snapshot_rows(url: str) -> list[tuple[object, ...]]:
         ).fetchall()
 
 
-def test_backfill_copies_messy_legacy_data_by_the_rules(legacy_db) -> None:  # type: ignore[no-untyped-def]
+def test_backfill_copies_messy_legacy_data_by_the_rules(
+    legacy_db: tuple[str, dict[str, str]],
+) -> None:
     url, ids = legacy_db
     log = alembic(url, "upgrade", "head")
     assert f"skipped {BAD_ELEMENTS} bad elements and 2 chats" in log
@@ -138,7 +142,9 @@ def test_backfill_copies_messy_legacy_data_by_the_rules(legacy_db) -> None:  # t
         engine.dispose()
 
 
-def test_backfill_is_idempotent_and_survives_downgrade_and_upgrade(legacy_db) -> None:  # type: ignore[no-untyped-def]
+def test_backfill_is_idempotent_and_survives_downgrade_and_upgrade(
+    legacy_db: tuple[str, dict[str, str]],
+) -> None:
     url, _ = legacy_db
     alembic(url, "upgrade", "head")
     first = snapshot_rows(url)

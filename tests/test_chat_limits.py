@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app import schemas
 from app.db import transaction
@@ -19,7 +19,8 @@ from app.errors import TooLarge
 from app.jobs import JobQueue
 from app.main import create_app
 from app.services import chats as service
-from tests.support import snapshot, table_rows
+from app.settings import Settings
+from tests.support import AuthHeaders, SessionFactory, SetPhase, snapshot, table_rows
 from tests.test_handlers import message
 
 MAX_MESSAGES = 5  # odd: a full chat can end in an open turn
@@ -28,7 +29,7 @@ PAGE = 5
 
 
 @pytest.fixture(scope="module")
-def small_settings(settings):  # type: ignore[no-untyped-def]
+def small_settings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "max_chat_messages": MAX_MESSAGES,
@@ -39,8 +40,8 @@ def small_settings(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def small(small_settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    app = create_app(small_settings, send_many=lambda jobs: [True] * len(jobs))
+def small(small_settings: Settings) -> Iterator[TestClient]:
+    app = create_app(small_settings, send_many=lambda jobs: [None] * len(jobs))
     try:
         with TestClient(app) as client:
             yield client
@@ -48,7 +49,7 @@ def small(small_settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-de
         app.state.engine.dispose()
 
 
-def state(engine, chat_id: str) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+def state(engine: Engine, chat_id: str) -> tuple[Any, ...]:
     """Everything a write to the chat could change: its row, its rows, its head."""
     with engine.connect() as connection:
         head = connection.execute(
@@ -61,7 +62,9 @@ def state(engine, chat_id: str) -> tuple[Any, ...]:  # type: ignore[no-untyped-d
     return snapshot(engine, chat_id), table_rows(engine, chat_id), head
 
 
-def full_chat(client: TestClient, auth, count: int) -> tuple[str, list[dict[str, Any]]]:  # type: ignore[no-untyped-def]
+def full_chat(
+    client: TestClient, auth: AuthHeaders, count: int
+) -> tuple[str, list[dict[str, Any]]]:
     """A chat of `count` messages (user, assistant, ...), its last turn open when it ends with
     a user message."""
     created = client.post("/chats", json={}, headers=auth())
@@ -82,7 +85,14 @@ def full_chat(client: TestClient, auth, count: int) -> tuple[str, list[dict[str,
     return chat_id, sent
 
 
-def grow(client: TestClient, auth, route: str, chat_id: str, sent: list[Any], extra: int):  # type: ignore[no-untyped-def]
+def grow(
+    client: TestClient,
+    auth: AuthHeaders,
+    route: str,
+    chat_id: str,
+    sent: list[Any],
+    extra: int,
+) -> Any:
     """A request that takes the chat to len(sent) + `extra` messages by `route`."""
     new = [message("user" if i % 2 == 0 else "assistant") for i in range(extra)]
     if route == "append":
@@ -91,7 +101,7 @@ def grow(client: TestClient, auth, route: str, chat_id: str, sent: list[Any], ex
         url = f"/chats/{chat_id}/turns/{sent[-1]['id']}/complete"
         return client.post(url, json={"message": message("assistant")}, headers=auth())
     if route == "inbox":
-        body = {"user": message(), "assistant": message("assistant")}
+        body: dict[str, Any] = {"user": message(), "assistant": message("assistant")}
         return client.post(f"/chats/{chat_id}/inbox", json=body, headers=auth())
     if route == "replace":
         body = {"messages": [*sent, *new]}
@@ -105,8 +115,13 @@ ROUTES = ["append", "complete", "inbox", "replace", "import"]
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 @pytest.mark.parametrize("route", ROUTES)
-def test_a_write_past_the_message_limit_is_413_and_stores_nothing(  # type: ignore[no-untyped-def]
-    small, auth, engine, set_phase, phase, route
+def test_a_write_past_the_message_limit_is_413_and_stores_nothing(
+    small: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+    phase: str,
+    route: str,
 ) -> None:
     set_phase(phase)
     # A full chat (its last turn open, for complete); inbox adds two to one place left.
@@ -129,8 +144,13 @@ def test_a_write_past_the_message_limit_is_413_and_stores_nothing(  # type: igno
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 @pytest.mark.parametrize("route", ["append", "replace"])
-def test_a_write_past_the_byte_limit_is_413_and_stores_nothing(  # type: ignore[no-untyped-def]
-    small, auth, engine, set_phase, phase, route
+def test_a_write_past_the_byte_limit_is_413_and_stores_nothing(
+    small: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+    phase: str,
+    route: str,
 ) -> None:
     set_phase(phase)
     chat_id, _ = full_chat(small, auth, 0)
@@ -159,8 +179,8 @@ def test_a_write_past_the_byte_limit_is_413_and_stores_nothing(  # type: ignore[
 
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
-def test_the_byte_limit_counts_a_chat_uncompressed(  # type: ignore[no-untyped-def]
-    small, auth, engine, set_phase, phase
+def test_the_byte_limit_counts_a_chat_uncompressed(
+    small: TestClient, auth: AuthHeaders, engine: Engine, set_phase: SetPhase, phase: str
 ) -> None:
     """Text that compresses well still counts at its full size: what reads, forks and copies
     of the chat handle (and what PostgreSQL's jsonb size limit applies to)."""
@@ -179,8 +199,13 @@ def test_the_byte_limit_counts_a_chat_uncompressed(  # type: ignore[no-untyped-d
 
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
-def test_of_two_concurrent_appends_for_the_last_slot_one_is_refused(  # type: ignore[no-untyped-def]
-    small, small_settings, auth, sessionmaker, set_phase, phase
+def test_of_two_concurrent_appends_for_the_last_slot_one_is_refused(
+    small: TestClient,
+    small_settings: Settings,
+    auth: AuthHeaders,
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
+    phase: str,
 ) -> None:
     set_phase(phase)
     chat_id, _ = full_chat(small, auth, MAX_MESSAGES - 1)
@@ -212,7 +237,12 @@ def test_of_two_concurrent_appends_for_the_last_slot_one_is_refused(  # type: ig
 
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
-def test_get_chat_returns_the_last_page_and_a_cursor(small, auth, set_phase, phase) -> None:  # type: ignore[no-untyped-def]
+def test_get_chat_returns_the_last_page_and_a_cursor(
+    small: TestClient,
+    auth: AuthHeaders,
+    set_phase: SetPhase,
+    phase: str,
+) -> None:
     set_phase(phase)
     created = small.post("/chats", json={}, headers=auth())
     chat_id = created.json()["id"]
@@ -233,7 +263,9 @@ def test_get_chat_returns_the_last_page_and_a_cursor(small, auth, set_phase, pha
     assert small.get(f"/chats/{chat_id}?limit={PAGE + 1}", headers=auth()).status_code == 422
 
 
-def test_get_chat_never_returns_more_than_a_page(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_get_chat_never_returns_more_than_a_page(
+    api: TestClient, auth: AuthHeaders, settings: Settings
+) -> None:
     created = api.post("/chats", json={}, headers=auth())
     chat_id = created.json()["id"]
     count = settings.max_page_size + 2

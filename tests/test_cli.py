@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import Any
 
 import jwt
-from sqlalchemy import text
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
 
 from app.auth import MAX_TTL_SECONDS
 from app.db import transaction
@@ -21,7 +22,17 @@ from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.services import sync
 from app.services.reconcile import reconcile
-from tests.support import ROOT, assert_converged, read_terminal, wait_converged, wait_until
+from harness.processes import WorkerProcess
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    SessionFactory,
+    WaitConverged,
+    assert_converged,
+    read_terminal,
+    wait_converged,
+    wait_until,
+)
 from tests.test_handlers import message
 from tests.test_reconcile import (
     change_content,
@@ -48,7 +59,7 @@ GARBAGE = [
 ]
 
 
-def tables_exist(engine) -> bool:  # type: ignore[no-untyped-def]
+def tables_exist(engine: Engine) -> bool:
     with engine.connect() as connection:
         return bool(
             connection.execute(
@@ -60,7 +71,7 @@ def tables_exist(engine) -> bool:  # type: ignore[no-untyped-def]
         )
 
 
-def test_since_rejects_garbage_with_a_clear_error_and_touches_nothing(engine) -> None:  # type: ignore[no-untyped-def]
+def test_since_rejects_garbage_with_a_clear_error_and_touches_nothing(engine: Engine) -> None:
     before = run_ids(engine)
     procs = {value: start_cli("reconcile", f"--since={value}") for value in GARBAGE}
     for value, proc in procs.items():
@@ -73,7 +84,7 @@ def test_since_rejects_garbage_with_a_clear_error_and_touches_nothing(engine) ->
     assert run_ids(engine) == before  # refused before any run started
 
 
-def test_since_beyond_what_postgres_can_subtract_is_rejected_cleanly(engine) -> None:  # type: ignore[no-untyped-def]
+def test_since_beyond_what_postgres_can_subtract_is_rejected_cleanly(engine: Engine) -> None:
     """A well-formed interval can still be unusable: `now() - 999999 weeks` is before 4713 BC."""
     before = run_ids(engine)
     result = run_cli("reconcile", "--dry-run", "--since=999999 weeks")
@@ -83,7 +94,9 @@ def test_since_beyond_what_postgres_can_subtract_is_rejected_cleanly(engine) -> 
     assert tables_exist(engine)
 
 
-def test_since_accepts_the_usual_forms(api, auth, engine, converged, clean) -> None:  # type: ignore[no-untyped-def]
+def test_since_accepts_the_usual_forms(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, clean: None
+) -> None:
     chats = seed(api, auth, 1, size=2)
     converged(*chats)
     forms = {
@@ -105,7 +118,9 @@ def test_since_accepts_the_usual_forms(api, auth, engine, converged, clean) -> N
         )
 
 
-def test_token_command_prints_tokens_the_api_accepts(api, converged) -> None:  # type: ignore[no-untyped-def]
+def test_token_command_prints_tokens_the_api_accepts(
+    api: TestClient, converged: WaitConverged
+) -> None:
     admin_proc, plain_proc = start_cli("token", "alice", "--admin"), start_cli("token", "alice")
     admin_out, admin_err = admin_proc.communicate(timeout=60)
     plain_out, plain_err = plain_proc.communicate(timeout=60)
@@ -124,8 +139,13 @@ def test_token_command_prints_tokens_the_api_accepts(api, converged) -> None:  #
     converged(imported.json()["id"])
 
 
-def test_check_prints_drift_per_chat_and_a_total(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_check_prints_drift_per_chat_and_a_total(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     ids, expected = drifted_set(api, auth, engine, converged)
     result = run_cli("check")
@@ -144,7 +164,9 @@ def test_check_prints_drift_per_chat_and_a_total(  # type: ignore[no-untyped-def
     assert clean_check.stdout.splitlines() == ["drift: 0 rows in 0 chats"]
 
 
-def test_check_counts_only_what_differs(api, auth, engine, converged, clean) -> None:  # type: ignore[no-untyped-def]
+def test_check_counts_only_what_differs(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, clean: None
+) -> None:
     chats = seed(api, auth, 2, size=3)
     first, second = sorted(chats)
     converged(first, second)
@@ -155,7 +177,7 @@ def test_check_counts_only_what_differs(api, auth, engine, converged, clean) -> 
     assert result.stdout.splitlines()[-1] == "drift: 2 rows in 2 chats"
 
 
-def _behind_chat_with_dead_letter(sessionmaker) -> tuple[Any, int]:  # type: ignore[no-untyped-def]
+def _behind_chat_with_dead_letter(sessionmaker: SessionFactory) -> tuple[Any, int]:
     """A chat whose copy never happened (no task ran) and the dead letter its sync left."""
     with transaction(sessionmaker) as session:
         chat = chats_repo.create(
@@ -178,7 +200,7 @@ def _behind_chat_with_dead_letter(sessionmaker) -> tuple[Any, int]:  # type: ign
     return chat.id, letter
 
 
-def _letter(engine, letter_id: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _letter(engine: Engine, letter_id: int) -> dict[str, Any]:
     with engine.connect() as connection:
         return dict(
             connection.execute(
@@ -189,8 +211,10 @@ def _letter(engine, letter_id: int) -> dict[str, Any]:  # type: ignore[no-untype
         )
 
 
-def test_dead_letters_list_and_replay_resync_the_chat_and_resolve_it(  # type: ignore[no-untyped-def]
-    engine, sessionmaker, worker
+def test_dead_letters_list_and_replay_resync_the_chat_and_resolve_it(
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    worker: WorkerProcess,
 ) -> None:
     chat_id, letter = _behind_chat_with_dead_letter(sessionmaker)
 
@@ -216,7 +240,9 @@ def test_dead_letters_list_and_replay_resync_the_chat_and_resolve_it(  # type: i
     assert " resolved " in row
 
 
-def test_replaying_a_dead_letter_whose_chat_was_deleted_closes_it(engine, sessionmaker) -> None:  # type: ignore[no-untyped-def]
+def test_replaying_a_dead_letter_whose_chat_was_deleted_closes_it(
+    engine: Engine, sessionmaker: SessionFactory
+) -> None:
     chat_id, letter = _behind_chat_with_dead_letter(sessionmaker)
     with transaction(sessionmaker) as session:
         assert chats_repo.delete(session, chat_id, "alice")
@@ -227,11 +253,15 @@ def test_replaying_a_dead_letter_whose_chat_was_deleted_closes_it(engine, sessio
     assert _letter(engine, letter)["resolved_at"] is not None
 
 
-def test_replaying_bad_elements_converges_the_chat_and_reports_what_is_still_skipped(  # type: ignore[no-untyped-def]
-    engine, sessionmaker
+def test_replaying_bad_elements_converges_the_chat_and_reports_what_is_still_skipped(
+    engine: Engine,
+    sessionmaker: SessionFactory,
 ) -> None:
     good = [message("user"), message("assistant")]
-    poison = ["a bare string", {"id": "x" * 2000, "role": "user", "content": "id too long"}]
+    poison: list[Any] = [
+        "a bare string",
+        {"id": "x" * 2000, "role": "user", "content": "id too long"},
+    ]
     with transaction(sessionmaker) as session:
         chat = chats_repo.create(
             session,
@@ -274,7 +304,7 @@ def test_replaying_bad_elements_converges_the_chat_and_reports_what_is_still_ski
     ]
 
 
-def _open_letters(engine, chat_id: Any) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _open_letters(engine: Engine, chat_id: Any) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         return [
             dict(row)
@@ -288,14 +318,17 @@ def _open_letters(engine, chat_id: Any) -> list[dict[str, Any]]:  # type: ignore
         ]
 
 
-def test_replay_without_ids_is_refused(engine) -> None:  # type: ignore[no-untyped-def]
+def test_replay_without_ids_is_refused(engine: Engine) -> None:
     result = run_cli("dead-letters", "replay")
     assert result.returncode == 2
     assert "needs dead letter ids or --all" in result.stderr
 
 
-def test_status_shows_queues_workers_backlog_dead_letters_and_reconciles(  # type: ignore[no-untyped-def]
-    engine, sessionmaker, worker, clean
+def test_status_shows_queues_workers_backlog_dead_letters_and_reconciles(
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    worker: WorkerProcess,
+    clean: None,
 ) -> None:
     _, letter = _behind_chat_with_dead_letter(sessionmaker)
     try:
@@ -333,7 +366,9 @@ def test_status_shows_queues_workers_backlog_dead_letters_and_reconciles(  # typ
             dead_letters.close(session, [letter])
 
 
-def test_reconcile_on_a_terminal_draws_a_progress_bar(api, auth, engine, converged, clean) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_on_a_terminal_draws_a_progress_bar(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, clean: None
+) -> None:
     chats = seed(api, auth, 3, size=2)
     converged(*chats)
     controller, terminal = pty.openpty()
@@ -357,7 +392,9 @@ def test_reconcile_on_a_terminal_draws_a_progress_bar(api, auth, engine, converg
     assert_converged(engine, chats)
 
 
-def test_batch_size_must_be_positive(api, auth, engine, converged, clean) -> None:  # type: ignore[no-untyped-def]
+def test_batch_size_must_be_positive(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, clean: None
+) -> None:
     """A batch of 0 chats scans nothing: a dry run or a check would report no drift at all."""
     chats = seed(api, auth, 1, size=2)
     (chat_id,) = chats

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app import metrics, schemas
 from app.db import transaction
@@ -18,13 +18,13 @@ from app.jobs import SYNC_MESSAGES, JobQueue
 from app.repositories import sync_state
 from app.services import chats as service
 from app.settings import Settings
-from tests.support import wait_until
+from tests.support import SessionFactory, SetPhase, wait_until
 
 SETTINGS = Settings()
 USER = "coalescing-user"
 
 
-def write(sessionmaker, operation: Callable[..., Any], *args: Any) -> JobQueue:  # type: ignore[no-untyped-def]
+def write(sessionmaker: SessionFactory, operation: Callable[..., Any], *args: Any) -> JobQueue:
     """Run one chat operation in its own committed transaction; the jobs it recorded."""
     jobs = JobQueue()
     with transaction(sessionmaker) as session:
@@ -32,7 +32,7 @@ def write(sessionmaker, operation: Callable[..., Any], *args: Any) -> JobQueue: 
     return jobs
 
 
-def new_chat(sessionmaker) -> uuid.UUID:  # type: ignore[no-untyped-def]
+def new_chat(sessionmaker: SessionFactory) -> uuid.UUID:
     created: list[uuid.UUID] = []
     write(
         sessionmaker, lambda ctx: created.append(service.create_chat(ctx, schemas.CreateChat()).id)
@@ -45,7 +45,7 @@ def append_body() -> schemas.AppendMessage:
     return schemas.AppendMessage.model_validate({"message": message}, strict=False)
 
 
-def queued(sessionmaker, chat: uuid.UUID) -> bool:  # type: ignore[no-untyped-def]
+def queued(sessionmaker: SessionFactory, chat: uuid.UUID) -> bool:
     with transaction(sessionmaker) as session:
         return bool(
             session.execute(
@@ -58,7 +58,7 @@ def queued(sessionmaker, chat: uuid.UUID) -> bool:  # type: ignore[no-untyped-de
         )
 
 
-def waiting_on_a_lock(engine, query: str) -> bool:  # type: ignore[no-untyped-def]
+def waiting_on_a_lock(engine: Engine, query: str) -> bool:
     """Whether a statement `LIKE query` waits for a lock."""
     with engine.connect() as conn:
         return bool(
@@ -72,13 +72,17 @@ def waiting_on_a_lock(engine, query: str) -> bool:  # type: ignore[no-untyped-de
         )
 
 
-def clear(sessionmaker, chat: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+def clear(sessionmaker: SessionFactory, chat: uuid.UUID) -> None:
     with transaction(sessionmaker) as session:
         sync_state.clear_queued(session, [chat])
 
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
-def test_a_write_sends_a_sync_only_while_none_waits(sessionmaker, set_phase, phase) -> None:  # type: ignore[no-untyped-def]
+def test_a_write_sends_a_sync_only_while_none_waits(
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
+    phase: str,
+) -> None:
     set_phase(phase)
     chat = new_chat(sessionmaker)
     coalesced = metrics.COALESCED.labels(SYNC_MESSAGES)
@@ -101,7 +105,9 @@ def test_a_write_sends_a_sync_only_while_none_waits(sessionmaker, set_phase, pha
     assert len(again.jobs) == 1 and queued(sessionmaker, chat)
 
 
-def test_nothing_is_marked_while_nothing_is_copied(sessionmaker, set_phase) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_is_marked_while_nothing_is_copied(
+    sessionmaker: SessionFactory, set_phase: SetPhase
+) -> None:
     chat = new_chat(sessionmaker)
     set_phase("jsonb_only")
     assert write(sessionmaker, service.append_user_message, chat, append_body()).jobs == []
@@ -111,8 +117,11 @@ def test_nothing_is_marked_while_nothing_is_copied(sessionmaker, set_phase) -> N
 
 
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
-def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(  # type: ignore[no-untyped-def]
-    sessionmaker, engine, set_phase, phase
+def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    set_phase: SetPhase,
+    phase: str,
 ) -> None:
     """The race coalescing must not lose: a write finds the mark set and sends nothing, so the
     waiting sync must read it. The sync's clear waits for that write's commit; its read comes
@@ -127,7 +136,12 @@ def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(  # type:
         assert jobs.jobs == []  # coalesced: it relies on the waiting sync
 
         cleared = threading.Event()
-        clearing = threading.Thread(target=lambda: (clear(sessionmaker, chat), cleared.set()))
+
+        def clear_then_signal() -> None:
+            clear(sessionmaker, chat)
+            cleared.set()
+
+        clearing = threading.Thread(target=clear_then_signal)
         clearing.start()
 
         wait_until(
@@ -145,7 +159,9 @@ def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(  # type:
     assert body.message.id in [m["id"] for m in messages]
 
 
-def test_a_write_that_began_before_a_clear_judges_the_cleared_mark(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_write_that_began_before_a_clear_judges_the_cleared_mark(
+    sessionmaker: SessionFactory, engine: Engine
+) -> None:
     """A write's statement takes its snapshot, then waits for the chat's row; meanwhile a sync
     starts and clears the mark. The write must see the clear (and send), not the mark of its
     snapshot: that sync may have read the chat before this write committed."""

@@ -224,7 +224,7 @@ def test_api_port_and_healthcheck_reach_the_readiness_route() -> None:
     # Building the app creates an engine but opens no connection.
     api = create_app(
         Settings(auth_secret="a-real-secret-for-tests-" + "x" * 16),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     try:
         assert url.path in {getattr(route, "path", None) for route in api.routes}
@@ -246,7 +246,7 @@ def test_app_service_defaults_are_valid_settings(name: str) -> None:
         for key, value in environment(name).items()
         if not key.startswith(NOT_SETTINGS_PREFIXES)
     }
-    Settings(**{key: value for key, value in values.items() if value is not None})
+    Settings(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]
 
 
 def test_flower_variables_are_flower_options() -> None:

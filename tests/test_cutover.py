@@ -34,7 +34,15 @@ from tests.conftest import (
     drop_database,
     start_worker,
 )
-from tests.support import ROOT, WorkerProcess, read_terminal, snapshot, wait_until
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    WaitConverged,
+    WorkerProcess,
+    read_terminal,
+    snapshot,
+    wait_until,
+)
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import change_content, printed_run_id, seed
 
@@ -106,7 +114,7 @@ def changes_after(engine: Engine, last_id: int) -> list[tuple[str, str, str, boo
             ),
             {"id": last_id},
         ).all()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [tuple(r) for r in rows]
 
 
 def last_change_id(engine: Engine) -> int:
@@ -271,8 +279,13 @@ def test_a_reconcile_of_a_window_does_not_open_the_read_table_gate(own_db: OwnDa
     assert moved.returncode == 0, said(moved)
 
 
-def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(  # type: ignore[no-untyped-def]
-    api, auth, engine: Engine, converged, clean, phase_row: None
+def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 2)
     converged(*chats)
@@ -299,8 +312,13 @@ def test_read_table_after_a_dry_run_that_found_drift_is_refused_until_a_repair( 
     assert last_line(moved) == "phase: read_table"
 
 
-def test_read_table_with_a_shadow_mismatch_since_the_last_reconcile_is_refused(  # type: ignore[no-untyped-def]
-    api, auth, engine: Engine, converged, clean, phase_row: None
+def test_read_table_with_a_shadow_mismatch_since_the_last_reconcile_is_refused(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 1)
     converged(*chats)
@@ -349,8 +367,13 @@ def test_an_unknown_phase_name_exits_2_and_lists_the_phases(
 # The walk: forward with every gate satisfied, back one step, and a forced step.
 
 
-def test_the_walk_to_table_only_and_one_step_back_is_recorded_and_loses_nothing(  # type: ignore[no-untyped-def]
-    api, auth, engine: Engine, converged, clean, phase_row: None
+def test_the_walk_to_table_only_and_one_step_back_is_recorded_and_loses_nothing(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 2)
     converged(*chats)
@@ -425,8 +448,13 @@ def test_a_forced_step_is_recorded_with_the_gates_it_skipped(
 # An interrupted step: shown, undone by staying, finished by going.
 
 
-def test_an_interrupted_step_is_shown_undone_and_finished(  # type: ignore[no-untyped-def]
-    api, auth, engine: Engine, converged, clean, phase_row: None
+def test_an_interrupted_step_is_shown_undone_and_finished(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    phase_row: None,
 ) -> None:
     chats = seed(api, auth, 1)
     converged(*chats)
@@ -553,8 +581,9 @@ def contract_on_a_terminal(db: OwnDatabase, answer: str) -> tuple[int, str]:
     return proc.wait(60), shown.decode(errors="replace")
 
 
-def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everything(  # type: ignore[no-untyped-def]
-    contracting: Contracting, auth
+def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everything(
+    contracting: Contracting,
+    auth: AuthHeaders,
 ) -> None:
     db, api, worker = contracting.db, contracting.api, contracting.worker
     admin = auth("root", admin=True)
@@ -586,9 +615,9 @@ def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everythin
     assert "pass --yes to confirm from a script" in result.stderr
     assert rollout(db.engine) == before
     # On a terminal, anything but yes.
-    code, shown = contract_on_a_terminal(db, "n")
-    assert code == 1, shown
-    assert "There is no way back. [y/N]" in shown and "nothing done" in shown
+    code, answer = contract_on_a_terminal(db, "n")
+    assert code == 1, answer
+    assert "There is no way back. [y/N]" in answer and "nothing done" in answer
     assert rollout(db.engine) == before
     # table_only has not held the default week.
     result = db.cli("contract", "--yes")
@@ -633,9 +662,9 @@ def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everythin
     assert last_line(shown) == "phase: table_only"
     before = rollout(db.engine)
     for args in (("read_table",), ("read_table", "--force"), ("table_only",)):
-        step = db.cli("phase", "set", *args, **NO_WAIT)
-        assert step.returncode == 1, said(step)
-        assert "the JSONB column is gone: there is no way back" in step.stderr, said(step)
+        refused = db.cli("phase", "set", *args, **NO_WAIT)
+        assert refused.returncode == 1, said(refused)
+        assert "the JSONB column is gone: there is no way back" in refused.stderr, said(refused)
     again = db.cli("contract", "--yes", CONTRACT_MIN_TABLE_ONLY_SECONDS="0")
     assert again.returncode == 1, said(again)
     assert "already contracted at " in again.stderr
@@ -729,7 +758,7 @@ def test_the_contract_is_gated_then_drops_the_jsonb_and_the_rows_serve_everythin
         sender.send_task("chats.sweep"),
     ]
     for task in sent:
-        wait_until(lambda task=task: f"[{task.id}] succeeded" in worker.log())
+        wait_until(lambda: f"[{task.id}] succeeded" in worker.log())  # noqa: B023
     log = worker.log()
     assert "ERROR" not in log and "Traceback" not in log, log
     assert rows_and_heads(db.engine) == unchanged

@@ -6,13 +6,25 @@ API's settings and the worker's environment have no `REDIS_URL`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
 from app.broker import queue_lengths, workers_seen
 from app.topology import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT
-from tests.conftest import broker_settings
-from tests.support import chat_jsonb, table_rows, wait_converged, wait_until
+from harness.processes import WorkerProcess
+from harness.rabbit import RabbitVhost
+from tests.conftest import Broker, broker_settings
+from tests.support import (
+    AuthHeaders,
+    SetPhase,
+    chat_jsonb,
+    table_rows,
+    wait_converged,
+    wait_until,
+)
 from tests.test_handlers import message, new_chat
 
 BOTH_BROKERS = pytest.mark.parametrize("fault_broker", ["redis", "amqp"], indirect=True)
@@ -20,8 +32,12 @@ BOTH_BROKERS = pytest.mark.parametrize("fault_broker", ["redis", "amqp"], indire
 
 @BOTH_BROKERS
 def test_every_callsite_reaches_the_table_through_the_broker(
-    fault_broker, fault_worker, fault_api, auth, engine
-) -> None:  # type: ignore[no-untyped-def]
+    fault_broker: Broker,
+    fault_worker: WorkerProcess,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
     api = fault_api
     chat = new_chat(api, auth)
     question = message("user")
@@ -73,7 +89,7 @@ def test_every_callsite_reaches_the_table_through_the_broker(
     assert ready.status_code == 200, ready.text
     assert ready.json()["broker"] == "ok"
 
-    if fault_broker.kind == "amqp":
+    if isinstance(fault_broker, RabbitVhost):
         assert depths.unacked is None  # AMQP does not tell a client
         assert depths.consumers == {"dualwrite.sync": 1, "dualwrite.maintenance": 1}
         assert depths.dead == 0
@@ -93,8 +109,12 @@ def test_every_callsite_reaches_the_table_through_the_broker(
 
 @BOTH_BROKERS
 def test_a_delayed_sync_waits_in_the_broker_not_in_the_worker(
-    fault_broker, fault_worker, auth, engine, set_phase
-) -> None:  # type: ignore[no-untyped-def]
+    fault_broker: Broker,
+    fault_worker: WorkerProcess,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+) -> None:
     """In `table_only` the JSONB follows the rows through a sync sent with a countdown
     (`REVERSE_SYNC_DELAY_SECONDS`). On RabbitMQ it waits in Celery's delay queues (quorum
     queues too), not in the worker's prefetch, which quorum queues keep static; on Redis the
@@ -112,7 +132,7 @@ def test_a_delayed_sync_waits_in_the_broker_not_in_the_worker(
         assert response.status_code == 201, response.text
 
         def waiting_in_the_broker() -> bool:
-            if fault_broker.kind == "amqp":
+            if isinstance(fault_broker, RabbitVhost):
                 queues = fault_broker.queues()
                 return any(
                     q["messages"] for n, q in queues.items() if n.startswith("celery_delayed_")
@@ -126,7 +146,7 @@ def test_a_delayed_sync_waits_in_the_broker_not_in_the_worker(
             return found is not None and [m["id"] for m in found[0]] == [sent["id"]]
 
         wait_until(followed, timeout=60, interval=0.2)
-    if fault_broker.kind == "amqp":
+    if isinstance(fault_broker, RabbitVhost):
         delayed = {n: q for n, q in fault_broker.queues().items() if n.startswith("celery_")}
         assert len(delayed) == 28 and {q["type"] for q in delayed.values()} == {"quorum"}
 
@@ -137,7 +157,7 @@ def _args(arguments: str) -> dict[str, str]:
     return dict(p.strip("{}").replace('"', "").split(",", 1) for p in pairs if p)
 
 
-def test_rabbitmq_queues_say_what_they_are(rabbit, hooks) -> None:  # type: ignore[no-untyped-def]
+def test_rabbitmq_queues_say_what_they_are(rabbit: RabbitVhost, hooks: Path) -> None:
     """Declared by a worker, the project's queues are durable quorum queues with the delivery
     limit and the dead-letter path; nothing else but Celery's own queues is there."""
     from tests.conftest import start_worker

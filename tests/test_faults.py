@@ -13,10 +13,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app import metrics
 from app.broker import producer
@@ -32,11 +34,19 @@ from tests.conftest import (
     broker_settings,
     start_worker,
 )
-from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
+from tests.support import (
+    AuthHeaders,
+    SessionFactory,
+    WorkerProcess,
+    app_state,
+    assert_converged,
+    wait_converged,
+    wait_until,
+)
 from tests.test_handlers import message
 
 
-def new_chat(api: TestClient, auth) -> str:  # type: ignore[no-untyped-def]
+def new_chat(api: TestClient, auth: AuthHeaders) -> str:
     response = api.post("/chats", json={}, headers=auth())
     assert response.status_code == 201
     return str(response.json()["id"])
@@ -65,7 +75,7 @@ def queue_drained(broker: Broker) -> bool:
     return broker.drained(Queue.SYNC.value)
 
 
-def dead_letters_of(engine, chat_id: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+def dead_letters_of(engine: Engine, chat_id: str) -> list[tuple[str, int]]:
     with engine.connect() as connection:
         return [
             (r.reason, r.attempts)
@@ -81,8 +91,14 @@ def dead_letters_of(engine, chat_id: str) -> list[tuple[str, int]]:  # type: ign
 
 @pytest.mark.parametrize("fault", ["stopped", "hung", "out_of_memory"])
 def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
-    fault, broker, fault_worker, fault_api, auth, engine, settings
-) -> None:  # type: ignore[no-untyped-def]
+    fault: str,
+    broker: RedisServer,
+    fault_worker: WorkerProcess,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+) -> None:
     chats = [new_chat(fault_api, auth) for _ in range(10)]
     failures = metrics.ENQUEUE_FAILURES.labels("chats.sync_messages")
     failures_before = failures._value.get()
@@ -110,7 +126,7 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
         # The background publisher tries every job while the fault lasts: each one fails, and
         # is counted and absorbed. A write whose chat's sync was marked queued by an earlier
         # write sends none; each failed job releases its mark, so every chat sends at least one.
-        wait_until(lambda: fault_api.app.state.publisher.pending() == 0, timeout=60)
+        wait_until(lambda: app_state(fault_api).publisher.pending() == 0, timeout=60)
         assert 10 <= failures._value.get() - failures_before <= 100
         with engine.connect() as connection:
             marked = connection.execute(
@@ -138,8 +154,13 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
 
 @BOTH_BROKERS
 def test_worker_killed_mid_sync_runs_the_sync_again(
-    fault_broker, hooks, fault_worker, fault_api, auth, engine
-) -> None:  # type: ignore[no-untyped-def]
+    fault_broker: Broker,
+    hooks: Path,
+    fault_worker: WorkerProcess,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
     chat_id = new_chat(fault_api, auth)
     (hooks / f"slow-{chat_id}").touch()
     # One append, so one task: the rows can only appear if that task runs again.
@@ -159,8 +180,12 @@ def test_worker_killed_mid_sync_runs_the_sync_again(
 
 @BOTH_BROKERS
 def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
-    fault_broker, hooks, fault_worker, engine, sessionmaker
-) -> None:  # type: ignore[no-untyped-def]
+    fault_broker: Broker,
+    hooks: Path,
+    fault_worker: WorkerProcess,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+) -> None:
     with transaction(sessionmaker) as session:
         chat = chats_repo.create(
             session,
@@ -197,8 +222,13 @@ def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
 
 @BOTH_BROKERS
 def test_terminated_backends_are_retried_within_the_policy(
-    fault_broker, hooks, fault_worker, fault_api, auth, engine
-) -> None:  # type: ignore[no-untyped-def]
+    fault_broker: Broker,
+    hooks: Path,
+    fault_worker: WorkerProcess,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
     chats = [new_chat(fault_api, auth) for _ in range(6)]
     for chat_id in chats[:3]:
         (hooks / f"slow-{chat_id}").write_text("0.5")  # each sync holds its transaction open
@@ -241,10 +271,16 @@ def test_terminated_backends_are_retried_within_the_policy(
 
 
 def test_poison_elements_are_dead_lettered_at_once_and_the_rest_is_copied(
-    broker, fault_worker, engine, sessionmaker
-) -> None:  # type: ignore[no-untyped-def]
+    broker: RedisServer,
+    fault_worker: WorkerProcess,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+) -> None:
     good = [message(), message("assistant")]
-    poison = ["a bare string", {"id": "x" * 2000, "role": "user", "content": "id too long"}]
+    poison: list[Any] = [
+        "a bare string",
+        {"id": "x" * 2000, "role": "user", "content": "id too long"},
+    ]
     with transaction(sessionmaker) as session:
         chat = chats_repo.create(
             session,
@@ -261,7 +297,9 @@ def test_poison_elements_are_dead_lettered_at_once_and_the_rest_is_copied(
     assert "retry" not in fault_worker.log()
 
 
-def test_malformed_task_arguments_are_dropped_without_retry(broker, fault_worker) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_task_arguments_are_dropped_without_retry(
+    broker: RedisServer, fault_worker: WorkerProcess
+) -> None:
     result = producer(Settings(redis_url=broker.url)).send_task(
         SYNC_CHAT, args=("not-a-uuid", "v1")
     )
@@ -270,7 +308,9 @@ def test_malformed_task_arguments_are_dropped_without_retry(broker, fault_worker
     assert "retry" not in fault_worker.log()
 
 
-def test_concurrent_syncs_in_opposite_order_never_deadlock(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_syncs_in_opposite_order_never_deadlock(
+    sessionmaker: SessionFactory, engine: Engine
+) -> None:
     from app.services import sync
 
     with transaction(sessionmaker) as session:
@@ -308,8 +348,11 @@ def test_concurrent_syncs_in_opposite_order_never_deadlock(sessionmaker, engine)
 
 
 def test_a_chat_too_large_for_the_statement_timeout_is_dead_lettered_after_one_retry(
-    broker, hooks, engine, sessionmaker
-) -> None:  # type: ignore[no-untyped-def]
+    broker: RedisServer,
+    hooks: Path,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+) -> None:
     # 30,000 elements take far longer than 100 ms to converge; every other statement of a sync
     # takes a millisecond or two.
     huge = [message(id=f"m{n}", content="x" * 100) for n in range(30_000)]
@@ -342,7 +385,9 @@ def test_a_chat_too_large_for_the_statement_timeout_is_dead_lettered_after_one_r
     assert "[SQL:" not in error  # the cause, not the whole statement
 
 
-def test_a_worker_on_a_broker_that_may_evict_warns_once_at_start(broker, hooks) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_on_a_broker_that_may_evict_warns_once_at_start(
+    broker: RedisServer, hooks: Path
+) -> None:
     broker.client().config_set("maxmemory-policy", "allkeys-lru")
     worker = start_worker(broker, hooks, "evicting")
     try:
@@ -356,7 +401,7 @@ def test_a_worker_on_a_broker_that_may_evict_warns_once_at_start(broker, hooks) 
         worker.stop()
 
 
-def test_a_worker_on_a_noeviction_broker_says_it_is_safe(fault_worker) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_on_a_noeviction_broker_says_it_is_safe(fault_worker: WorkerProcess) -> None:
     wait_until(
         lambda: (
             "broker maxmemory-policy is noeviction: queued tasks cannot be evicted"
@@ -371,7 +416,7 @@ def test_a_worker_on_a_noeviction_broker_says_it_is_safe(fault_worker) -> None: 
 class RedisWithoutConfig(RedisServer):
     """A redis-server that refuses CONFIG, as many managed services do."""
 
-    def start(self) -> None:
+    def start(self, timeout: float = 10.0) -> Self:
         self.proc = subprocess.Popen(
             [
                 "redis-server",
@@ -390,10 +435,11 @@ class RedisWithoutConfig(RedisServer):
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_until(self.answers, timeout=10)
+        wait_until(self.answers, timeout=timeout)
+        return self
 
 
-def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks: Path) -> None:
     server = RedisWithoutConfig()
     server.start()
     worker: WorkerProcess | None = None
@@ -403,7 +449,7 @@ def test_a_worker_that_cannot_read_the_eviction_policy_says_so(hooks) -> None:  
             r"WARNING tasks\.startup \[\d+\]: could not check the broker's maxmemory-policy .*"
             r"make sure it is noeviction"
         )
-        wait_until(lambda: wanted.search(worker.log()), timeout=30)  # type: ignore[union-attr]
+        wait_until(lambda: wanted.search(worker.log()), timeout=30)
     finally:
         if worker is not None:
             worker.stop()

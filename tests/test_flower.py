@@ -12,16 +12,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from app.settings import Settings
 from app.task_names import SYNC_CHAT
+from harness.processes import RedisServer, WorkerProcess
 from tasks.publish import producer
 from tests.conftest import start_worker
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, AuthHeaders, wait_until
 from tests.test_handlers import message, new_chat
 
 LOG_DIR = ROOT / ".run" / "test-logs"
@@ -82,7 +85,7 @@ def running_flower(env: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def flower(worker) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def flower(worker: WorkerProcess) -> Iterator[str]:
     """Flower's base URL; started only once the worker is ready (it caches the workers it saw
     at start-up)."""
     with running_flower(dict(os.environ)) as base:
@@ -98,7 +101,9 @@ def succeeded(flower: str, task_id: str) -> Any:
     return task if task.get("state") == "SUCCESS" else None
 
 
-def test_flower_lists_the_worker_and_a_sync_task_that_ran(flower, worker, api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_flower_lists_the_worker_and_a_sync_task_that_ran(
+    flower: str, worker: WorkerProcess, api: TestClient, auth: AuthHeaders
+) -> None:
     def workers() -> dict[str, Any]:
         response = httpx.get(f"{flower}/api/workers?refresh=1", auth=AUTH, timeout=30)
         assert response.status_code == 200, response.text
@@ -145,14 +150,16 @@ def test_flower_lists_the_worker_and_a_sync_task_that_ran(flower, worker, api, a
     assert str(version) in found["args"]  # chat id, message ids and version: enough to find it
 
 
-def test_flower_api_needs_the_password(flower) -> None:  # type: ignore[no-untyped-def]
+def test_flower_api_needs_the_password(flower: str) -> None:
     for path in ("/api/workers", "/api/tasks"):
         assert httpx.get(f"{flower}{path}", timeout=10).status_code == 401
         wrong = httpx.get(f"{flower}{path}", auth=(AUTH[0], "nope"), timeout=10)
         assert wrong.status_code == 401
 
 
-def test_a_worker_without_task_events_sends_them_while_flower_runs(broker, hooks) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_without_task_events_sends_them_while_flower_runs(
+    broker: RedisServer, hooks: Path
+) -> None:
     """`WORKER_TASK_EVENTS=false`: no event costs the worker while nobody watches, and Flower,
     once it runs, turns them on and lists the tasks."""
     worker = start_worker(broker, hooks, "quiet", WORKER_TASK_EVENTS="false")

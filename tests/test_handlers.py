@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from tests.support import table_rows
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from tests.support import AuthHeaders, WaitConverged, table_rows
 
 
-def message(role: str = "user", **fields: object) -> dict[str, object]:
+def message(role: str = "user", /, **fields: object) -> dict[str, Any]:
     return {
         "id": fields.pop("id", f"m-{uuid.uuid4().hex[:10]}"),
         "role": role,
@@ -17,20 +22,22 @@ def message(role: str = "user", **fields: object) -> dict[str, object]:
     }
 
 
-def new_chat(api, auth, user: str = "alice", **body: object) -> str:  # type: ignore[no-untyped-def]
+def new_chat(api: TestClient, auth: AuthHeaders, user: str = "alice", **body: object) -> str:
     response = api.post("/chats", json=body, headers=auth(user))
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
 
 
-def jsonb(api, auth, chat_id: str, user: str = "alice") -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+def jsonb(
+    api: TestClient, auth: AuthHeaders, chat_id: str, user: str = "alice"
+) -> list[dict[str, Any]]:
     response = api.get(f"/chats/{chat_id}", headers=auth(user))
     assert response.status_code == 200, response.text
-    messages: list[dict[str, object]] = response.json()["messages"]
+    messages: list[dict[str, Any]] = response.json()["messages"]
     return messages
 
 
-def test_create_chat_returns_it_and_starts_empty(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_create_chat_returns_it_and_starts_empty(api: TestClient, auth: AuthHeaders) -> None:
     response = api.post("/chats", json={"title": "plans", "model": "m1"}, headers=auth())
     assert response.status_code == 201
     body = response.json()
@@ -38,7 +45,9 @@ def test_create_chat_returns_it_and_starts_empty(api, auth) -> None:  # type: ig
     assert jsonb(api, auth, body["id"]) == []
 
 
-def test_append_user_message_is_copied_with_its_stream(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_append_user_message_is_copied_with_its_stream(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     chat_id = new_chat(api, auth)
     sent = message("user", toolCalls=[{"name": "search", "args": {"q": "x"}}])
     response = api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
@@ -54,7 +63,9 @@ def test_append_user_message_is_copied_with_its_stream(api, auth, engine, conver
     assert chat["active_stream_id"] == sent["id"]
 
 
-def test_append_is_idempotent_on_message_id(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_append_is_idempotent_on_message_id(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     chat_id = new_chat(api, auth)
     sent = message("user")
     first = api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
@@ -70,7 +81,9 @@ def test_append_is_idempotent_on_message_id(api, auth, engine, converged) -> Non
     converged(chat_id)
 
 
-def test_turn_completion_appends_reply_and_clears_stream(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_turn_completion_appends_reply_and_clears_stream(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     chat_id = new_chat(api, auth)
     question = message("user")
     api.post(f"/chats/{chat_id}/messages", json={"message": question}, headers=auth())
@@ -88,7 +101,9 @@ def test_turn_completion_appends_reply_and_clears_stream(api, auth, engine, conv
     assert api.get(f"/chats/{chat_id}", headers=auth()).json()["active_stream_id"] is None
 
 
-def test_turn_completion_refuses_a_turn_that_is_not_active_or_not_last(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_turn_completion_refuses_a_turn_that_is_not_active_or_not_last(
+    api: TestClient, auth: AuthHeaders
+) -> None:
     chat_id = new_chat(api, auth)
     first, second = message("user"), message("user")
     api.post(f"/chats/{chat_id}/messages", json={"message": first}, headers=auth())
@@ -103,7 +118,9 @@ def test_turn_completion_refuses_a_turn_that_is_not_active_or_not_last(api, auth
     assert [m["id"] for m in jsonb(api, auth, chat_id)] == [first["id"], second["id"]]
 
 
-def test_inbox_pair_appends_both(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_inbox_pair_appends_both(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     chat_id = new_chat(api, auth)
     body = {"user": message("user"), "assistant": message("assistant")}
     response = api.post(f"/chats/{chat_id}/inbox", json=body, headers=auth())
@@ -116,7 +133,9 @@ def test_inbox_pair_appends_both(api, auth, engine, converged) -> None:  # type:
     }
 
 
-def test_fork_copies_the_transcript_up_to_a_message(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_fork_copies_the_transcript_up_to_a_message(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     chat_id = new_chat(api, auth, title="original")
     sent = [message("user"), message("assistant"), message("user")]
     api.put(f"/chats/{chat_id}/messages", json={"messages": sent}, headers=auth())
@@ -138,8 +157,11 @@ def test_fork_copies_the_transcript_up_to_a_message(api, auth, engine, converged
 
 
 def test_snapshot_replace_soft_deletes_removed_and_restores_returning(
-    api, auth, engine, converged
-) -> None:  # type: ignore[no-untyped-def]
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+) -> None:
     chat_id = new_chat(api, auth)
     a, b, c = message("user"), message("assistant"), message("user")
     api.put(f"/chats/{chat_id}/messages", json={"messages": [a, b, c]}, headers=auth())
@@ -159,7 +181,7 @@ def test_snapshot_replace_soft_deletes_removed_and_restores_returning(
     assert deleted == set() and live[b["id"]].seq == 1
 
 
-def test_snapshot_with_duplicate_ids_is_rejected(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_with_duplicate_ids_is_rejected(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
     a = message("user")
     response = api.put(f"/chats/{chat_id}/messages", json={"messages": [a, a]}, headers=auth())
@@ -168,7 +190,9 @@ def test_snapshot_with_duplicate_ids_is_rejected(api, auth) -> None:  # type: ig
     assert "repeats" in response.json()["detail"][0]["msg"]
 
 
-def test_admin_import_creates_a_chat_for_a_user(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_admin_import_creates_a_chat_for_a_user(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     sent = [message("system"), message("user"), message("assistant")]
     response = api.post(
         "/admin/chats/import",
@@ -183,7 +207,9 @@ def test_admin_import_creates_a_chat_for_a_user(api, auth, engine, converged) ->
     assert [live[m["id"]].seq for m in sent] == [0, 1, 2]
 
 
-def test_delete_removes_chat_and_rows(api, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_delete_removes_chat_and_rows(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     chat_id = new_chat(api, auth)
     api.post(f"/chats/{chat_id}/messages", json={"message": message("user")}, headers=auth())
     converged(chat_id)
@@ -193,7 +219,7 @@ def test_delete_removes_chat_and_rows(api, auth, engine, converged) -> None:  # 
     assert api.delete(f"/chats/{chat_id}", headers=auth()).status_code == 404
 
 
-def test_messages_page_walks_the_transcript_backwards(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_messages_page_walks_the_transcript_backwards(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
     sent = [message("user", id=f"p{i}") for i in range(7)]
     api.put(f"/chats/{chat_id}/messages", json={"messages": sent}, headers=auth())
@@ -212,7 +238,7 @@ def test_messages_page_walks_the_transcript_backwards(api, auth) -> None:  # typ
     assert ids == [m["id"] for m in sent]
 
 
-def test_retry_without_a_timestamp_is_still_idempotent(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_retry_without_a_timestamp_is_still_idempotent(api: TestClient, auth: AuthHeaders) -> None:
     chat_id = new_chat(api, auth)
     sent = {"id": "no-ts", "role": "user", "content": "hello"}
     first = api.post(f"/chats/{chat_id}/messages", json={"message": sent}, headers=auth())
@@ -222,7 +248,9 @@ def test_retry_without_a_timestamp_is_still_idempotent(api, auth) -> None:  # ty
     assert len(stored) == 1 and stored[0]["timestamp"]  # the server filled one in
 
 
-def test_a_page_is_serialized_off_the_event_loop(api, auth, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_page_is_serialized_off_the_event_loop(
+    api: TestClient, auth: AuthHeaders, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A page of large messages takes a while to turn into JSON: not on the event loop, where
     it would hold up every other request meanwhile."""
     import asyncio
@@ -233,7 +261,7 @@ def test_a_page_is_serialized_off_the_event_loop(api, auth, monkeypatch) -> None
     for model in (schemas.MessagePage, schemas.ChatWithMessages):
         original = model.model_dump_json
 
-        def spy(self, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+        def spy(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
             try:
                 asyncio.get_running_loop()
                 on_loop.append(True)

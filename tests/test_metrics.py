@@ -12,13 +12,15 @@ import string
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
 
 from app.db import transaction
 from app.jobs import Job
@@ -30,7 +32,7 @@ from app.services import sync
 from app.services.reconcile import reconcile
 from app.settings import Settings
 from harness.processes import ApiProcess
-from tests.support import wait_until
+from tests.support import AuthHeaders, SessionFactory, WaitConverged, wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_reconcile import drop_row, seed
 
@@ -56,7 +58,9 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_requests_are_counted_by_route_template_and_status(api, auth) -> None:  # type: ignore[no-untyped-def]
+def test_requests_are_counted_by_route_template_and_status(
+    api: TestClient, auth: AuthHeaders
+) -> None:
     before = scrape(api)
     chat_id = new_chat(api, auth)
     sent = message("user")
@@ -82,8 +86,10 @@ def test_requests_are_counted_by_route_template_and_status(api, auth) -> None:  
     assert not any(chat_id in route for route in routes)  # templates, not raw paths
 
 
-def test_an_enqueue_that_fails_is_counted(api, auth, settings) -> None:  # type: ignore[no-untyped-def]
-    def broker_down(jobs: Sequence[Job]) -> list[bool | Exception]:
+def test_an_enqueue_that_fails_is_counted(
+    api: TestClient, auth: AuthHeaders, settings: Settings
+) -> None:
+    def broker_down(jobs: Sequence[Job]) -> list[Exception | None]:
         raise ConnectionError("broker down")
 
     name, task = "dualwrite_enqueue_failures_total", "chats.sync_messages"
@@ -103,7 +109,9 @@ def test_an_enqueue_that_fails_is_counted(api, auth, settings) -> None:  # type:
     assert api.delete(f"/chats/{chat_id}", headers=auth()).status_code == 204  # nothing behind
 
 
-def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(api, auth, converged) -> None:  # type: ignore[no-untyped-def]
+def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(
+    api: TestClient, auth: AuthHeaders, converged: WaitConverged
+) -> None:
     before = scrape(api)
     lag_count = value(before, "dualwrite_sync_lag_seconds_count") or 0
     applied = {"task": "chats.sync_messages", "outcome": "applied"}
@@ -134,8 +142,13 @@ def test_worker_syncs_show_as_lag_histogram_and_task_outcomes(api, auth, converg
     assert value(after, "dualwrite_rows_written_total", kind="inserted")
 
 
-def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 1, size=3)
     (drifted,) = chats
@@ -182,13 +195,13 @@ def test_database_gauges_show_backlog_dead_letters_and_the_last_reconcile(  # ty
             dead_letters.close(session, [letter])
 
 
-def test_healthz_is_liveness_and_checks_no_dependency(api) -> None:  # type: ignore[no-untyped-def]
+def test_healthz_is_liveness_and_checks_no_dependency(api: TestClient) -> None:
     response = api.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
-def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None:  # type: ignore[no-untyped-def]
+def test_database_down_healthz_200_readyz_503_metrics_answer(settings: Settings) -> None:
     with socket.socket() as probe:  # a port where nothing listens
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -196,7 +209,7 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None: 
         database_url=f"postgresql://postgres@127.0.0.1:{port}/nothing",
         auth_secret=settings.signing_secret,
     )
-    app = create_app(down, send_many=lambda jobs: [True] * len(jobs))
+    app = create_app(down, send_many=lambda jobs: [None] * len(jobs))
     try:
         with TestClient(app) as client:
             assert client.get("/healthz").status_code == 200
@@ -212,14 +225,16 @@ def test_database_down_healthz_200_readyz_503_metrics_answer(settings) -> None: 
         app.state.engine.dispose()
 
 
-def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(api, settings) -> None:  # type: ignore[no-untyped-def]
+def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(
+    api: TestClient, settings: Settings
+) -> None:
     assert value(scrape(api), "dualwrite_worker_metrics_up") == 1
     with socket.socket() as probe:  # a port where nothing listens: the broker's Redis is gone
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     unreachable = create_app(
         settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"}),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     try:
         with TestClient(unreachable) as client:
@@ -231,8 +246,11 @@ def test_worker_metrics_up_says_whether_the_workers_hash_could_be_read(api, sett
         unreachable.state.engine.dispose()
 
 
-def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: ignore[no-untyped-def]
-    api, engine, sessionmaker, clean
+def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(
+    api: TestClient,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    clean: None,
 ) -> None:
     with transaction(sessionmaker) as session:  # two chats whose copy never ran
         stalled, parked = (
@@ -285,14 +303,15 @@ def test_the_oldest_behind_gauge_keeps_growing_while_nothing_consumes(  # type: 
             dead_letters.close(session, [letter])
 
 
-def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # type: ignore[no-untyped-def]
+def test_database_gauges_are_read_once_per_cache_window(settings: Settings) -> None:
     cached = create_app(
         settings.model_copy(update={"metrics_cache_seconds": 60}),
-        send_many=lambda jobs: [True] * len(jobs),
+        send_many=lambda jobs: [None] * len(jobs),
     )
     statements: list[str] = []
 
-    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+    def count(*args: Any) -> None:
+        statement = args[2]
         statements.append(statement)
 
     event.listen(cached.state.engine, "before_cursor_execute", count)
@@ -311,17 +330,19 @@ def test_database_gauges_are_read_once_per_cache_window(settings) -> None:  # ty
         cached.state.engine.dispose()
 
 
-def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(  # type: ignore[no-untyped-def]
-    api, settings, caplog
+def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(
+    api: TestClient,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.broker)
     bad = {
         "tasks|chats.not_a_task|applied": "not a number",
         "tasks|chats.also_not|nan": "nan",
         "rows": "3",  # no kind
         "tasks|chats.sync_chat": "1",  # no outcome
     }
-    client.hset(WORKER_KEY, mapping=bad)
+    client.hset(WORKER_KEY, mapping=bad)  # type: ignore[arg-type]
     try:
         with caplog.at_level("WARNING", logger="app.metrics"):
             samples = scrape(api)
@@ -336,7 +357,7 @@ def test_a_field_of_the_worker_metrics_hash_that_is_not_a_count_is_left_out(  # 
         client.hdel(WORKER_KEY, *bad)
 
 
-def test_random_methods_and_paths_add_no_series(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_random_methods_and_paths_add_no_series(tmp_path: Path) -> None:
     """Unauthenticated clients choose the method and the path of a request; the series they can
     create are those of a fixed set, however many requests they send."""
     api = ApiProcess(dict(os.environ), tmp_path / "api.log").start()

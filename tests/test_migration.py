@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from app.settings import Settings
+from harness.processes import WorkerProcess
 from tasks.publish import producer
 from tests.conftest import (
     RUN_ID,
@@ -80,7 +82,7 @@ def start_upgrade(url: str, log_path: Path, **env: str) -> subprocess.Popen[byte
     """`alembic upgrade head` in a process group of its own, its log in `log_path`."""
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [str(Path(os.sys.executable).parent / "alembic"), "upgrade", "head"],
+            [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": url, **env},
             stdout=log,
@@ -167,7 +169,7 @@ def sweep_until_converged(broker: RedisServer, url: str, chat_ids: list[str]) ->
                     ),
                     {"ids": chat_ids},
                 ).scalar_one()
-            return behind == 0
+            return bool(behind == 0)
 
         wait_until(converged, timeout=90, interval=0.5)
         wait_converged(engine, chat_ids, timeout=30)
@@ -207,7 +209,7 @@ def test_migration_under_concurrent_writes_blocks_nobody_and_loses_nothing(
     # chats created later are the trigger's and the sweep's.
     assert done >= total >= len(legacy.chat_ids), log
     assert f"backfill: 4/{total} chats" in log and "ETA" in log
-    committed_during = [t for t in old.commits if started <= t <= finished]  # type: ignore[operator]
+    committed_during = [t for t in old.commits if started <= t <= finished]
     assert len(committed_during) >= 10, (started, finished, len(old.commits))
     assert max(old.durations) < 5.0, max(old.durations)  # lock_timeout is 0.3 s; 5 s is slack
 
@@ -276,7 +278,7 @@ def test_backfill_resumes_after_a_kill_and_copies_nothing_twice(
                     "AND state <> 'idle'"
                 )
             ).scalar_one()
-        return busy == 0
+        return bool(busy == 0)
 
     wait_until(killed_backend_gone, timeout=30)
 
@@ -316,7 +318,7 @@ def test_backfill_resumes_after_a_kill_and_copies_nothing_twice(
     assert len(rows_xmin(legacy.engine)) == 160 * 30
 
 
-def test_trigger_bumps_the_version_whoever_writes(engine) -> None:  # type: ignore[no-untyped-def]
+def test_trigger_bumps_the_version_whoever_writes(engine: Engine) -> None:
     with engine.begin() as connection:
         empty = connection.execute(
             text(
@@ -333,7 +335,7 @@ def test_trigger_bumps_the_version_whoever_writes(engine) -> None:  # type: igno
         assert empty.messages_version == 0 and full.messages_version == 1
 
         def state(chat: uuid.UUID) -> tuple[int, int, int]:
-            return tuple(  # type: ignore[return-value]
+            return tuple(
                 connection.execute(
                     text(
                         "SELECT c.messages_version, s.wanted_version, s.applied_version "
@@ -367,9 +369,9 @@ def test_trigger_bumps_the_version_whoever_writes(engine) -> None:  # type: igno
 
 
 def test_old_application_writes_reach_the_table_through_the_sweep_alone(
-    engine,
+    engine: Engine,
     broker: RedisServer,
-    fault_worker,  # type: ignore[no-untyped-def]
+    fault_worker: WorkerProcess,
 ) -> None:
     old = OldApp(os.environ["DATABASE_URL"], [])
     with psycopg.connect(old.url, autocommit=True) as connection:

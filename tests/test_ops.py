@@ -15,14 +15,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app.broker import producer
 from app.db import transaction
 from app.ops.auth import CSRF_MAX_AGE_SECONDS, csrf_token
 from app.repositories import dead_letters
+from app.settings import Settings
 from app.task_names import RECONCILE
-from tests.support import wait_converged, wait_until
+from harness.processes import WorkerProcess
+from tests.support import SessionFactory, SetPhase, wait_converged, wait_until
 from tests.test_cli import _behind_chat_with_dead_letter, _letter
 from tests.test_reconcile import run_cli
 
@@ -39,12 +41,12 @@ AUTH = basic(*OPS)
 
 
 @pytest.fixture(scope="module")
-def ops_settings(settings):  # type: ignore[no-untyped-def]
+def ops_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"ops_basic_auth": SecretStr(":".join(OPS))})
 
 
 @pytest.fixture(scope="module")
-def ops(ops_settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def ops(ops_settings: Settings) -> Iterator[TestClient]:
     from app.main import create_app
 
     with TestClient(create_app(ops_settings)) as client:
@@ -52,7 +54,7 @@ def ops(ops_settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def no_open_letters(engine) -> None:  # type: ignore[no-untyped-def]
+def no_open_letters(engine: Engine) -> None:
     """The page lists every open dead letter: close those other tests left open."""
     with engine.begin() as connection:
         connection.execute(
@@ -61,7 +63,7 @@ def no_open_letters(engine) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def resumed(engine) -> Iterator[None]:
+def resumed(engine: Engine) -> Iterator[None]:
     """Every bulk pass runs again after the test."""
     yield
     with engine.begin() as connection:
@@ -74,7 +76,7 @@ def token_of(page: str) -> str:
     return html.unescape(found.group(1))
 
 
-def test_the_page_does_not_exist_without_ops_basic_auth(api) -> None:  # type: ignore[no-untyped-def]
+def test_the_page_does_not_exist_without_ops_basic_auth(api: TestClient) -> None:
     for method, path in [
         ("GET", "/ops/"),
         ("GET", "/ops/replay?all=1"),
@@ -86,7 +88,7 @@ def test_the_page_does_not_exist_without_ops_basic_auth(api) -> None:  # type: i
         assert response.json() == {"detail": "Not Found"}
 
 
-def test_wrong_or_missing_credentials_get_401_with_a_basic_challenge(ops) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_or_missing_credentials_get_401_with_a_basic_challenge(ops: TestClient) -> None:
     wrong = [
         {},
         basic("ops", "not-the-password"),
@@ -116,8 +118,11 @@ def test_ops_basic_auth_must_be_user_and_password() -> None:
     assert Settings(ops_basic_auth="").ops_basic_auth is None
 
 
-def test_the_page_shows_phase_gates_backlog_dead_letters_and_refreshes(  # type: ignore[no-untyped-def]
-    ops, sessionmaker, clean, no_open_letters
+def test_the_page_shows_phase_gates_backlog_dead_letters_and_refreshes(
+    ops: TestClient,
+    sessionmaker: SessionFactory,
+    clean: None,
+    no_open_letters: None,
 ) -> None:
     chat_id, letter = _behind_chat_with_dead_letter(sessionmaker)
     response = ops.get("/ops/", headers=AUTH)
@@ -153,7 +158,7 @@ def test_the_page_shows_phase_gates_backlog_dead_letters_and_refreshes(  # type:
     assert "recent reconciles" in page
 
 
-def test_the_lag_histogram_shows_each_bucket_of_the_worker_metrics(ops) -> None:  # type: ignore[no-untyped-def]
+def test_the_lag_histogram_shows_each_bucket_of_the_worker_metrics(ops: TestClient) -> None:
     from app.ops.service import lag
 
     shown = lag({b"lag_bucket|0.05": b"3", b"lag_bucket|+Inf": b"1", b"lag_count": b"4",
@@ -164,7 +169,7 @@ def test_the_lag_histogram_shows_each_bucket_of_the_worker_metrics(ops) -> None:
     assert max(b.percent for b in shown.buckets) == 100.0
 
 
-def _replay_confirmation(ops, letter: int) -> str:  # type: ignore[no-untyped-def]
+def _replay_confirmation(ops: TestClient, letter: int) -> str:
     confirm = ops.get(f"/ops/replay?id={letter}", headers=AUTH)
     assert confirm.status_code == 200, confirm.text
     assert "http-equiv" not in confirm.text  # no refresh while a confirmation is shown
@@ -172,8 +177,12 @@ def _replay_confirmation(ops, letter: int) -> str:  # type: ignore[no-untyped-de
     return token_of(confirm.text)
 
 
-def test_replay_through_the_page_enqueues_and_the_worker_resolves_it(  # type: ignore[no-untyped-def]
-    ops, engine, sessionmaker, worker, caplog
+def test_replay_through_the_page_enqueues_and_the_worker_resolves_it(
+    ops: TestClient,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    worker: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     chat_id, letter = _behind_chat_with_dead_letter(sessionmaker)
     token = _replay_confirmation(ops, letter)
@@ -198,22 +207,47 @@ def test_replay_through_the_page_enqueues_and_the_worker_resolves_it(  # type: i
     assert f'id="letter-{letter}"' not in page
 
 
-def test_replay_all_through_the_page(ops, engine, sessionmaker, worker, no_open_letters) -> None:  # type: ignore[no-untyped-def]
+def test_replay_all_through_the_page(
+    ops: TestClient,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    worker: WorkerProcess,
+    no_open_letters: None,
+) -> None:
     letters = [_behind_chat_with_dead_letter(sessionmaker) for _ in range(2)]
     confirm = ops.get("/ops/replay?all=1", headers=AUTH)
     assert "python -m app dead-letters replay --all" in confirm.text
-    done = ops.post(
-        "/ops/replay", data={"csrf_token": token_of(confirm.text), "all": "1"}, headers=AUTH
-    )
-    assert done.status_code == 200, done.text
-    assert "2 replayed" in done.text
-    for chat_id, letter in letters:
-        assert f"{letter}  chat {chat_id}: enqueued" in done.text
-        wait_until(lambda letter=letter: _letter(engine, letter)["resolved_at"], timeout=30)
+    form = {"csrf_token": token_of(confirm.text), "all": "1"}
+    # A letter opened after the confirmation was shown is not what the operator agreed to.
+    late_chat, late = _behind_chat_with_dead_letter(sessionmaker)
+    try:
+        missing = ops.post("/ops/replay", data=form, headers=AUTH)  # no bound: refused
+        assert missing.status_code == 422 and "through" in missing.text, missing.text
+        done = ops.post("/ops/replay", data={**form, **hidden(confirm.text)}, headers=AUTH)
+        assert done.status_code == 200, done.text
+        assert "2 replayed" in done.text
+        for chat_id, letter in letters:
+            assert f"{letter}  chat {chat_id}: enqueued" in done.text
+        assert str(late_chat) not in done.text
+        assert _letter(engine, late)["replayed_at"] is None
+        wait_until(lambda: all(_letter(engine, n)["resolved_at"] for _, n in letters), timeout=30)
+    finally:
+        with transaction(sessionmaker) as session:
+            dead_letters.close(session, [late])
 
 
-def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(  # type: ignore[no-untyped-def]
-    ops, ops_settings, engine, sessionmaker, resumed
+def hidden(page: str) -> dict[str, str]:
+    """The hidden fields of a confirmation's form, but its CSRF token and the action's."""
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page))
+    return {k: v for k, v in fields.items() if k not in ("csrf_token", "all", "id")}
+
+
+def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(
+    ops: TestClient,
+    ops_settings: Settings,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    resumed: None,
 ) -> None:
     _, letter = _behind_chat_with_dead_letter(sessionmaker)
     good = _replay_confirmation(ops, letter)
@@ -241,7 +275,13 @@ def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(  #
         elsewhere = ops.post("/ops/bulk/pause", data={"csrf_token": good}, headers=AUTH)
         assert elsewhere.status_code == 403, elsewhere.text
         # A good token from a page of another site (a cross-site form) is refused too.
-        for header, value in [("Origin", "https://evil.example"), ("Referer", "https://e.x/")]:
+        for header, value in [
+            ("Origin", "https://evil.example"),
+            ("Referer", "https://e.x/"),
+            ("Origin", "https://testserver"),  # the same host, another scheme
+            ("Referer", "ftp://testserver/ops/"),
+            ("Origin", "null"),
+        ]:
             refused = ops.post(
                 "/ops/replay",
                 data={"id": str(letter), "csrf_token": good},
@@ -268,7 +308,7 @@ def test_an_action_without_a_valid_csrf_token_is_refused_and_changes_nothing(  #
             dead_letters.close(session, [letter])
 
 
-def test_bad_input_gets_a_4xx_naming_the_field(ops, ops_settings) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_gets_a_4xx_naming_the_field(ops: TestClient, ops_settings: Settings) -> None:
     def token(path: str) -> str:  # what the confirmation of that action hands out
         return csrf_token(ops_settings, "ops", path)
 
@@ -296,7 +336,7 @@ def test_bad_input_gets_a_4xx_naming_the_field(ops, ops_settings) -> None:  # ty
     assert huge.status_code == 413
 
 
-def _pause_through_the_page(ops, name: str) -> str:  # type: ignore[no-untyped-def]
+def _pause_through_the_page(ops: TestClient, name: str) -> str:
     confirm = ops.get(f"/ops/bulk/pause?pass={name}", headers=AUTH)
     assert confirm.status_code == 200, confirm.text
     assert f"python -m app bulk pause {name}" in confirm.text
@@ -304,18 +344,24 @@ def _pause_through_the_page(ops, name: str) -> str:  # type: ignore[no-untyped-d
         "/ops/bulk/pause", data={"csrf_token": token_of(confirm.text), "pass": name}, headers=AUTH
     )
     assert done.status_code == 200, done.text
-    return done.text
+    text: str = done.text
+    return text
 
 
-def _runs(engine) -> int:  # type: ignore[no-untyped-def]
+def _runs(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(
             connection.execute(text("SELECT count(*) FROM dualwrite_reconcile_runs")).scalar_one()
         )
 
 
-def test_a_paused_reconcile_skips_its_scheduled_runs_until_resumed(  # type: ignore[no-untyped-def]
-    ops, engine, settings, worker, clean, resumed
+def test_a_paused_reconcile_skips_its_scheduled_runs_until_resumed(
+    ops: TestClient,
+    engine: Engine,
+    settings: Settings,
+    worker: WorkerProcess,
+    clean: None,
+    resumed: None,
 ) -> None:
     assert "reconcile-nightly: paused" in _pause_through_the_page(ops, "reconcile-nightly")
     page = ops.get("/ops/", headers=AUTH).text
@@ -355,7 +401,7 @@ def test_a_paused_reconcile_skips_its_scheduled_runs_until_resumed(  # type: ign
     wait_until(lambda: _runs(engine) == before + 2, timeout=30)
 
 
-def test_bulk_pause_and_resume_from_the_cli(engine, resumed) -> None:  # type: ignore[no-untyped-def]
+def test_bulk_pause_and_resume_from_the_cli(engine: Engine, resumed: None) -> None:
     paused = run_cli("bulk", "pause")
     assert paused.returncode == 0, paused.stderr
     assert "reconcile-nightly: paused" in paused.stdout
@@ -364,10 +410,10 @@ def test_bulk_pause_and_resume_from_the_cli(engine, resumed) -> None:  # type: i
     assert "reconcile-recent: was paused already" in again.stdout
     shown = run_cli("bulk")
     assert shown.stdout.startswith("bulk passes: reconcile-nightly paused by ")
-    resumed = run_cli("bulk", "resume", "reconcile-recent")
-    assert "reconcile-recent: resumed" in resumed.stdout
-    assert "reconcile-recent running" in resumed.stdout
-    assert "reconcile-nightly paused by" in resumed.stdout
+    back = run_cli("bulk", "resume", "reconcile-recent")
+    assert "reconcile-recent: resumed" in back.stdout
+    assert "reconcile-recent running" in back.stdout
+    assert "reconcile-nightly paused by" in back.stdout
     unknown = run_cli("bulk", "pause", "sweep")
     assert unknown.returncode == 2 and "passes:" in unknown.stderr
 
@@ -389,8 +435,9 @@ def test_the_templates_ship_with_the_package() -> None:
         assert any(fnmatch.fnmatch(template, glob) for glob in globs), template
 
 
-def test_in_table_only_the_page_shows_the_reverse_backlog_and_the_contract_to_come(  # type: ignore[no-untyped-def]
-    ops, set_phase
+def test_in_table_only_the_page_shows_the_reverse_backlog_and_the_contract_to_come(
+    ops: TestClient,
+    set_phase: SetPhase,
 ) -> None:
     set_phase("table_only")
     page = ops.get("/ops/", headers=AUTH).text
@@ -402,8 +449,10 @@ def test_in_table_only_the_page_shows_the_reverse_backlog_and_the_contract_to_co
     assert "gates to " not in page.replace("gates to read_table", "")
 
 
-def test_a_confirmation_of_every_replay_lists_a_bounded_few_and_counts_them_all(  # type: ignore[no-untyped-def]
-    ops, engine, no_open_letters
+def test_a_confirmation_of_every_replay_lists_a_bounded_few_and_counts_them_all(
+    ops: TestClient,
+    engine: Engine,
+    no_open_letters: None,
 ) -> None:
     """After an incident there may be tens of thousands of open dead letters: the confirmation
     of `all` lists the first ones and says how many it would replay."""

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 from harness.processes import ApiProcess, RedisServer
 from tests.conftest import LOG_DIR, RUN_ID
-from tests.support import wait_until
+from tests.support import SessionFactory, wait_until
 from tests.test_cli import _behind_chat_with_dead_letter, _letter
 from tests.test_ops import no_open_letters as no_open_letters
 
@@ -94,8 +95,14 @@ def arrived(browser: Any, element_id: str) -> Any:
     )
 
 
-def test_the_page_in_a_browser_shows_the_rollout_and_replays_a_dead_letter(  # type: ignore[no-untyped-def]
-    browser, ops_api, engine, sessionmaker, clean, no_open_letters, tmp_path
+def test_the_page_in_a_browser_shows_the_rollout_and_replays_a_dead_letter(
+    browser: Any,
+    ops_api: tuple[ApiProcess, RedisServer],
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    clean: None,
+    no_open_letters: None,
+    tmp_path: Path,
 ) -> None:
     from selenium.webdriver.common.by import By
 

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app import metrics
 from app.db import transaction
 from app.main import create_app
 from app.services import sync
 from app.settings import Phase, Settings
+from harness.processes import WorkerProcess
 from tests.conftest import RedisServer, start_worker
-from tests.support import assert_converged, wait_converged, wait_until
+from tests.support import (
+    AuthHeaders,
+    SessionFactory,
+    SetPhase,
+    assert_converged,
+    wait_converged,
+    wait_until,
+)
 from tests.test_handlers import message
 
 
 @pytest.fixture()
-def phase_api(request, broker: RedisServer, set_phase) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def phase_api(
+    request: pytest.FixtureRequest, broker: RedisServer, set_phase: SetPhase
+) -> Iterator[TestClient]:
     """An API on the test's own broker, with the database in the phase `request.param`."""
     set_phase(request.param.value)
     with TestClient(create_app(Settings(redis_url=broker.url))) as client:
@@ -33,8 +44,13 @@ def shadow(outcome: str) -> float:
 
 @pytest.mark.parametrize("phase_api", [Phase.JSONB_ONLY], indirect=True)
 def test_jsonb_only_enqueues_nothing_and_the_sweep_catches_up_later(
-    phase_api, broker, hooks, auth, engine, set_phase
-) -> None:  # type: ignore[no-untyped-def]
+    phase_api: TestClient,
+    broker: RedisServer,
+    hooks: Path,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+) -> None:
     chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
     for _ in range(3):
         response = phase_api.post(
@@ -69,8 +85,11 @@ def test_jsonb_only_enqueues_nothing_and_the_sweep_catches_up_later(
 
 @pytest.mark.parametrize("phase_api", [Phase.VERIFY_READS], indirect=True)
 def test_verify_reads_serves_jsonb_and_counts_mismatches(
-    phase_api, auth, engine, fault_worker
-) -> None:  # type: ignore[no-untyped-def]
+    phase_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    fault_worker: WorkerProcess,
+) -> None:
     chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
     sent = [message(), message("assistant"), message()]
     phase_api.put(f"/chats/{chat}/messages", json={"messages": sent}, headers=auth())
@@ -99,8 +118,12 @@ def test_verify_reads_serves_jsonb_and_counts_mismatches(
 
 @pytest.mark.parametrize("phase_api", [Phase.READ_TABLE], indirect=True)
 def test_read_table_serves_the_table_and_falls_back_when_behind(
-    phase_api, broker, auth, engine, hooks
-) -> None:  # type: ignore[no-untyped-def]
+    phase_api: TestClient,
+    broker: RedisServer,
+    auth: AuthHeaders,
+    engine: Engine,
+    hooks: Path,
+) -> None:
     chat = phase_api.post("/chats", json={}, headers=auth()).json()["id"]
     sent = [message(), message("assistant")]
     phase_api.put(f"/chats/{chat}/messages", json={"messages": sent}, headers=auth())
@@ -120,8 +143,11 @@ def test_read_table_serves_the_table_and_falls_back_when_behind(
 
 @pytest.mark.parametrize("phase_api", [Phase.VERIFY_READS], indirect=True)
 def test_shadow_reads_apply_the_tables_mapping_to_repeated_and_over_long_ids(
-    phase_api, auth, engine, sessionmaker
-) -> None:  # type: ignore[no-untyped-def]
+    phase_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+) -> None:
     first, other = message(), message("assistant")
     repeated = {**first, "content": "the same id again, other content"}
     too_long = message(id="x" * 1025)

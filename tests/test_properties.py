@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ ENGINE = make_engine(SETTINGS, pool_size=2)
 FACTORY = make_sessionmaker(ENGINE)
 USER = "property-user"
 
+T = TypeVar("T")
 ids = st.sampled_from([f"m{i}" for i in range(8)])
 contents = st.sampled_from(["a", "b", "c"])
 
@@ -49,7 +52,7 @@ class DualWrite(RuleBasedStateMachine):
         self.lost: set[uuid.UUID] = set()  # chats one of whose tasks was dropped
         self.versions: dict[tuple[uuid.UUID, str], int] = {}
 
-    def _do(self, operation, *args):  # type: ignore[no-untyped-def]
+    def _do(self, operation: Callable[..., T], *args: object) -> T:
         jobs = JobQueue()
         with transaction(FACTORY) as session:
             ctx = service.Context(session=session, jobs=jobs, settings=SETTINGS, user_id=USER)
@@ -69,7 +72,7 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(data=st.data(), message_id=ids, content=contents)
-    def append(self, data, message_id, content) -> None:  # type: ignore[no-untyped-def]
+    def append(self, data: st.DataObject, message_id: str, content: str) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         body = schemas.AppendMessage.model_validate(
             {"message": element(message_id, content)}, strict=False
@@ -83,7 +86,7 @@ class DualWrite(RuleBasedStateMachine):
         data=st.data(),
         snapshot=st.lists(st.tuples(ids, contents), max_size=6, unique_by=lambda t: t[0]),
     )
-    def replace(self, data, snapshot) -> None:  # type: ignore[no-untyped-def]
+    def replace(self, data: st.DataObject, snapshot: list[tuple[str, str]]) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         body = schemas.ReplaceMessages.model_validate(
             {"messages": [element(i, c) for i, c in snapshot]}, strict=False
@@ -92,7 +95,7 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(data=st.data(), message_id=ids)
-    def fork(self, data, message_id) -> None:  # type: ignore[no-untyped-def]
+    def fork(self, data: st.DataObject, message_id: str) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         try:
             forked = self._do(service.fork_chat, chat, schemas.Fork(up_to_message_id=message_id))
@@ -102,14 +105,14 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self._live())
     @rule(data=st.data())
-    def delete(self, data) -> None:  # type: ignore[no-untyped-def]
+    def delete(self, data: st.DataObject) -> None:
         chat = data.draw(st.sampled_from(self._live()))
         self._do(service.delete_chat, chat)
         self.deleted.add(chat)
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data(), keep=st.booleans())
-    def deliver(self, data, keep) -> None:  # type: ignore[no-untyped-def]
+    def deliver(self, data: st.DataObject, keep: bool) -> None:
         """Deliver any pending task (reordering); keep it queued to deliver it again later."""
         index = data.draw(st.integers(0, len(self.pending) - 1))
         self._run(*(self.pending[index] if keep else self.pending.pop(index)))
@@ -123,7 +126,7 @@ class DualWrite(RuleBasedStateMachine):
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())
-    def drop(self, data) -> None:  # type: ignore[no-untyped-def]
+    def drop(self, data: st.DataObject) -> None:
         chat, _ = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
         self.lost.add(chat)
 

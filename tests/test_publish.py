@@ -8,11 +8,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from celery import Celery
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app import broker as app_broker
 from app import metrics
@@ -22,31 +26,36 @@ from app.jobs import (
     Job,
     JobQueue,
     Published,
+    UnsafePublishMany,
     publish_after_commit,
     publish_many_after_commit,
 )
 from app.main import create_app
 from app.publisher import RELEASE_SECONDS, BackgroundPublisher
 from app.settings import Settings
-from harness.processes import ApiProcess
+from harness.processes import ApiProcess, RedisServer, WorkerProcess
 from tasks import publish as sweep_publisher
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
-from tests.support import wait_converged, wait_until
+from tests.support import AuthHeaders, WaitConverged, app_state, wait_converged, wait_until
 from tests.test_faults import run_sweep_and_wait
 from tests.test_handlers import message, new_chat
 
+# The publisher, the (task, args) it sent, and the chats whose marks it released.
+Sent = list[tuple[str, tuple[object, ...]]]
+MemoryPublisher = tuple[app_broker.BoundedPublisher, Sent, list[str]]
+
 
 @pytest.fixture()
-def memory_publisher(monkeypatch):  # type: ignore[no-untyped-def]
+def memory_publisher(monkeypatch: pytest.MonkeyPatch) -> MemoryPublisher:
     """The real publisher over kombu's in-memory transport, recording what it sends and which
     chats' queued marks it releases."""
-    sent: list[tuple[str, tuple[object, ...]]] = []
+    sent: Sent = []
     released: list[str] = []
     real_producer = app_broker.producer
 
-    def recording_producer(settings: Settings):  # type: ignore[no-untyped-def]
+    def recording_producer(settings: Settings) -> Celery:
         app = real_producer(settings)
-        app.send_task = lambda name, args, **kw: sent.append((name, tuple(args)))  # type: ignore[method-assign]
+        app.send_task = lambda name, args, **kw: sent.append((name, tuple(args)))
         return app
 
     monkeypatch.setattr(app_broker, "producer", recording_producer)
@@ -54,7 +63,7 @@ def memory_publisher(monkeypatch):  # type: ignore[no-untyped-def]
     return publisher, sent, released
 
 
-def test_every_job_given_is_sent(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+def test_every_job_given_is_sent(memory_publisher: MemoryPublisher) -> None:
     # Coalescing happens before: in the statement that recorded the job (see test_sync).
     publisher, sent, released = memory_publisher
     queue = JobQueue()
@@ -74,7 +83,7 @@ def test_a_disabled_queue_records_nothing() -> None:
 
 
 def test_a_failing_publish_is_counted_not_raised() -> None:
-    def broken(job):  # type: ignore[no-untyped-def]
+    def broken(job: Job) -> None:
         raise ConnectionError("broker down")
 
     queue = JobQueue()
@@ -85,7 +94,7 @@ def test_a_failing_publish_is_counted_not_raised() -> None:
     assert queue.jobs == []
 
 
-def test_publish_to_a_dead_port_gives_up_within_its_bound(settings) -> None:  # type: ignore[no-untyped-def]
+def test_publish_to_a_dead_port_gives_up_within_its_bound(settings: Settings) -> None:
     publisher = app_broker.bounded_publisher(Settings(redis_url="redis://127.0.0.1:1/0"))
     queue = JobQueue()
     queue.enqueue(SYNC_CHAT, "chat-a", 1, queued="chat-a")
@@ -95,15 +104,19 @@ def test_publish_to_a_dead_port_gives_up_within_its_bound(settings) -> None:  # 
 
 
 def test_appends_while_a_task_waits_send_no_new_task(
-    broker, hooks, fault_api, auth, engine
-) -> None:  # type: ignore[no-untyped-def,no-redef]
+    broker: RedisServer,
+    hooks: Path,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
     # No worker yet: every task waits in the private broker's queue.
     chat = fault_api.post("/chats", json={}, headers=auth()).json()["id"]
     other = fault_api.post("/chats", json={}, headers=auth()).json()["id"]
     for _ in range(5):
         fault_api.post(f"/chats/{chat}/messages", json={"message": message()}, headers=auth())
     fault_api.post(f"/chats/{other}/messages", json={"message": message()}, headers=auth())
-    wait_until(lambda: fault_api.app.state.publisher.pending() == 0, timeout=10)
+    wait_until(lambda: app_state(fault_api).publisher.pending() == 0, timeout=10)
     assert broker.client().llen("dualwrite.sync") == 2
     worker = start_worker(broker, hooks, "coalesce")
     try:
@@ -112,17 +125,19 @@ def test_appends_while_a_task_waits_send_no_new_task(
         worker.stop()
 
 
-def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory_publisher) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_send_releases_the_chat_for_the_next_change(
+    monkeypatch: pytest.MonkeyPatch, memory_publisher: MemoryPublisher
+) -> None:
     _, _, released = memory_publisher
     real_producer = app_broker.producer
 
-    def refusing_producer(settings: Settings):  # type: ignore[no-untyped-def]
+    def refusing_producer(settings: Settings) -> Celery:
         app = real_producer(settings)
 
-        def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def refuse(*args: object, **kwargs: object) -> None:
             raise ConnectionError("broker down")
 
-        app.send_task = refuse  # type: ignore[method-assign]
+        app.send_task = refuse
         return app
 
     monkeypatch.setattr(app_broker, "producer", refusing_producer)
@@ -135,12 +150,12 @@ def test_a_failed_send_releases_the_chat_for_the_next_change(monkeypatch, memory
     assert released == ["chat-f"]
 
 
-def test_a_bulk_publish_sends_through_one_producer(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+def test_a_bulk_publish_sends_through_one_producer(memory_publisher: MemoryPublisher) -> None:
     publisher, sent, _ = memory_publisher
-    acquired = []
+    acquired: list[int] = []
     acquire = publisher.app.producer_or_acquire
 
-    def counting_acquire(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting_acquire(*args: Any, **kwargs: Any) -> Any:
         acquired.append(1)
         return acquire(*args, **kwargs)
 
@@ -152,12 +167,12 @@ def test_a_bulk_publish_sends_through_one_producer(memory_publisher) -> None:  #
 
 
 def test_a_bulk_publish_stops_at_the_first_failed_send_and_releases_those_not_sent(
-    memory_publisher,
-) -> None:  # type: ignore[no-untyped-def]
+    memory_publisher: MemoryPublisher,
+) -> None:
     publisher, _, released = memory_publisher
     attempts: list[str] = []
 
-    def flaky(name, args, **kwargs):  # type: ignore[no-untyped-def]
+    def flaky(name: str, args: list[str], **kwargs: object) -> None:
         attempts.append(args[0])
         if len(attempts) > 1:
             raise ConnectionError("broker went away")
@@ -184,7 +199,7 @@ def test_a_bulk_publish_counts_each_outcome_and_never_raises() -> None:
     assert [c.labels(SYNC_CHAT)._value.get() - v for c, v in before.items()] == [2, 1]
     assert queue.jobs == []
 
-    def down(jobs):  # type: ignore[no-untyped-def]
+    def down(jobs: Sequence[Job]) -> list[Exception | None]:
         raise ConnectionError("broker down")
 
     queue.enqueue(SYNC_CHAT, "chat-a", 1)
@@ -198,7 +213,7 @@ def test_the_sweep_reuses_one_publisher_per_process() -> None:
     assert first.app is sweep_publisher.process_publisher().app
 
 
-def test_a_countdown_is_passed_to_the_send(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+def test_a_countdown_is_passed_to_the_send(memory_publisher: MemoryPublisher) -> None:
     publisher, _, _ = memory_publisher
     options: list[dict[str, object]] = []
     publisher.app.send_task = lambda name, args, **kwargs: options.append(kwargs)
@@ -217,13 +232,13 @@ def test_a_countdown_is_passed_to_the_send(memory_publisher) -> None:  # type: i
 class Gate:
     """A `send_many` that holds its first batch until released, then sends through `send`."""
 
-    def __init__(self, send):  # type: ignore[no-untyped-def]
+    def __init__(self, send: UnsafePublishMany) -> None:
         self.send = send
         self.entered = threading.Event()
         self.released = threading.Event()
         self.batches: list[list[Job]] = []
 
-    def __call__(self, jobs):  # type: ignore[no-untyped-def]
+    def __call__(self, jobs: Sequence[Job]) -> Sequence[Exception | None]:
         self.entered.set()
         if not self.released.wait(60):
             raise TimeoutError("the test never released the gate")
@@ -235,14 +250,14 @@ def dropped(reason: str) -> float:
     return float(metrics.PUBLISH_DROPPED.labels(reason)._value.get())
 
 
-def append(client: TestClient, auth, chat_id: str) -> None:  # type: ignore[no-untyped-def]
+def append(client: TestClient, auth: AuthHeaders, chat_id: str) -> None:
     response = client.post(
         f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth()
     )
     assert response.status_code == 201, response.text
 
 
-def behind(engine, chat_ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+def behind(engine: Engine, chat_ids: list[str]) -> list[str]:
     with engine.connect() as connection:
         return sorted(
             str(chat)
@@ -257,8 +272,11 @@ def behind(engine, chat_ids: list[str]) -> list[str]:  # type: ignore[no-untyped
 
 
 def test_the_response_is_sent_while_the_publish_is_blocked(
-    settings, auth, engine, converged
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+) -> None:
     gate = Gate(app_broker.BoundedPublisher(settings).many)
     app = create_app(settings, send_many=gate)
     try:
@@ -282,8 +300,12 @@ def test_the_response_is_sent_while_the_publish_is_blocked(
         app.state.engine.dispose()
 
 
-def test_a_full_buffer_drops_and_counts_and_the_sweep_converges_the_chats(  # type: ignore[no-untyped-def]
-    broker, fault_worker, auth, engine, caplog
+def test_a_full_buffer_drops_and_counts_and_the_sweep_converges_the_chats(
+    broker: RedisServer,
+    fault_worker: WorkerProcess,
+    auth: AuthHeaders,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = Settings(redis_url=broker.url, publish_buffer_size=2, publish_batch_size=1)
     gate = Gate(app_broker.BoundedPublisher(settings).many)
@@ -313,7 +335,9 @@ def test_a_full_buffer_drops_and_counts_and_the_sweep_converges_the_chats(  # ty
         app.state.engine.dispose()
 
 
-def test_shutdown_sends_the_jobs_still_buffered(settings, auth, engine, converged) -> None:  # type: ignore[no-untyped-def]
+def test_shutdown_sends_the_jobs_still_buffered(
+    settings: Settings, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> None:
     gate = Gate(app_broker.BoundedPublisher(settings).many)
     app = create_app(settings, send_many=gate)
     publisher = app.state.publisher
@@ -345,7 +369,7 @@ def test_shutdown_sends_the_jobs_still_buffered(settings, auth, engine, converge
         app.state.engine.dispose()
 
 
-def queued(engine, chat_ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+def queued(engine: Engine, chat_ids: list[str]) -> list[str]:
     """Those of these chats whose queued mark is set."""
     with engine.connect() as connection:
         return sorted(
@@ -360,7 +384,7 @@ def queued(engine, chat_ids: list[str]) -> list[str]:  # type: ignore[no-untyped
         )
 
 
-def mark_queued(engine, chat_id: str) -> None:  # type: ignore[no-untyped-def]
+def mark_queued(engine: Engine, chat_id: str) -> None:
     with engine.begin() as connection:
         connection.execute(
             text("UPDATE copilot_chat_sync_state SET queued_since = now() WHERE chat_id = :c"),
@@ -368,8 +392,10 @@ def mark_queued(engine, chat_id: str) -> None:  # type: ignore[no-untyped-def]
         )
 
 
-def test_shutdown_with_a_hung_broker_ends_within_its_bounds_and_releases_every_dropped_job(  # type: ignore[no-untyped-def]
-    broker, auth, engine
+def test_shutdown_with_a_hung_broker_ends_within_its_bounds_and_releases_every_dropped_job(
+    broker: RedisServer,
+    auth: AuthHeaders,
+    engine: Engine,
 ) -> None:
     # Timeouts far beyond the drain bound: only the bound can end the shutdown in time.
     settings = Settings(
@@ -450,8 +476,10 @@ def test_every_job_not_sent_at_shutdown_is_released_and_counted_once() -> None:
         gate.released.set()
 
 
-def test_an_api_process_stopped_while_its_broker_hangs_releases_its_jobs_marks(  # type: ignore[no-untyped-def]
-    broker, auth, engine
+def test_an_api_process_stopped_while_its_broker_hangs_releases_its_jobs_marks(
+    broker: RedisServer,
+    auth: AuthHeaders,
+    engine: Engine,
 ) -> None:
     drain = 0.5
     api = ApiProcess(
@@ -489,7 +517,7 @@ def test_an_api_process_stopped_while_its_broker_hangs_releases_its_jobs_marks( 
     assert behind(engine, chats) == sorted(chats)  # recorded: the sweep repairs them
 
 
-def test_jobs_buffered_during_a_send_go_out_in_batches(memory_publisher) -> None:  # type: ignore[no-untyped-def]
+def test_jobs_buffered_during_a_send_go_out_in_batches(memory_publisher: MemoryPublisher) -> None:
     bounded, sent, _ = memory_publisher
     gate = Gate(bounded.many)
     background = BackgroundPublisher(gate, buffer_size=100, batch_size=25, drain_seconds=5)
@@ -507,11 +535,13 @@ def test_jobs_buffered_during_a_send_go_out_in_batches(memory_publisher) -> None
     assert [args[0] for _, args in sent] == ["chat-first", *(f"chat-{n}" for n in range(40))]
 
 
-def test_a_failing_broker_is_counted_per_job_and_logged_once_per_burst(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_broker_is_counted_per_job_and_logged_once_per_burst(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     down = threading.Event()
     down.set()
 
-    def send(jobs):  # type: ignore[no-untyped-def]
+    def send(jobs: Sequence[Job]) -> list[Exception | None]:
         if down.is_set():
             raise ConnectionError("broker down")
         return [None] * len(jobs)

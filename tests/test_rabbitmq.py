@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
 from app import broker as app_broker
 from app.jobs import JobQueue, publish_after_commit
@@ -19,6 +21,7 @@ from app.task_names import SYNC_CHAT
 from harness.processes import ApiProcess, wait_until
 from harness.rabbit import RabbitVhost, TcpProxy, rabbitmqctl
 from tests.conftest import LOG_DIR, RUN_ID
+from tests.support import SessionFactory
 
 
 @pytest.fixture()
@@ -99,7 +102,8 @@ def not_ready(api: ApiProcess, bound: float) -> dict[str, Any] | None:
     response = httpx.get(api.base + "/readyz", timeout=10)
     took = time.monotonic() - started
     assert took < bound, f"/readyz took {took:.2f}s"
-    return response.json() if response.status_code == 503 else None  # type: ignore[no-any-return]
+    body: dict[str, Any] | None = response.json() if response.status_code == 503 else None
+    return body
 
 
 def test_readyz_names_a_hung_or_down_rabbitmq_within_its_bound(
@@ -131,8 +135,8 @@ def test_readyz_names_a_hung_or_down_rabbitmq_within_its_bound(
 
 
 def test_a_message_past_the_delivery_limit_ends_in_the_database_dead_letters(
-    rabbit: RabbitVhost, hooks, engine, sessionmaker
-) -> None:  # type: ignore[no-untyped-def]
+    rabbit: RabbitVhost, hooks: Path, engine: Engine, sessionmaker: SessionFactory
+) -> None:
     """A consumer that loses the message every time (here: rejects it back to the queue) makes
     RabbitMQ dead-letter it after `DELIVERY_LIMIT` returns; the worker's periodic task moves it
     from the dead-letter queue into the dead letters, where `status` and replay see it."""
@@ -152,12 +156,12 @@ def test_a_message_past_the_delivery_limit_ends_in_the_database_dead_letters(
         chat = chats_repo.create(
             session, user_id="u", title=None, model="m", workflow_id=None, messages=[message()]
         )
-    with Connection(rabbit.url) as connection:
+    with Connection(rabbit.url) as connection:  # type: ignore[no-untyped-call]
         channel = connection.default_channel
         for queue in [*topology.task_queues(settings), topology.dead_letter_queue()]:
-            queue.bind(channel).declare()
+            queue.bind(channel).declare()  # type: ignore[no-untyped-call]
         producer(settings).send_task("chats.sync_chat", args=(str(chat.id), 1))
-        sync_queue = topology.task_queues(settings)[0].bind(channel)
+        sync_queue = topology.task_queues(settings)[0].bind(channel)  # type: ignore[no-untyped-call]
         returns = 0
         while (taken := sync_queue.get(no_ack=False)) is not None:
             taken.reject(requeue=True)
@@ -178,8 +182,8 @@ def test_a_message_past_the_delivery_limit_ends_in_the_database_dead_letters(
 
 
 def test_status_shows_rabbitmqs_queues_consumers_and_workers_without_redis(
-    rabbit: RabbitVhost, hooks
-) -> None:  # type: ignore[no-untyped-def]
+    rabbit: RabbitVhost, hooks: Path
+) -> None:
     import re
     import subprocess
     import sys

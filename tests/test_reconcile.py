@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from app.db import transaction
@@ -27,7 +28,17 @@ from app.repositories import chats as chats_repo
 from app.repositories import dead_letters
 from app.repositories.sync_state import SYNC_LOCK_CLASS
 from app.services.reconcile import LOCK_KEY, Limits, reconcile
-from tests.support import ROOT, assert_converged, dumps, table_rows, wait_until
+from tests.support import (
+    ROOT,
+    AuthHeaders,
+    SessionFactory,
+    SetPhase,
+    WaitConverged,
+    assert_converged,
+    dumps,
+    table_rows,
+    wait_until,
+)
 from tests.test_handlers import message, new_chat
 
 DSN = os.environ["DATABASE_URL"]  # set by conftest before this module is imported
@@ -86,7 +97,9 @@ def printed_run_id(stdout: str) -> int:
 # Chats made through the API, and drift made by hand behind its back.
 
 
-def seed(api, auth, count: int, size: int = 4) -> dict[str, list[dict[str, Any]]]:  # type: ignore[no-untyped-def]
+def seed(
+    api: TestClient, auth: AuthHeaders, count: int, size: int = 4
+) -> dict[str, list[dict[str, Any]]]:
     """`count` chats of `size` messages each, written through the API (the worker copies them)."""
     chats = {}
     for _ in range(count):
@@ -201,7 +214,9 @@ def run_ids(engine: Engine) -> list[int]:
         )
 
 
-def drifted_set(api, auth, engine, converged) -> tuple[list[str], dict[str, tuple[int, int, int]]]:  # type: ignore[no-untyped-def]
+def drifted_set(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged
+) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
     """Four converged chats, then drift of every kind made by hand in three of them.
 
     Returns the chat ids and, per drifted chat, the expected (missing, stale, extra).
@@ -228,8 +243,12 @@ def drifted_set(api, auth, engine, converged) -> tuple[list[str], dict[str, tupl
 # ---------------------------------------------------------------------------------------------
 
 
-def test_dry_run_finds_every_kind_of_drift_exactly_and_a_run_repairs_it(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean
+def test_dry_run_finds_every_kind_of_drift_exactly_and_a_run_repairs_it(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     ids, _ = drifted_set(api, auth, engine, converged)
     before = every_row(engine)
@@ -295,8 +314,8 @@ def test_dry_run_finds_every_kind_of_drift_exactly_and_a_run_repairs_it(  # type
         assert r["error"] is None
 
 
-def test_a_chat_merely_behind_is_lag_not_drift(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean
+def test_a_chat_merely_behind_is_lag_not_drift(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, clean: None
 ) -> None:
     chats = seed(api, auth, 2)
     behind, drifted = sorted(chats)
@@ -326,8 +345,13 @@ LAG = (
 )
 
 
-def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean, set_phase
+def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
+    set_phase: SetPhase,
 ) -> None:
     chats = seed(api, auth, 2)
     written, quiet = sorted(chats)
@@ -366,8 +390,13 @@ def test_in_jsonb_only_every_difference_is_drift_to_check_and_to_a_dry_run_alike
     assert run_cli("check").returncode == 0
 
 
-def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     (chat,) = seed(api, auth, 1)
     converged(chat)
@@ -409,8 +438,13 @@ def test_a_chat_behind_that_the_sweep_skips_is_drift_not_lag(  # type: ignore[no
     assert run_cli("check").returncode == 0
 
 
-def test_since_only_touches_recently_updated_chats(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_since_only_touches_recently_updated_chats(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 4, size=2)
     ids = sorted(chats)
@@ -450,8 +484,13 @@ def reconcile_lock() -> Iterator[psycopg.Connection[Any]]:
         connection.execute("SELECT pg_advisory_unlock(%s, %s)", LOCK_KEY)
 
 
-def test_a_reconcile_that_finds_the_lock_held_does_nothing(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, reconcile_lock
+def test_a_reconcile_that_finds_the_lock_held_does_nothing(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    reconcile_lock: psycopg.Connection[Any],
 ) -> None:
     chats = seed(api, auth, 1)
     (chat_id,) = chats
@@ -489,8 +528,12 @@ def _lock_state(connection: psycopg.Connection[Any]) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_held(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged, clean
+def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_held(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 12, size=3)
     ids = sorted(chats)
@@ -527,8 +570,13 @@ def test_two_reconciles_started_together_one_runs_the_other_says_the_lock_is_hel
     assert_converged(engine, ids)
 
 
-def test_a_reconcile_racing_live_appends_leaves_no_old_row(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_reconcile_racing_live_appends_leaves_no_old_row(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     chats = seed(api, auth, 6, size=2)
     ids = sorted(chats)
@@ -602,8 +650,13 @@ def test_a_reconcile_racing_live_appends_leaves_no_old_row(  # type: ignore[no-u
         assert recorded["drift"] == report.drift and recorded["chats_scanned"] == len(ids)
 
 
-def test_a_bad_element_does_not_abort_the_reconcile_of_other_chats(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_bad_element_does_not_abort_the_reconcile_of_other_chats(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """DESIGN 4.7: a bad element already in JSONB never aborts a batch. An element whose
     `streamId` is too long for the stream index is such an element (the API accepts it in a
@@ -625,8 +678,11 @@ def test_a_bad_element_does_not_abort_the_reconcile_of_other_chats(  # type: ign
         execute(engine, "DELETE FROM copilot_chats WHERE id = :c", c=bad)
 
 
-def test_the_reconcile_task_runs_in_the_worker_and_is_recorded_as_beat(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged
+def test_the_reconcile_task_runs_in_the_worker_and_is_recorded_as_beat(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
 ) -> None:
     from tasks import celery
 
@@ -670,8 +726,11 @@ celery.tasks["chats.reconcile"].apply_async(queue={queue!r})
 """
 
 
-def test_the_reconcile_task_is_not_cut_short_by_the_sync_time_limits(  # type: ignore[no-untyped-def]
-    api, auth, engine, converged
+def test_the_reconcile_task_is_not_cut_short_by_the_sync_time_limits(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    converged: WaitConverged,
 ) -> None:
     """The reconcile task says it "runs as long as it needs": a nightly run over every chat takes
     far longer than a sync's limits. In a deployment whose task limits are 1 s (soft) and 3 s
@@ -780,7 +839,9 @@ def open_letters(engine: Engine, chat_id: str) -> dict[str, str]:
     return {row.reason: row.error for row in rows}
 
 
-def drifted_chats(api, auth, engine, converged, count: int) -> tuple[list[str], dict[str, str]]:  # type: ignore[no-untyped-def]
+def drifted_chats(
+    api: TestClient, auth: AuthHeaders, engine: Engine, converged: WaitConverged, count: int
+) -> tuple[list[str], dict[str, str]]:
     """`count` converged chats, each then missing the row of its first message."""
     chats = seed(api, auth, count, size=2)
     ids = sorted(chats)
@@ -791,8 +852,13 @@ def drifted_chats(api, auth, engine, converged, count: int) -> tuple[list[str], 
     return ids, first
 
 
-def test_a_chat_held_past_the_lock_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_held_past_the_lock_timeout_is_dead_lettered_and_the_run_goes_on(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """One chat held by a sync for longer than the reconcile's lock timeout: its batch is split
     down to that chat, which gets a `reconcile_timeout` dead letter; every other chat, before and
@@ -852,8 +918,13 @@ def sweep_claims(session: Any) -> list[Any]:
     return sync.sweep(session, grace=timedelta(0), ttl=timedelta(0), limit=1000)
 
 
-def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """A statement that outlasts the reconcile's statement timeout (here: one waiting on a held
     chat, with the lock timeout far longer) is cancelled with 57014; the batch is split, the chat
@@ -883,8 +954,13 @@ def test_a_chat_past_the_statement_timeout_is_dead_lettered_and_the_run_goes_on(
     assert dry is not None and (dry.outcome, dry.inserted, dry.timed_out) == ("drift", 1, 0)
 
 
-def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     """SIGKILL a CLI reconcile while it waits on a chat: its run row says `running`, but nothing
     holds the reconcile lock any more; `status` shows it killed at once, and the next reconcile
@@ -917,8 +993,13 @@ def test_a_reconcile_killed_mid_run_is_shown_and_recorded_as_killed(  # type: ig
     assert_converged(engine, ids)
 
 
-def test_a_run_that_raises_is_marked_failed_not_left_running(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_run_that_raises_is_marked_failed_not_left_running(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     drifted_chats(api, auth, engine, converged, 2)
 
@@ -935,8 +1016,13 @@ def test_a_run_that_raises_is_marked_failed_not_left_running(  # type: ignore[no
     assert recorded["chats_scanned"] == 1  # what it had done when it stopped
 
 
-def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, converged, clean
+def test_a_chat_whose_sync_kills_workers_is_skipped_and_counted(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    converged: WaitConverged,
+    clean: None,
 ) -> None:
     ids, first = drifted_chats(api, auth, engine, converged, 3)
     lost = ids[1]

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import psycopg
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -24,7 +25,8 @@ from app.repositories import chats as chats_repo
 from app.repositories import messages as messages_repo
 from app.repositories import sync_state
 from app.services import replay, sync
-from tests.support import ROOT, wait_until
+from harness.processes import RedisServer
+from tests.support import ROOT, AuthHeaders, SessionFactory, SetPhase, wait_until
 from tests.test_handlers import message, new_chat
 from tests.test_transitions import Client, api_process, quiet_and_equal
 
@@ -72,13 +74,16 @@ def row_ids(engine: Engine, chat: str) -> list[str]:
         )
 
 
-def sync_now(sessionmaker, chat: str) -> sync.SyncReport:  # type: ignore[no-untyped-def]
+def sync_now(sessionmaker: SessionFactory, chat: str) -> sync.SyncReport:
     with transaction(sessionmaker) as session:
         return sync.sync_chats(session, {uuid.UUID(chat): 0})
 
 
-def test_a_script_writing_during_a_step_into_table_only_waits_then_is_refused(  # type: ignore[no-untyped-def]
-    api, auth, engine, set_phase
+def test_a_script_writing_during_a_step_into_table_only_waits_then_is_refused(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
 ) -> None:
     """The step holds the phase for its change: a plain-SQL write of the JSONB waits for it,
     sees `table_only` once it commits, and is refused, instead of being acknowledged behind
@@ -114,8 +119,13 @@ def test_a_script_writing_during_a_step_into_table_only_waits_then_is_refused(  
     assert jsonb_ids(engine, chat) == before
 
 
-def test_a_step_waits_for_a_script_in_flight_and_copies_its_write(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, set_phase, clean
+def test_a_step_waits_for_a_script_in_flight_and_copies_its_write(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
+    clean: None,
 ) -> None:
     """A script's transaction that wrote the JSONB before the step holds the phase: the step
     waits for it to commit, then converges its write, so the rows (and after them the JSONB)
@@ -148,8 +158,12 @@ def test_a_step_waits_for_a_script_in_flight_and_copies_its_write(  # type: igno
     assert row_ids(engine, chat) == jsonb_ids(engine, chat)
 
 
-def test_the_reverse_sync_leaves_a_jsonb_that_moved_on_by_itself_and_replay_adopts_it(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, set_phase
+def test_the_reverse_sync_leaves_a_jsonb_that_moved_on_by_itself_and_replay_adopts_it(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
 ) -> None:
     """A write that bypassed the triggers in `table_only` (they refuse every other): the reverse
     sync does not erase it but parks the chat in a `diverged` dead letter; a replay adds what
@@ -197,8 +211,9 @@ def test_the_reverse_sync_leaves_a_jsonb_that_moved_on_by_itself_and_replay_adop
     assert jsonb_ids(engine, chat) == row_ids(engine, chat)
 
 
-def test_a_step_refuses_within_its_timeout_in_one_line_and_changes_nothing(  # type: ignore[no-untyped-def]
-    engine, set_phase
+def test_a_step_refuses_within_its_timeout_in_one_line_and_changes_nothing(
+    engine: Engine,
+    set_phase: SetPhase,
 ) -> None:
     """A long transaction holding the phase (a script's write left open) keeps the step from
     ever taking it: the step refuses within PHASE_STEP_TIMEOUT_SECONDS, says why in one line,
@@ -268,8 +283,14 @@ def script_chats(engine: Engine, count: int) -> list[str]:
         ]
 
 
-def test_script_writers_and_api_clients_through_repeated_steps_lose_nothing(  # type: ignore[no-untyped-def]
-    api_process, auth, engine, sessionmaker, broker, set_phase, clean
+def test_script_writers_and_api_clients_through_repeated_steps_lose_nothing(
+    api_process: str,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    broker: RedisServer,
+    set_phase: SetPhase,
+    clean: None,
 ) -> None:
     """Two plain-SQL connections append ~100 times a second, two API clients chat, and the
     phase steps `read_table` <-> `table_only` eight times: every step goes through, and every
@@ -311,8 +332,11 @@ def test_script_writers_and_api_clients_through_repeated_steps_lose_nothing(  # 
             assert row_ids(engine, chat) == jsonb_ids(engine, chat), chat
 
 
-def test_a_step_under_a_fast_script_writer_finishes_within_its_bound(  # type: ignore[no-untyped-def]
-    engine, sessionmaker, set_phase, clean
+def test_a_step_under_a_fast_script_writer_finishes_within_its_bound(
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
+    clean: None,
 ) -> None:
     """A script appending as fast as it can, to many chats (none of its writes sends a sync):
     the step into `table_only` works through finite sets, prints its progress, then holds the
@@ -350,8 +374,12 @@ def test_a_step_under_a_fast_script_writer_finishes_within_its_bound(  # type: i
             assert row_ids(engine, chat) == ids, chat
 
 
-def test_a_page_cursor_names_the_same_message_in_both_stores_after_a_step_back(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, set_phase
+def test_a_page_cursor_names_the_same_message_in_both_stores_after_a_step_back(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
 ) -> None:
     """Elements the table cannot hold leave gaps in the rows' `seq`; in `table_only` the
     reverse sync writes the JSONB without them, and renumbers the rows with it, so that after
@@ -401,8 +429,12 @@ def test_a_page_cursor_names_the_same_message_in_both_stores_after_a_step_back( 
         assert list(seqs) == [0, 1, 2, 3, 4]
 
 
-def test_renumbering_waits_for_a_writer_of_the_rows_and_keeps_its_order(  # type: ignore[no-untyped-def]
-    api, auth, engine, sessionmaker, set_phase
+def test_renumbering_waits_for_a_writer_of_the_rows_and_keeps_its_order(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    sessionmaker: SessionFactory,
+    set_phase: SetPhase,
 ) -> None:
     """The reverse sync renumbers a chat's rows under the chat's head lock, as every writer of
     the rows takes it: a snapshot replace in flight is waited for, and its order stands."""
@@ -456,8 +488,12 @@ def test_renumbering_waits_for_a_writer_of_the_rows_and_keeps_its_order(  # type
     assert jsonb_ids(engine, chat) == ["c", "a", "b"]
 
 
-def test_a_step_refuses_rather_than_hold_writers_behind_a_chat_someone_holds(  # type: ignore[no-untyped-def]
-    api, auth, engine, set_phase, clean
+def test_a_step_refuses_rather_than_hold_writers_behind_a_chat_someone_holds(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
+    clean: None,
 ) -> None:
     """Under the phase lock every writer waits: a chat that the step must converge but that a
     long transaction holds makes the step refuse after PHASE_LOCK_WAIT_MS, not wait with every

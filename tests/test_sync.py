@@ -10,9 +10,11 @@ import re
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app.db import transaction
 from app.jobs import SYNC_CHAT, SYNC_MESSAGES
@@ -20,18 +22,27 @@ from app.repositories import chats as chats_repo
 from app.repositories import sync_state
 from app.services import sync
 from app.settings import Settings
-from tasks.maintenance import SWEEP
+from app.task_names import SWEEP
+from harness.processes import RedisServer
 from tasks.publish import producer
 from tasks.queues import Queue
 from tests.conftest import LOG_DIR, RUN_ID, start_worker
-from tests.support import WorkerProcess, assert_converged, wait_converged, wait_until
+from tests.support import (
+    SessionFactory,
+    WorkerProcess,
+    assert_converged,
+    wait_converged,
+    wait_until,
+)
 
 
 def element(id_: str, content: str = "x") -> dict[str, object]:
     return {"id": id_, "role": "user", "content": content, "timestamp": "2026-01-01T00:00:00Z"}
 
 
-def build_history(sessionmaker) -> tuple[uuid.UUID, list[tuple[str, tuple[object, ...]]]]:  # type: ignore[no-untyped-def]
+def build_history(
+    sessionmaker: SessionFactory,
+) -> tuple[uuid.UUID, list[tuple[str, tuple[object, ...]]]]:
     """A chat taken through append, edit, removal and append, without publishing anything;
     returns it with the task each mutation would have enqueued."""
     tasks: list[tuple[str, tuple[object, ...]]] = []
@@ -52,7 +63,7 @@ def build_history(sessionmaker) -> tuple[uuid.UUID, list[tuple[str, tuple[object
     return cid, tasks
 
 
-def rows(engine, chat_id: uuid.UUID) -> list[tuple[object, ...]]:  # type: ignore[no-untyped-def]
+def rows(engine: Engine, chat_id: uuid.UUID) -> list[tuple[Any, ...]]:
     with engine.connect() as connection:
         return [
             tuple(r)
@@ -72,13 +83,15 @@ def send(task: str, args: tuple[object, ...]) -> str:
     return str(celery.send_task(task, args=args).id)
 
 
-def test_any_order_and_any_repetition_end_in_the_same_rows(engine, sessionmaker, worker) -> None:  # type: ignore[no-untyped-def]
+def test_any_order_and_any_repetition_end_in_the_same_rows(
+    engine: Engine, sessionmaker: SessionFactory, worker: WorkerProcess
+) -> None:
     finals = []
     for order in ([0, 1, 2], [2, 1, 0], [1, 1, 0, 2, 2, 0]):
         chat_id, tasks = build_history(sessionmaker)
         for index in order:
             send(*tasks[index])
-        wait_until(lambda c=chat_id: rows(engine, c) and _applied(engine, c) == 3, timeout=30)
+        wait_until(lambda: rows(engine, chat_id) and _applied(engine, chat_id) == 3, timeout=30)  # noqa: B023
         assert_converged(engine, [chat_id])
         finals.append([(r[0], r[1], r[2]["content"], r[3]) for r in rows(engine, chat_id)])
     assert finals[0] == finals[1] == finals[2]
@@ -86,7 +99,7 @@ def test_any_order_and_any_repetition_end_in_the_same_rows(engine, sessionmaker,
     assert [r[:2] for r in finals[0] if not r[3]] == [("a", 0), ("c", 1), ("d", 2)]
 
 
-def _applied(engine, chat_id: uuid.UUID) -> int:  # type: ignore[no-untyped-def]
+def _applied(engine: Engine, chat_id: uuid.UUID) -> int:
     with engine.connect() as connection:
         return int(
             connection.execute(
@@ -96,25 +109,31 @@ def _applied(engine, chat_id: uuid.UUID) -> int:  # type: ignore[no-untyped-def]
         )
 
 
-def test_an_old_task_delivered_late_reads_the_current_jsonb(engine, sessionmaker, worker) -> None:  # type: ignore[no-untyped-def]
+def test_an_old_task_delivered_late_reads_the_current_jsonb(
+    engine: Engine, sessionmaker: SessionFactory, worker: WorkerProcess
+) -> None:
     chat_id, tasks = build_history(sessionmaker)
     send(*tasks[0])  # the first append's task, delivered only after everything else happened
     wait_until(lambda: _applied(engine, chat_id) == 3)
     assert_converged(engine, [chat_id])
 
 
-def test_a_task_for_a_deleted_chat_succeeds_quietly(engine, sessionmaker, worker) -> None:  # type: ignore[no-untyped-def]
+def test_a_task_for_a_deleted_chat_succeeds_quietly(
+    engine: Engine, sessionmaker: SessionFactory, worker: WorkerProcess
+) -> None:
     chat_id, tasks = build_history(sessionmaker)
     with transaction(sessionmaker) as session:
         assert chats_repo.delete(session, chat_id, "u")
     task_ids = [send(*task) for task in tasks]
     for task_id in task_ids:
-        wait_until(lambda tid=task_id: f"[{tid}] succeeded" in worker.log(), timeout=30)
+        wait_until(lambda: f"[{task_id}] succeeded" in worker.log(), timeout=30)  # noqa: B023
     assert rows(engine, chat_id) == []
     assert "Traceback" not in worker.log()
 
 
-def test_service_skips_versions_already_applied(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+def test_service_skips_versions_already_applied(
+    sessionmaker: SessionFactory, engine: Engine
+) -> None:
     chat_id, _ = build_history(sessionmaker)
     with transaction(sessionmaker) as session:
         first = sync.sync_chats(session, {chat_id: 3})
@@ -127,17 +146,23 @@ def test_service_skips_versions_already_applied(sessionmaker, engine) -> None:  
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
-def test_service_converges_whatever_the_order(sessionmaker, engine, order) -> None:  # type: ignore[no-untyped-def]
+def test_service_converges_whatever_the_order(
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    order: tuple[int, ...],
+) -> None:
     chat_id, tasks = build_history(sessionmaker)
     for index in order:
-        version = int(tasks[index][1][-1])  # type: ignore[call-overload]
+        version = int(str(tasks[index][1][-1]))
         with transaction(sessionmaker) as session:
             sync.sync_chats(session, {chat_id: version})
     assert_converged(engine, [chat_id])
     assert _applied(engine, chat_id) == 3
 
 
-def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(sessionmaker, engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(
+    sessionmaker: SessionFactory, engine: Engine
+) -> None:
     import os
     import threading
 
@@ -169,7 +194,7 @@ def test_a_sync_racing_the_delete_of_its_chat_finds_it_missing(sessionmaker, eng
 # the syncs it sends pile up), and a sync worker started later.
 
 
-def behind_chats(sessionmaker, count: int) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]
+def behind_chats(sessionmaker: SessionFactory, count: int) -> list[uuid.UUID]:
     """Chats whose copy is behind and whose task was never published."""
     with transaction(sessionmaker) as session:
         return [
@@ -186,7 +211,7 @@ def behind_chats(sessionmaker, count: int) -> list[uuid.UUID]:  # type: ignore[n
 
 
 @pytest.fixture()
-def sweeper(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+def sweeper(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
     """A worker that consumes only the maintenance queue: the syncs it sends wait."""
     env = {
         **os.environ,
@@ -209,7 +234,7 @@ def sweeper(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untype
         process.stop()
 
 
-def sweep_once(broker, sweeper: WorkerProcess) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def sweep_once(broker: RedisServer, sweeper: WorkerProcess) -> dict[str, int]:
     """Run one sweep on the sweeper and return what it reported."""
     task_id = producer(Settings(redis_url=broker.url)).send_task(SWEEP).id
     line = wait_until(
@@ -222,8 +247,13 @@ def sweep_once(broker, sweeper: WorkerProcess) -> dict[str, int]:  # type: ignor
     return report
 
 
-def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-untyped-def]
-    broker, hooks, sessionmaker, engine, sweeper, clean
+def test_the_sweep_under_a_backlog_sends_each_chat_once(
+    broker: RedisServer,
+    hooks: Path,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    sweeper: WorkerProcess,
+    clean: None,
 ) -> None:
     chats = behind_chats(sessionmaker, 40)
     reports = [sweep_once(broker, sweeper) for _ in range(3)]
@@ -248,7 +278,7 @@ def test_the_sweep_under_a_backlog_sends_each_chat_once(  # type: ignore[no-unty
     assert queued_marks(engine) == 0
 
 
-def queued_marks(engine) -> int:  # type: ignore[no-untyped-def]
+def queued_marks(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(
             conn.execute(
@@ -257,8 +287,13 @@ def queued_marks(engine) -> int:  # type: ignore[no-untyped-def]
         )
 
 
-def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(  # type: ignore[no-untyped-def]
-    broker, hooks, sessionmaker, engine, sweeper, clean
+def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(
+    broker: RedisServer,
+    hooks: Path,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    sweeper: WorkerProcess,
+    clean: None,
 ) -> None:
     (chat,) = behind_chats(sessionmaker, 1)
     ttl = Settings().coalesce_ttl_seconds
@@ -288,7 +323,9 @@ def test_a_chat_whose_task_was_lost_is_sent_again_once_its_mark_is_old(  # type:
         worker.stop()
 
 
-def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, clean) -> None:  # type: ignore[no-untyped-def]
+def test_the_sweep_reads_the_backlog_without_resetting_its_age(
+    sessionmaker: SessionFactory, clean: None
+) -> None:
     chats = behind_chats(sessionmaker, 3)
     with transaction(sessionmaker) as session:
         session.execute(
@@ -315,7 +352,7 @@ def test_the_sweep_reads_the_backlog_without_resetting_its_age(sessionmaker, cle
 
 
 @pytest.fixture()
-def batch_worker(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+def batch_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
     worker = start_worker(broker, hooks, "batch", SYNC_BATCH_EXTRA="25")
     try:
         yield worker
@@ -323,14 +360,18 @@ def batch_worker(broker, hooks) -> Iterator[WorkerProcess]:  # type: ignore[no-u
         worker.stop()
 
 
-def sync_one(broker, chat: uuid.UUID) -> str:  # type: ignore[no-untyped-def]
+def sync_one(broker: RedisServer, chat: uuid.UUID) -> str:
     return str(
         producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=[str(chat), 1]).id
     )
 
 
-def test_one_task_converges_other_chats_behind_in_the_same_statement(  # type: ignore[no-untyped-def]
-    broker, batch_worker, sessionmaker, engine, clean
+def test_one_task_converges_other_chats_behind_in_the_same_statement(
+    broker: RedisServer,
+    batch_worker: WorkerProcess,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    clean: None,
 ) -> None:
     chats = behind_chats(sessionmaker, 12)
     task_id = sync_one(broker, chats[0])
@@ -340,8 +381,12 @@ def test_one_task_converges_other_chats_behind_in_the_same_statement(  # type: i
     assert len(received) == 1
 
 
-def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(  # type: ignore[no-untyped-def]
-    broker, batch_worker, sessionmaker, engine, clean
+def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(
+    broker: RedisServer,
+    batch_worker: WorkerProcess,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    clean: None,
 ) -> None:
     own, held = behind_chats(sessionmaker, 2)
     with engine.connect() as holder:  # as a running sync of `held` would
@@ -361,8 +406,12 @@ def test_a_chat_another_sync_holds_is_left_to_it_without_waiting(  # type: ignor
         holder.rollback()
 
 
-def test_a_chat_whose_copy_fails_does_not_fail_the_task_that_picked_it(  # type: ignore[no-untyped-def]
-    broker, batch_worker, sessionmaker, engine, clean
+def test_a_chat_whose_copy_fails_does_not_fail_the_task_that_picked_it(
+    broker: RedisServer,
+    batch_worker: WorkerProcess,
+    sessionmaker: SessionFactory,
+    engine: Engine,
+    clean: None,
 ) -> None:
     own, poison = behind_chats(sessionmaker, 2)
     with engine.begin() as connection:  # every write of this chat's rows fails

@@ -16,13 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from app.settings import Settings
+from harness.processes import WorkerProcess
 from tasks.publish import producer
 from tests.conftest import LOG_DIR, RUN_ID, RedisServer, free_port
-from tests.support import ROOT, mismatch, wait_until
+from tests.support import ROOT, AuthHeaders, SetPhase, mismatch, wait_until
 
 CLIENTS = 3
 PATH = [
@@ -40,7 +42,7 @@ PATH = [
 
 
 @pytest.fixture()
-def api_process(broker: RedisServer, fault_worker) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def api_process(broker: RedisServer, fault_worker: WorkerProcess) -> Iterator[str]:
     """`uvicorn app.main:app` on a port of its own, publishing to the test's broker."""
     port = free_port()
     log = (LOG_DIR / f"api-{RUN_ID}.log").open("ab")
@@ -198,7 +200,7 @@ def quiet_and_equal(
             ).scalar_one()
         if behind:
             sender.send_task("chats.sweep")
-        return behind == 0
+        return bool(behind == 0)
 
     wait_until(caught_up, timeout=60, interval=0.3)
     with engine.connect() as connection:
@@ -217,8 +219,12 @@ def quiet_and_equal(
                 assert mismatch(engine, chat) is None, chat
 
 
-def test_every_transition_under_live_traffic_loses_nothing(  # type: ignore[no-untyped-def]
-    api_process, auth, engine, broker, set_phase
+def test_every_transition_under_live_traffic_loses_nothing(
+    api_process: str,
+    auth: AuthHeaders,
+    engine: Engine,
+    broker: RedisServer,
+    set_phase: SetPhase,
 ) -> None:
     clients = [Client(api_process, auth(f"client-{i}"), seed=i) for i in range(CLIENTS)]
     go, stop = threading.Event(), threading.Event()
@@ -255,8 +261,12 @@ def test_every_transition_under_live_traffic_loses_nothing(  # type: ignore[no-u
         assert list(history)[-len(PATH) :] == PATH
 
 
-def test_table_only_seq_is_race_free_under_concurrent_appends_to_one_chat(  # type: ignore[no-untyped-def]
-    api, auth, engine, worker, set_phase
+def test_table_only_seq_is_race_free_under_concurrent_appends_to_one_chat(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    worker: WorkerProcess,
+    set_phase: SetPhase,
 ) -> None:
     chat = api.post("/chats", json={}, headers=auth()).json()["id"]
     set_phase("table_only")
@@ -290,8 +300,8 @@ def test_table_only_seq_is_race_free_under_concurrent_appends_to_one_chat(  # ty
     assert len(set(ids)) == 60
 
 
-def test_table_only_appends_never_wait_for_the_chat_row(  # type: ignore[no-untyped-def]
-    api, auth, engine, set_phase
+def test_table_only_appends_never_wait_for_the_chat_row(
+    api: TestClient, auth: AuthHeaders, engine: Engine, set_phase: SetPhase
 ) -> None:
     """The reverse sync holds the chat's `copilot_chats` row while it rewrites a transcript
     (~200 ms for 5,000 messages); an append in table_only must not queue behind it."""
@@ -319,8 +329,11 @@ def test_table_only_appends_never_wait_for_the_chat_row(  # type: ignore[no-unty
     assert done == [201]
 
 
-def test_table_only_refuses_jsonb_writes_that_the_reverse_sync_would_erase(  # type: ignore[no-untyped-def]
-    api, auth, engine, set_phase
+def test_table_only_refuses_jsonb_writes_that_the_reverse_sync_would_erase(
+    api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+    set_phase: SetPhase,
 ) -> None:
     """A script or an old release writing the JSONB in table_only would be acknowledged, then
     overwritten by the next reverse sync: the write is refused instead, and nothing changes."""

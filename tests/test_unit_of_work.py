@@ -15,11 +15,13 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
+from app.settings import Settings
 from harness.pgproxy import PgProxy
 from harness.processes import ApiProcess
 from tests.conftest import ADMIN_DSN, DB_NAME, LOG_DIR, RUN_ID
+from tests.support import AuthHeaders
 from tests.test_handlers import message
 
 API_NAME = "chat-dualwrite-api"
@@ -41,7 +43,7 @@ def proxied_api(proxy: PgProxy) -> Iterator[ApiProcess]:
     api.stop()
 
 
-def stored_ids(engine, chat_id: str) -> set[str]:  # type: ignore[no-untyped-def]
+def stored_ids(engine: Engine, chat_id: str) -> set[str]:
     with engine.connect() as connection:
         messages = connection.execute(
             text("SELECT messages FROM copilot_chats WHERE id = :id"), {"id": chat_id}
@@ -49,7 +51,7 @@ def stored_ids(engine, chat_id: str) -> set[str]:  # type: ignore[no-untyped-def
     return {m["id"] for m in messages}
 
 
-def chats_of(engine, user: str) -> int:  # type: ignore[no-untyped-def]
+def chats_of(engine: Engine, user: str) -> int:
     with engine.connect() as connection:
         return int(
             connection.execute(
@@ -59,8 +61,11 @@ def chats_of(engine, user: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_a_connection_ended_before_the_first_statement_is_run_again(
-    proxied_api: ApiProcess, proxy: PgProxy, auth, engine
-) -> None:  # type: ignore[no-untyped-def]
+    proxied_api: ApiProcess,
+    proxy: PgProxy,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
     """The backend dies after the pool's pre-ping passed, as the first statement (the phase
     read) is sent: the operation runs again on a fresh connection and answers 2xx."""
     with httpx.Client(base_url=proxied_api.base, headers=auth("uow-retry"), timeout=30) as http:
@@ -81,8 +86,12 @@ def test_a_connection_ended_before_the_first_statement_is_run_again(
 
 
 def test_a_connection_that_keeps_dying_gets_503_with_retry_after(
-    proxied_api: ApiProcess, proxy: PgProxy, auth, engine, settings
-) -> None:  # type: ignore[no-untyped-def]
+    proxied_api: ApiProcess,
+    proxy: PgProxy,
+    auth: AuthHeaders,
+    engine: Engine,
+    settings: Settings,
+) -> None:
     runs = settings.api_connection_retries + 1
     proxy.end_backend_on("dualwrite_phase", times=runs)
     with httpx.Client(base_url=proxied_api.base, headers=auth("uow-dying"), timeout=30) as http:
@@ -96,8 +105,11 @@ def test_a_connection_that_keeps_dying_gets_503_with_retry_after(
 
 
 def test_a_connection_lost_at_the_commit_is_not_run_again(
-    proxied_api: ApiProcess, proxy: PgProxy, auth, engine
-) -> None:  # type: ignore[no-untyped-def]
+    proxied_api: ApiProcess,
+    proxy: PgProxy,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
     """The outcome of a commit cut off is unknown: running a create again could make two chats,
     so the client gets 503 with `Retry-After`, and the operation is not repeated."""
     proxy.end_backend_on("COMMIT")
@@ -123,7 +135,9 @@ def terminate_api_backends() -> int:
         )
 
 
-def test_requests_survive_api_backends_ended_while_they_run(auth, engine) -> None:  # type: ignore[no-untyped-def]
+def test_requests_survive_api_backends_ended_while_they_run(
+    auth: AuthHeaders, engine: Engine
+) -> None:
     """Clients append while a loop ends every API backend several times a second: no request
     gets a 500, a 503 carries `Retry-After`, and every acknowledged append is stored."""
     api = ApiProcess(dict(os.environ), LOG_DIR / f"api-terminated-{RUN_ID}.log").start()

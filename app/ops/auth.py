@@ -103,13 +103,16 @@ def check_csrf(
 
 def check_origin(request: Request) -> None:
     """When the browser says where a POST comes from (`Origin`, else `Referer`), it must be this
-    page's own host."""
+    page's own origin: scheme and host. Behind a proxy that ends TLS, the scheme is the one the
+    proxy reports (`X-Forwarded-Proto`, which uvicorn takes from `--forwarded-allow-ips`)."""
     host = request.headers.get("host", "")
+    own = f"{request.url.scheme}://{host}"
     for header in ("origin", "referer"):
         value = request.headers.get(header)
         if value is None:
             continue
-        source = urlsplit(value).netloc if value != "null" else ""
-        if not host or not hmac.compare_digest(source.encode(), host.encode()):
-            raise Forbidden(header, f"{value!r} is not this page's host {host!r}")
+        parts = urlsplit(value) if value != "null" else None
+        source = f"{parts.scheme}://{parts.netloc}" if parts else ""
+        if not host or not hmac.compare_digest(source.encode(), own.encode()):
+            raise Forbidden(header, f"{value!r} is not this page's origin {own!r}")
         return

@@ -161,11 +161,12 @@ def confirm_replay(
     if not ids and not every:
         return _invalid("id", "replay needs dead letter ids or all=1", "./")
     with transaction(_factory(request)) as session:
-        letters, total = service.letters_to_replay(session, None if every else ids)
+        shown = service.letters_to_replay(session, None if every else ids)
     return _page(
         "confirm_replay.html",
-        letters=letters,
-        total=total,
+        letters=shown.letters,
+        total=shown.total,
+        through=shown.through,
         ids=[] if every else ids,
         every=every,
         command="python -m app dead-letters replay "
@@ -188,6 +189,14 @@ async def replay(request: Request, user: OpsUser) -> HTMLResponse:
         return _invalid("id", "a dead letter id is a whole number", "./")
     if not ids and not every:
         return _invalid("id", "replay needs dead letter ids or all=1", "./")
+    through = None
+    if every:
+        values = form.get("through", [])
+        if len(values) != 1 or not values[0].isdigit():
+            return _invalid(
+                "through", "replay of all needs the newest letter id its confirmation showed", "./"
+            )
+        through = int(values[0])
     ops: OpsState = request.app.state.ops
     outcome = await run_in_threadpool(
         service.replay_letters,
@@ -195,6 +204,7 @@ async def replay(request: Request, user: OpsUser) -> HTMLResponse:
         ops.publisher(),
         None if every else ids,
         who=_who(request, user),
+        through=through,
     )
     return _page("replayed.html", outcome=outcome, home="./")
 

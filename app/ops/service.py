@@ -222,17 +222,24 @@ def lag(raw: dict[Any, Any]) -> Lag:
 SHOWN = 100
 
 
-def letters_to_replay(
-    session: Session, ids: Sequence[int] | None
-) -> tuple[list[dead_letters.DeadLetter], int]:
+@dataclass(frozen=True, slots=True)
+class ToReplay:
+    letters: list[dead_letters.DeadLetter]  # the first `SHOWN`
+    total: int
+    through: int | None  # for every open letter: the newest one now, which the POST carries
+
+
+def letters_to_replay(session: Session, ids: Sequence[int] | None) -> ToReplay:
     """The first `SHOWN` open dead letters a replay of these ids (every open one for None) would
-    take, and how many it would take."""
-    letters = dead_letters.get_open(session, ids, limit=SHOWN)
+    take, and how many it would take. A replay of every open letter is bounded by the newest
+    one shown here: letters opened after the confirmation are not what the operator agreed to."""
+    through = dead_letters.newest_open_id(session) if ids is None else None
+    letters = dead_letters.get_open(session, ids, limit=SHOWN, through=through)
     if len(letters) < SHOWN:
-        return letters, len(letters)
-    if ids is None:
-        return letters, sum(dead_letters.count_open(session).values())
-    return letters, len(dead_letters.get_open(session, ids))
+        total = len(letters)
+    else:
+        total = len(dead_letters.get_open(session, ids, through=through))
+    return ToReplay(letters, total, through)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,12 +255,13 @@ def replay_letters(
     ids: Sequence[int] | None,
     *,
     who: str,
+    through: int | None = None,
 ) -> ReplayOutcome:
     """`dead-letters replay IDS` (or `--all` for None): replay in one transaction, publish the
     jobs after its commit, log each outcome with who asked."""
     jobs = JobQueue()
     with transaction(factory) as session:
-        done = replay.replay(session, jobs, ids)
+        done = replay.replay(session, jobs, ids, through=through)
     failed = publish_after_commit(jobs, publish)
     missing = sorted(set(ids or ()) - {item.letter.id for item in done})
     for item in done:

@@ -186,19 +186,32 @@ def list_(
 
 
 def get_open(
-    session: Session, ids: Sequence[int] | None, *, limit: int | None = None
+    session: Session,
+    ids: Sequence[int] | None,
+    *,
+    limit: int | None = None,
+    through: int | None = None,
 ) -> list[DeadLetter]:
-    """Open dead letters with these ids (all open ones for None), the first `limit` of them
-    by id (all for None)."""
+    """Open dead letters with these ids (all open ones for None), none past id `through` if
+    given, the first `limit` of them by id (all for None)."""
     rows = session.execute(
         text(
             f"SELECT {_COLUMNS} FROM dualwrite_dead_letters WHERE resolved_at IS NULL "
-            "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) ORDER BY id "
-            "LIMIT CAST(:limit AS bigint)"
+            "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) "
+            "AND (CAST(:through AS bigint) IS NULL OR id <= CAST(:through AS bigint)) "
+            "ORDER BY id LIMIT CAST(:limit AS bigint)"
         ),
-        {"ids": list(ids) if ids is not None else None, "limit": limit},
+        {"ids": list(ids) if ids is not None else None, "limit": limit, "through": through},
     ).all()
     return [DeadLetter(*row) for row in rows]
+
+
+def newest_open_id(session: Session) -> int | None:
+    """The highest id of an open dead letter (None when none is open)."""
+    newest: int | None = session.execute(
+        text("SELECT max(id) FROM dualwrite_dead_letters WHERE resolved_at IS NULL")
+    ).scalar_one()
+    return newest
 
 
 def mark_replayed(session: Session, ids: Sequence[int]) -> None:

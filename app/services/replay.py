@@ -29,12 +29,15 @@ class Replayed:
     action: str
 
 
-def replay(session: Session, jobs: JobQueue, ids: Sequence[int] | None) -> list[Replayed]:
-    """Replay the open dead letters with these ids (every open one for None).
+def replay(
+    session: Session, jobs: JobQueue, ids: Sequence[int] | None, *, through: int | None = None
+) -> list[Replayed]:
+    """Replay the open dead letters with these ids (every open one for None), none past id
+    `through` if given (what an operator was shown before confirming "replay all").
 
     A dead letter whose chat was deleted is closed at once: nothing is left to copy.
     """
-    letters = dead_letters.get_open(session, ids)
+    letters = dead_letters.get_open(session, ids, through=through)
     recorded = sync_state.versions(session, [d.chat_id for d in letters])
     wanted = {chat: versions[0] for chat, versions in recorded.items()}
     phase = phase_repo.current(session)
