@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from celery.schedules import crontab
-from kombu.entity import Queue as KombuQueue
 
-from app.settings import get_settings
-from app.task_names import DISPATCH_CHUNKS, RECONCILE, ROUTES, SWEEP, Queue
+from app import topology
+from app.settings import BrokerKind, get_settings
+from app.task_names import COLLECT_DEAD_LETTERS, DISPATCH_CHUNKS, RECONCILE, ROUTES, SWEEP, Queue
 
 _settings = get_settings()
 
-broker_url = _settings.redis_url
+# The broker (`BROKER_URL`, else `REDIS_URL`), its transport options and the queues as that
+# broker holds them: Redis lists, or RabbitMQ quorum queues (`app.topology`).
+_broker = topology.celery_options(_settings)
+broker_url = _broker["broker_url"]
+broker_transport_options = _broker["broker_transport_options"]
+task_queues = _broker["task_queues"]
+task_default_queue_type = _broker["task_default_queue_type"]
+worker_detect_quorum_queues = _broker["worker_detect_quorum_queues"]
 broker_connection_retry_on_startup = True
 # Workers and beat ride out a slow broker; the API's publishes are bounded much tighter by the
 # producer of `app/broker.py`, which overrides these timeouts.
 broker_connection_timeout = 5
-broker_transport_options = {
-    # A message not acked within this time is delivered again; it must exceed every time limit
-    # plus retry countdown (checked by the settings at start-up).
-    "visibility_timeout": _settings.broker_visibility_timeout_seconds,
-    "socket_connect_timeout": 5,
-    "socket_timeout": 5,
-    "socket_keepalive": True,
-    "retry_on_timeout": False,
-}
 
 task_serializer = "json"
 result_serializer = "json"
@@ -52,7 +50,6 @@ worker_send_task_events = _settings.worker_task_events
 task_send_sent_event = _settings.task_sent_events
 
 task_default_queue = Queue.SYNC.value
-task_queues = [KombuQueue(q.value, routing_key=q.value) for q in Queue]  # type: ignore[no-untyped-call]
 task_routes = {task: {"queue": queue.value} for task, queue in ROUTES.items()}
 
 # Standard crontab field order; celery's `crontab()` takes them in another positional order.
@@ -89,6 +86,15 @@ beat_schedule = {
         "options": {"expires": _settings.reconcile_recent_interval_seconds},
     },
 }
+
+if _settings.broker_kind is BrokerKind.AMQP:
+    # What RabbitMQ dead-lettered past a queue's delivery limit, into the database's dead
+    # letters (`tasks/dead.py`), as often as the sweep runs.
+    beat_schedule["collect-dead-letters"] = {
+        "task": COLLECT_DEAD_LETTERS,
+        "schedule": _settings.sweep_interval_seconds,
+        "options": {"expires": _settings.sweep_interval_seconds},
+    }
 
 # Beat writes its schedule file after every job it sends (not only every three minutes), so
 # the file's age tells a healthcheck that beat is alive and ticking: with the sweep every

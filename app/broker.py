@@ -4,15 +4,20 @@ workers. Nothing here imports `tasks/`: a producer needs the task names, not the
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery import Celery
+from kombu.connection import Connection
 
+from app import topology
 from app.jobs import Job
-from app.settings import Settings
+from app.settings import BrokerKind, Settings
 from app.task_names import Queue
 
 log = logging.getLogger(__name__)
@@ -23,15 +28,19 @@ def producer(settings: Settings) -> Celery:
 
     It shares `celeryconfig.py` with the workers (serializer, queues, routes), and registers no
     task: `send_task` names the task."""
-    app = Celery("chat-dualwrite-producer", set_as_current=False)
-    app.config_from_object("celeryconfig")
-    app.conf.broker_url = settings.redis_url
+    app = _app("chat-dualwrite-producer", settings)
     app.conf.broker_connection_timeout = settings.publish_connect_timeout_seconds
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        "socket_connect_timeout": settings.publish_connect_timeout_seconds,
-        "socket_timeout": settings.publish_socket_timeout_seconds,
-    }
+    app.conf.broker_transport_options = topology.transport_options(settings, producer=True)
+    return app
+
+
+def _app(name: str, settings: Settings) -> Celery:
+    """A Celery app of `celeryconfig.py` on the broker of these settings (which may not be the
+    process's own: a test's broker), with the queues as that broker holds them."""
+    app = Celery(name, set_as_current=False)
+    app.config_from_object("celeryconfig")
+    for key, value in topology.celery_options(settings).items():
+        app.conf[key] = value
     return app
 
 
@@ -86,7 +95,7 @@ class BoundedPublisher:
                     self.app.send_task(
                         job.task,
                         args=job.args,
-                        countdown=job.countdown,
+                        countdown=topology.countdown(self.settings, job.countdown),
                         producer=connection,
                         retry=True,
                         retry_policy=self.policy,
@@ -122,24 +131,143 @@ PRIORITY_SEPARATOR = "\x06\x16"
 UNACKED = "unacked"
 
 
-def queue_lengths(settings: Settings) -> tuple[dict[str, int], int]:
-    """Messages waiting per queue, and messages delivered to a worker but not acked yet."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=1)
+@dataclass(frozen=True)
+class QueueDepths:
+    """What the broker says about the project's queues, whichever broker it is.
+
+    `waiting`: messages ready per queue. `unacked`: delivered to a worker and not acked yet
+    (Redis keeps them in one hash; AMQP does not tell a client, so None there). `consumers`: per
+    queue, on RabbitMQ only. `dead`: on RabbitMQ, messages its delivery limit dead-lettered that
+    are not yet recorded in the database (`app.topology.DEAD_LETTER_QUEUE`)."""
+
+    waiting: dict[str, int]
+    unacked: int | None = None
+    consumers: dict[str, int] | None = None
+    dead: int | None = None
+
+    def line(self) -> str:
+        """One line for `status` and the ops page."""
+        parts = []
+        for name, count in self.waiting.items():
+            part = f"{name} {count} waiting"
+            if self.consumers is not None:
+                part += f" ({self.consumers.get(name, 0)} consumers)"
+            parts.append(part)
+        text = "queues: " + ", ".join(parts)
+        if self.unacked is not None:
+            text += f"; {self.unacked} delivered, not acked"
+        if self.dead is not None:
+            text += f"; {self.dead} dead-lettered by the broker"
+        return text
+
+
+def redis_depths(client: redis.Redis) -> QueueDepths:
+    """Queue depths on a Redis broker, through `client` (one round trip per list)."""
+    waiting = {}
+    for queue in Queue:
+        keys = [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
+        waiting[queue.value] = sum(int(client.llen(key)) for key in keys)
+    return QueueDepths(waiting, int(client.hlen(UNACKED)))
+
+
+def amqp_depths(connection: Connection) -> QueueDepths:
+    """Queue depths on RabbitMQ: a passive `queue.declare` per queue answers its ready messages
+    and its consumers, and creates nothing. A queue that does not exist yet (no worker has
+    declared it) counts as empty."""
+    waiting: dict[str, int] = {}
+    consumers: dict[str, int] = {}
+    dead = 0
+    names = [*(q.value for q in Queue), topology.DEAD_LETTER_QUEUE]
+    for name in names:
+        # A passive declare of a missing queue closes its channel: one channel per queue.
+        channel = connection.channel()  # type: ignore[no-untyped-call]
+        try:
+            _, count, consuming = channel.queue_declare(queue=name, passive=True)
+        except connection.channel_errors:
+            count = consuming = 0
+        finally:
+            with contextlib.suppress(*connection.connection_errors, *connection.channel_errors):
+                channel.close()
+        if name == topology.DEAD_LETTER_QUEUE:
+            dead = int(count)
+        else:
+            waiting[name], consumers[name] = int(count), int(consuming)
+    return QueueDepths(waiting, None, consumers, dead)
+
+
+class BrokerInspector:
+    """Reads queue depths from the broker for a long-lived process (the ops page, `/metrics`):
+    on Redis one pooled client, on RabbitMQ one connection kept and opened again when lost.
+    Every call is bounded by `timeout` seconds per round trip."""
+
+    def __init__(self, settings: Settings, timeout: float = 0.5) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._redis: redis.Redis | None = None
+        self._amqp: Connection | None = None
+
+    def depths(self) -> QueueDepths:
+        """Raises when the broker does not answer."""
+        if self.settings.broker_kind is BrokerKind.REDIS:
+            if self._redis is None:  # built on first use: a client connects lazily anyway
+                self._redis = redis.Redis.from_url(
+                    self.settings.broker,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                )
+            return redis_depths(self._redis)
+        with self._lock:  # a kombu connection is not for two threads at once
+            try:
+                if self._amqp is None:
+                    self._amqp = amqp_connection(self.settings, self.timeout)
+                return amqp_depths(self._amqp)
+            except Exception:
+                self.close_connection()
+                raise
+
+    def close_connection(self) -> None:
+        if self._amqp is not None:
+            with contextlib.suppress(Exception):
+                self._amqp.release()  # type: ignore[no-untyped-call]
+            self._amqp = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_connection()
+        if self._redis is not None:
+            self._redis.close()
+
+
+def amqp_connection(settings: Settings, timeout: float) -> Connection:
+    """A connected kombu connection to RabbitMQ, every round trip bounded by `timeout`."""
+    connection = Connection(  # type: ignore[no-untyped-call]
+        settings.broker,
+        connect_timeout=timeout,
+        transport_options={"read_timeout": timeout, "write_timeout": timeout},
+    )
     try:
-        waiting = {}
-        for queue in Queue:
-            keys = [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
-            waiting[queue.value] = sum(int(client.llen(key)) for key in keys)
-        return waiting, int(client.hlen(UNACKED))
+        connection.connect()  # type: ignore[no-untyped-call]
+    except Exception:
+        connection.release()  # type: ignore[no-untyped-call]
+        raise
+    return connection
+
+
+def queue_lengths(settings: Settings, timeout: float = 1.0) -> QueueDepths:
+    """The project's queues, as `python -m app status` prints them."""
+    inspector = BrokerInspector(settings, timeout)
+    try:
+        return inspector.depths()
     finally:
-        client.close()
+        inspector.close()
 
 
 def workers_seen(settings: Settings, timeout: float = 1.0) -> list[str]:
-    """Names of the workers that answer a ping on the broker within `timeout`."""
-    app = Celery("chat-dualwrite-status", set_as_current=False)
-    app.config_from_object("celeryconfig")
-    app.conf.broker_url = settings.redis_url
+    """Names of the workers that answer a ping on the broker within `timeout` (on RabbitMQ
+    through its pidbox exchange, on Redis through its fanout emulation)."""
+    app = _app("chat-dualwrite-status", settings)
+    app.conf.broker_connection_timeout = timeout
     try:
         replies = app.control.ping(timeout=timeout) or []
     finally:

@@ -294,12 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(_backfill_line(copied))
     if rolling is not None:
         print(_pass_line("rolling reconcile", rolling))
-    waiting, unacked = queue_lengths(get_settings())
-    print(
-        "queues: "
-        + ", ".join(f"{name} {count} waiting" for name, count in waiting.items())
-        + f"; {unacked} delivered, not acked"
-    )
+    print(queue_lengths(get_settings()).line())
     workers = workers_seen(get_settings(), timeout=1.0)
     print(f"workers seen: {len(workers)}" + (f" ({', '.join(workers)})" if workers else ""))
     phase = gauges["phase"]

@@ -22,12 +22,14 @@ from redis.retry import Retry
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import BrokerInspector
 from app.repositories import phase as phase_repo
+from app.settings import BrokerKind, Settings
 
 OK = "ok"
 NOT_CHECKED = "not checked"
-# How long one broker round trip may take, at most: a broker that does not answer a PING in
-# half a second cannot take a publish in the publisher's bound either.
+# How long one broker round trip may take, at most: a broker that does not answer a PING (or a
+# passive declare) in half a second cannot take a publish in the publisher's bound either.
 BROKER_TIMEOUT_SECONDS = 0.5
 
 
@@ -83,7 +85,28 @@ def database_check(factory: sessionmaker[Session]) -> Check:
     return Check(("database", "phase"), run)
 
 
-def broker_check(url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> Check:
+def broker_check(settings: Settings, timeout: float = BROKER_TIMEOUT_SECONDS) -> Check:
+    """The broker answers: on Redis a PING, on RabbitMQ a passive declare of the sync queue."""
+    if settings.broker_kind is BrokerKind.AMQP:
+        return amqp_check(settings, timeout)
+    return redis_check(settings.broker, timeout)
+
+
+def amqp_check(settings: Settings, timeout: float = BROKER_TIMEOUT_SECONDS) -> Check:
+    """A passive `queue.declare` of the sync queue on RabbitMQ, on one connection kept between
+    checks (opened again after a failure: RabbitMQ pays for every new connection, and a probe
+    comes every second), every round trip bounded by `timeout`. A queue no worker declared yet
+    still counts as an answer: the broker is there."""
+    inspector = BrokerInspector(settings, timeout)
+
+    def run() -> dict[str, str]:
+        inspector.depths()
+        return {"broker": OK}
+
+    return Check(("broker",), run)
+
+
+def redis_check(url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> Check:
     """A PING to the broker's Redis, with short connect and read timeouts and no retry (redis-py
     retries three times with backoff by default, which would stretch a hung broker's answer)."""
     client = redis.Redis.from_url(

@@ -21,6 +21,7 @@ from app import health, logs, metrics
 from app.api import errors as api_errors
 from app.api.gate import USER_REQUESTS, Gates
 from app.api.routes import router
+from app.broker import BrokerInspector
 from app.db import make_engine, make_sessionmaker
 from app.errors import ServiceError
 from app.jobs import UnsafePublishMany
@@ -212,7 +213,7 @@ def create_app(
     readiness = health.Readiness(
         [
             health.database_check(make_sessionmaker(ready_engine)),
-            health.broker_check(settings.redis_url),
+            health.broker_check(settings),
         ],
         timeout=settings.ready_timeout_seconds,
         cache_seconds=settings.ready_cache_seconds,
@@ -239,6 +240,12 @@ def create_app(
     shared = CollectorRegistry()
     shared.register(
         metrics.DatabaseCollector(metrics.Cached(read_gauges, settings.metrics_cache_seconds))
+    )
+    queues = BrokerInspector(settings, timeout=health.BROKER_TIMEOUT_SECONDS)
+    shared.register(
+        metrics.BrokerCollector(
+            metrics.Cached(lambda: {"depths": queues.depths()}, settings.metrics_cache_seconds)
+        )
     )
 
     @api.get("/metrics")

@@ -304,3 +304,56 @@ def _phase_gauges(state: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
     )
     reverse.add_metric([], state["reverse_backlog"])
     yield from (phase, held, gates, reverse)
+
+
+class BrokerCollector(Collector):
+    """The broker's queues, read at scrape time (at most once per `METRICS_CACHE_SECONDS`,
+    through `app.broker.BrokerInspector`): the same depth on Redis and RabbitMQ. Every API
+    process reports the same broker: aggregate with `max`, not `sum`."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read  # {"depths": app.broker.QueueDepths}, as `Cached` keeps it
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily(
+            "dualwrite_broker_up", "1 when the broker answered this scrape's queue read, else 0."
+        )
+        try:
+            depths = self._read()["depths"]
+        except Exception as exc:  # a scrape must not fail because the broker is down
+            log.warning("could not read the broker's queues: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        waiting = GaugeMetricFamily(
+            "dualwrite_queue_messages", "Messages ready in each queue.", labels=["queue"]
+        )
+        for queue, count in depths.waiting.items():
+            waiting.add_metric([queue], count)
+        yield waiting
+        if depths.unacked is not None:
+            unacked = GaugeMetricFamily(
+                "dualwrite_queue_unacked",
+                "Messages delivered to a worker and not acked yet (Redis only).",
+            )
+            unacked.add_metric([], depths.unacked)
+            yield unacked
+        if depths.consumers is not None:
+            consumers = GaugeMetricFamily(
+                "dualwrite_queue_consumers",
+                "Consumers of each queue (RabbitMQ only).",
+                labels=["queue"],
+            )
+            for queue, count in depths.consumers.items():
+                consumers.add_metric([queue], count)
+            yield consumers
+        if depths.dead is not None:
+            dead = GaugeMetricFamily(
+                "dualwrite_broker_dead_lettered",
+                "Messages RabbitMQ dead-lettered past the delivery limit, not yet recorded in "
+                "the database's dead letters (RabbitMQ only).",
+            )
+            dead.add_metric([], depths.dead)
+            yield dead

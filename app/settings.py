@@ -28,6 +28,35 @@ class Phase(StrEnum):
         return list(Phase).index(self)
 
 
+class BrokerKind(StrEnum):
+    """Which broker `BROKER_URL` names: Celery's Redis transport or RabbitMQ (py-amqp)."""
+
+    REDIS = "redis"
+    AMQP = "amqp"
+
+
+# URL schemes per broker kind; `memory://` is kombu's in-process transport, for producer tests.
+BROKER_SCHEMES = {
+    "redis": BrokerKind.REDIS,
+    "rediss": BrokerKind.REDIS,
+    "memory": BrokerKind.REDIS,
+    "amqp": BrokerKind.AMQP,
+    "amqps": BrokerKind.AMQP,
+    "pyamqp": BrokerKind.AMQP,
+}
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The quorum queues' `x-delivery-limit` (`app.topology.DELIVERY_LIMIT`, where the reason is).
+AMQP_DELIVERY_LIMIT = 20
+
+
+def broker_kind(url: str) -> BrokerKind:
+    """The kind of broker a URL names (`redis://`, `amqp://`, ...); ValueError for any other."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in BROKER_SCHEMES:
+        raise ValueError(f"BROKER_URL must be a redis:// or amqp:// URL, not {scheme or url!r}://")
+    return BROKER_SCHEMES[scheme]
+
+
 class LogFormat(StrEnum):
     """How every process writes its log lines (`app.logs`): for people, or one JSON object a
     line for a log pipeline."""
@@ -43,7 +72,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/chat_dualwrite"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The broker Celery uses: `redis://...` or `amqp://...` (RabbitMQ, quorum queues). Unset,
+    # the broker is `REDIS_URL`, as before `BROKER_URL` existed.
+    broker_url: str | None = None
+    # A Redis for what is not the broker: with a Redis broker and no `BROKER_URL`, the broker
+    # itself. With RabbitMQ it is optional, and unset nothing connects to Redis.
+    redis_url: str | None = None
     # Optional here so that migrations and workers start without it; the API and the token
     # command refuse to start without a real one (`Settings.signing_secret`).
     auth_secret: SecretStr | None = None
@@ -189,6 +223,11 @@ class Settings(BaseSettings):
     task_soft_time_limit_seconds: int = Field(default=120, gt=0)
     task_time_limit_seconds: int = Field(default=150, gt=0)
     broker_visibility_timeout_seconds: int = Field(default=3600, gt=0)
+    # RabbitMQ's `consumer_timeout` as the server has it (its default: 30 minutes). A delivery
+    # not acked within it closes the worker's channel and is delivered again, so it must exceed
+    # every acked-late task's time limit; a retry waits in RabbitMQ's delay queues, unacked by
+    # no one, so no countdown counts against it.
+    broker_consumer_timeout_seconds: int = Field(default=1800, gt=0)
 
     # Retries of a sync that failed on a transient error (see `app.retry`).
     retry_max_retries: int = Field(default=8, ge=0)
@@ -281,6 +320,14 @@ class Settings(BaseSettings):
             raise ValueError("RECONCILE_CRONTAB must have five fields: minute hour day month dow")
         return value
 
+    @field_validator("broker_url", "redis_url")
+    @classmethod
+    def _known_broker(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        broker_kind(value)
+        return value.strip()
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -330,6 +377,20 @@ class Settings(BaseSettings):
     def _limits_fit(self) -> Settings:
         if self.task_soft_time_limit_seconds >= self.task_time_limit_seconds:
             raise ValueError("TASK_SOFT_TIME_LIMIT_SECONDS must be below TASK_TIME_LIMIT_SECONDS")
+        if self.broker_kind is BrokerKind.AMQP:
+            if self.max_redeliveries + 1 >= AMQP_DELIVERY_LIMIT:
+                raise ValueError(
+                    f"MAX_REDELIVERIES must be below {AMQP_DELIVERY_LIMIT - 1} with RabbitMQ, "
+                    "whose quorum queues dead-letter a message handed back "
+                    f"{AMQP_DELIVERY_LIMIT} times before the worker could record it"
+                )
+            if self.task_time_limit_seconds >= self.broker_consumer_timeout_seconds:
+                raise ValueError(
+                    "BROKER_CONSUMER_TIMEOUT_SECONDS (RabbitMQ's consumer_timeout) must exceed "
+                    "TASK_TIME_LIMIT_SECONDS, or RabbitMQ closes a running task's channel and "
+                    "delivers it again"
+                )
+            return self
         if self.task_time_limit_seconds >= self.broker_visibility_timeout_seconds:
             raise ValueError(
                 "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed TASK_TIME_LIMIT_SECONDS, "
@@ -347,6 +408,25 @@ class Settings(BaseSettings):
                 "TASK_TIME_LIMIT_SECONDS, or a retry waiting for its countdown is delivered twice"
             )
         return self
+
+    @property
+    def broker(self) -> str:
+        """The broker's URL: `BROKER_URL`, else `REDIS_URL`, else the local Redis."""
+        return self.broker_url or self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def broker_kind(self) -> BrokerKind:
+        return broker_kind(self.broker)
+
+    @property
+    def redis(self) -> str | None:
+        """The Redis that direct clients (the worker metrics) use: `REDIS_URL`, else the broker
+        when it is a Redis; None with RabbitMQ and no `REDIS_URL`."""
+        url = self.redis_url
+        if url is None and self.broker_kind is BrokerKind.REDIS:
+            url = self.broker
+        # kombu's in-process transport has no Redis behind it.
+        return None if url is None or url.startswith("memory://") else url
 
     @property
     def signing_secret(self) -> str:

@@ -20,6 +20,8 @@ RECONCILE = "chats.reconcile"
 BACKFILL_CHUNK = "chats.backfill_chunk"
 RECONCILE_CHUNK = "chats.reconcile_chunk"
 DISPATCH_CHUNKS = "chats.dispatch_chunks"
+# RabbitMQ only: what the broker dead-lettered, into the database's dead letters (`tasks.dead`).
+COLLECT_DEAD_LETTERS = "chats.collect_dead_letters"
 
 # Where each task goes; the task definitions declare the same queue.
 ROUTES: dict[str, Queue] = {
@@ -30,4 +32,5 @@ ROUTES: dict[str, Queue] = {
     BACKFILL_CHUNK: Queue.MAINTENANCE,
     RECONCILE_CHUNK: Queue.MAINTENANCE,
     DISPATCH_CHUNKS: Queue.MAINTENANCE,
+    COLLECT_DEAD_LETTERS: Queue.MAINTENANCE,
 }

@@ -247,6 +247,8 @@ class RedisServer(Process):
     """A redis-server of its own on a free port, so stopping or pausing it touches nothing else.
     `stop` kills it: nothing is saved, as when a broker crashes."""
 
+    kind = "redis"
+
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -269,3 +271,12 @@ class RedisServer(Process):
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2)
+
+    def broker_env(self) -> dict[str, str]:
+        """What a worker or an API needs in its environment to use this broker."""
+        return {"REDIS_URL": self.url}
+
+    def drained(self, queue: str = "dualwrite.sync") -> bool:
+        """No message of `queue` waits, and none is delivered but unacked."""
+        client = self.client()
+        return client.llen(queue) == 0 and client.hlen("unacked") == 0

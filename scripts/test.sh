@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up, checks PostgreSQL and Redis, then lints, type-checks and runs the whole test suite.
+# Sets up, checks PostgreSQL, Redis and RabbitMQ, then lints, type-checks and runs the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k backfill).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@ celery.config_from_object("celeryconfig")
 
 # Registers the tasks (and the worker's start-up checks and logging) on the app; imported last
 # because the modules use `celery`.
-from tasks import logs, maintenance, metrics, startup, sync  # noqa: E402, F401
+from tasks import dead, logs, maintenance, metrics, startup, sync  # noqa: E402, F401
 
 logs.install(celery)
 

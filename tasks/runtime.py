@@ -46,10 +46,13 @@ def worker_statement() -> Iterator[Connection]:
 
 
 def broker_redis() -> redis.Redis:
-    """A client of the broker's Redis, for delivery counts."""
+    """A client of the service's Redis (`Settings.redis`: the broker's on a Redis broker), for
+    delivery counts. Raises `redis.ConnectionError` when there is none (RabbitMQ without
+    `REDIS_URL`): callers treat it as a Redis that does not answer."""
     pid = os.getpid()
     if pid not in _redis:
-        _redis[pid] = redis.Redis.from_url(
-            get_settings().redis_url, socket_timeout=1, socket_connect_timeout=1
-        )
+        url = get_settings().redis
+        if url is None:
+            raise redis.ConnectionError("no Redis: the broker is RabbitMQ and REDIS_URL is unset")
+        _redis[pid] = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     return _redis[pid]

@@ -8,7 +8,8 @@ from typing import Any
 import redis
 from celery.signals import worker_ready
 
-from app.settings import get_settings
+from app import topology
+from app.settings import BrokerKind, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ def broker_eviction_warning(client: redis.Redis) -> str | None:
 
 @worker_ready.connect
 def check_broker_eviction(**_: Any) -> None:
-    client = redis.Redis.from_url(
-        get_settings().redis_url, socket_timeout=5, socket_connect_timeout=5
-    )
+    settings = get_settings()
+    if settings.broker_kind is not BrokerKind.REDIS or settings.redis is None:
+        return  # RabbitMQ keeps a queue until it is deleted; memory:// has nothing to check
+    client = redis.Redis.from_url(settings.broker, socket_timeout=5, socket_connect_timeout=5)
     try:
         warning = broker_eviction_warning(client)
     finally:
@@ -55,3 +57,22 @@ def check_broker_eviction(**_: Any) -> None:
         log.info("broker maxmemory-policy is noeviction: queued tasks cannot be evicted")
     else:
         log.warning(warning)
+
+
+@worker_ready.connect
+def declare_dead_letter_queue(sender: Any = None, **_: Any) -> None:
+    """On RabbitMQ, the queue that keeps what the task queues dead-letter past their delivery
+    limit: without it RabbitMQ drops those messages. Declared by every worker (it is idempotent)
+    before any delivery can reach the limit."""
+    if get_settings().broker_kind is not BrokerKind.AMQP:
+        return
+    from tasks import celery
+
+    try:
+        with celery.connection_for_write() as connection:
+            queue = topology.dead_letter_queue().bind(connection.default_channel)  # type: ignore[no-untyped-call]
+            queue.declare()
+    except Exception as exc:  # the limit still ends the loop; only the record would be lost
+        log.error("could not declare the dead-letter queue %s: %s", topology.DEAD_LETTER_QUEUE, exc)
+    else:
+        log.info("dead-letter queue %s declared", topology.DEAD_LETTER_QUEUE)

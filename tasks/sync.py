@@ -7,8 +7,9 @@ Failure policy (`app.retry.RetryPolicy`): a transient error is retried with capp
 backoff and jitter up to `max_retries`; a permanent error, or a transient one past the limit, is
 recorded as a dead letter at once. A statement timeout is retried once: a second one means the
 chat is too large for the worker's `statement_timeout`, and its dead letter says so. A delivery
-whose worker died under it (SIGKILL, OOM: the broker hands the message out again) is counted in
-Redis per task id and attempt, and past `max_redeliveries` it is dead-lettered instead of run.
+whose worker died under it (SIGKILL, OOM: the broker hands the message out again) is counted (by
+RabbitMQ's quorum queue, or in Redis per task id and attempt), and past `max_redeliveries` it is
+dead-lettered instead of run.
 Nothing loops.
 """
 
@@ -21,10 +22,11 @@ from typing import Any
 import redis
 from celery import Task
 
+from app import topology
 from app.repositories import dead_letters, sync_state
 from app.retry import RetryPolicy
 from app.services import sync
-from app.settings import get_settings
+from app.settings import BrokerKind, get_settings
 from app.task_names import SYNC_CHAT, SYNC_MESSAGES, Queue
 from tasks import celery
 from tasks.metrics import WorkerMetrics
@@ -38,9 +40,20 @@ METRICS = WorkerMetrics()
 DELIVERY_KEY = "dualwrite:deliveries:{task_id}:{attempt}"
 
 
-def _count_delivery(task_id: str, attempt: int) -> int:
-    """Count this start of this attempt of this task. One round trip."""
-    key = DELIVERY_KEY.format(task_id=task_id, attempt=attempt)
+def _count_delivery(task: Task[Any, Any]) -> int:
+    """Which delivery of this attempt of the task this is (1 for the first).
+
+    On RabbitMQ the quorum queue counts: a message handed back after its consumer was lost
+    carries `x-delivery-count`, the times it was handed back. On Redis the worker counts, in
+    Redis per task id and attempt: one round trip."""
+    request = task.request
+    if SETTINGS.broker_kind is BrokerKind.AMQP:
+        returned = request.get("x-delivery-count") or 0
+        try:
+            return int(returned) + 1
+        except (TypeError, ValueError):
+            return 1
+    key = DELIVERY_KEY.format(task_id=request.id or "", attempt=request.retries)
     try:
         pipe = broker_redis().pipeline(transaction=False)
         pipe.incr(key)
@@ -48,7 +61,7 @@ def _count_delivery(task_id: str, attempt: int) -> int:
         count, _ = pipe.execute()
         return int(count)
     except redis.RedisError as exc:  # the count is a guard, not a reason to drop the task
-        log.warning("could not count delivery of %s: %s", task_id, exc)
+        log.warning("could not count delivery of %s: %s", request.id, exc)
         return 1
 
 
@@ -122,7 +135,7 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
         log.error("dropping %s%r: arguments are not (chat id, version)", task.name, args)
         METRICS.task(task.name, "malformed")
         return
-    deliveries = _count_delivery(request.id or "", request.retries)
+    deliveries = _count_delivery(task)
     if deliveries > SETTINGS.max_redeliveries + 1:
         error = f"delivered {deliveries} times, its worker lost each time before it finished"
         log.error("%s%r: %s", task.name, args, error)
@@ -143,7 +156,7 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
                 POLICY.max_retries,
                 error,
             )
-            countdown = POLICY.countdown(retries)
+            countdown = topology.countdown(SETTINGS, POLICY.countdown(retries)) or 0.0
             _hold_chat(chat, countdown)
             raise task.retry(exc=error, countdown=countdown) from error
         reason = POLICY.describe(error, retries)

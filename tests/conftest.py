@@ -20,6 +20,7 @@ from app.settings import Settings
 from harness.processes import RedisServer as RedisServer
 from harness.processes import WorkerProcess
 from harness.processes import free_port as free_port
+from harness.rabbit import RabbitVhost
 from tests.support import (
     ROOT,
     AuthHeaders,
@@ -109,6 +110,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     drop_database(DB_NAME)
+    # A vhost left by a test that could not delete its own (every one is deleted at its end).
+    for vhost in list(RABBIT_VHOSTS):
+        vhost.stop()
     number = session.config.stash.get(REDIS_DB, None)
     if number is not None:
         redis.Redis.from_url(f"{REDIS_HOST}/{number}").flushdb()
@@ -232,11 +236,55 @@ def broker() -> Iterator[RedisServer]:
         server.stop()
 
 
-def start_worker(broker: RedisServer, hooks: Path, name: str, **env: str) -> WorkerProcess:
+Broker = RedisServer | RabbitVhost
+RABBIT_VHOSTS: set[RabbitVhost] = set()
+
+
+def broker_environ(broker: Broker) -> dict[str, str]:
+    """This process's environment with `broker` as the broker. On RabbitMQ without `REDIS_URL`:
+    nothing of the service is to connect to Redis there."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")}
+    return {**environ, **broker.broker_env()}
+
+
+def broker_settings(broker: Broker, **overrides: object):  # type: ignore[no-untyped-def]
+    """Settings of this process with `broker` as the broker (and no Redis with RabbitMQ)."""
+    from app.settings import Settings
+
+    if broker.kind == "amqp":
+        return Settings(broker_url=broker.url, redis_url=None, **overrides)  # type: ignore[arg-type]
+    return Settings(redis_url=broker.url, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def rabbit() -> Iterator[RabbitVhost]:
+    """A RabbitMQ vhost of the test's own, deleted after it (TESTING.md #14)."""
+    vhost = RabbitVhost(f"test-{RUN_ID}").start()
+    RABBIT_VHOSTS.add(vhost)
+    try:
+        yield vhost
+    finally:
+        vhost.stop()
+        RABBIT_VHOSTS.discard(vhost)
+
+
+@pytest.fixture()
+def fault_broker(request: pytest.FixtureRequest) -> Broker:
+    """The broker of a test's own: a redis-server (`broker`), or with
+    `@pytest.mark.parametrize("fault_broker", ["redis", "amqp"], indirect=True)` a RabbitMQ
+    vhost too."""
+    kind = getattr(request, "param", "redis")
+    if kind == "amqp":
+        vhost: RabbitVhost = request.getfixturevalue("rabbit")
+        return vhost
+    server: RedisServer = request.getfixturevalue("broker")
+    return server
+
+
+def start_worker(broker: Broker, hooks: Path, name: str, **env: str) -> WorkerProcess:
     return WorkerProcess(
         {
-            **os.environ,
-            "REDIS_URL": broker.url,
+            **broker_environ(broker),
             "DUALWRITE_TEST_HOOKS": str(hooks),
             "MAX_REDELIVERIES": str(MAX_REDELIVERIES),
             "RETRY_MAX_RETRIES": str(MAX_RETRIES),
@@ -258,8 +306,8 @@ def start_worker(broker: RedisServer, hooks: Path, name: str, **env: str) -> Wor
 
 
 @pytest.fixture()
-def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
-    worker = start_worker(broker, hooks, "fault")
+def fault_worker(fault_broker: Broker, hooks: Path) -> Iterator[WorkerProcess]:
+    worker = start_worker(fault_broker, hooks, "fault")
     try:
         yield worker
     finally:
@@ -267,12 +315,11 @@ def fault_worker(broker: RedisServer, hooks: Path) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def fault_api(broker: RedisServer) -> Iterator[TestClient]:
+def fault_api(fault_broker: Broker) -> Iterator[TestClient]:
     """An API client whose publishes go to the test's own broker."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.settings import Settings
 
-    with TestClient(create_app(Settings(redis_url=broker.url))) as client:
+    with TestClient(create_app(broker_settings(fault_broker))) as client:
         yield client

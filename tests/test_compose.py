@@ -31,26 +31,36 @@ from tasks.queues import Queue
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-# Services that run the project's image; postgres, redis and prometheus run stock images.
+# Services that run the project's image; postgres, redis, rabbitmq and prometheus run stock
+# images.
 APP_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
 
 # Variables in app services that are read by a tool, not by `app.settings.Settings`.
 NOT_SETTINGS_PREFIXES = ("FLOWER_", "POSTGRES_", "WEB_CONCURRENCY")
 # DESIGN.md section 7: the environment every process of the service is configured through (its
 # log format too: every process logs in the one an operator picks).
-REQUIRED_SETTINGS = {"DATABASE_URL", "REDIS_URL", "AUTH_SECRET", "DUALWRITE_PHASE", "LOG_FORMAT"}
+REQUIRED_SETTINGS = {
+    "DATABASE_URL",
+    "BROKER_URL",
+    "REDIS_URL",
+    "AUTH_SECRET",
+    "DUALWRITE_PHASE",
+    "LOG_FORMAT",
+}
 
+# Whichever broker runs: Redis by default, RabbitMQ with its profile (each dependency on a broker
+# is `required: false`, so that the one not started does not hold the services back).
+BROKERS = {"redis": "service_healthy", "rabbitmq": "service_healthy"}
 EXPECTED_DEPENDS_ON = {
     "migrate": {"postgres": "service_healthy"},
-    "api": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
-    "worker": {"migrate": "service_completed_successfully", "redis": "service_healthy"},
-    "worker-maintenance": {
-        "migrate": "service_completed_successfully",
-        "redis": "service_healthy",
-    },
-    "beat": {"redis": "service_healthy"},
-    "flower": {"redis": "service_healthy", "worker": "service_healthy"},
+    "api": {"migrate": "service_completed_successfully", **BROKERS},
+    "worker": {"migrate": "service_completed_successfully", **BROKERS},
+    "worker-maintenance": {"migrate": "service_completed_successfully", **BROKERS},
+    "beat": BROKERS,
+    "flower": {**BROKERS, "worker": "service_healthy"},
 }
+# The README's and the compose file's own RabbitMQ set-up.
+RABBITMQ_URL = "amqp://chat:chat@rabbitmq:5672/"
 # Where the image keeps what must outlive a container: a named volume is mounted on each.
 STATE_DIRS = {"beat": "/var/lib/chat-dualwrite/beat", "flower": "/var/lib/chat-dualwrite/flower"}
 
@@ -280,9 +290,29 @@ def test_urls_point_at_the_compose_services() -> None:
         assert database.username == postgres["POSTGRES_USER"]
         assert database.password == postgres["POSTGRES_PASSWORD"]
         assert database.path == "/" + postgres["POSTGRES_DB"]
-        broker = urlsplit(env["REDIS_URL"])
+        assert unset_value(env["BROKER_URL"]) == ""  # unset, the broker is REDIS_URL
+        broker = urlsplit(unset_value(env["REDIS_URL"]))
         assert broker.scheme == "redis"
         assert broker.hostname == "redis"
+    rabbit = environment("rabbitmq")
+    amqp = urlsplit(RABBITMQ_URL)
+    assert (amqp.username, amqp.password) == (
+        rabbit["RABBITMQ_DEFAULT_USER"],
+        rabbit["RABBITMQ_DEFAULT_PASS"],
+    )
+    assert amqp.hostname == "rabbitmq" == SERVICES["rabbitmq"]["hostname"]
+    assert RABBITMQ_URL in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_with_rabbitmq_the_services_need_no_redis() -> None:
+    settings = Settings(broker_url=RABBITMQ_URL, redis_url="")
+    assert settings.broker_kind == "amqp" and settings.redis is None
+    assert SERVICES["rabbitmq"]["profiles"] == ["rabbitmq"]
+    assert "profiles" not in SERVICES["redis"]  # Redis stays the default broker
+    for name in APP_SERVICES:
+        for target in ("redis", "rabbitmq"):
+            spec = SERVICES[name].get("depends_on", {}).get(target)
+            assert spec is None or spec.get("required") is False, (name, target)
 
 
 def test_migrate_upgrades_a_single_head_from_the_root_alembic_ini() -> None:
@@ -312,6 +342,7 @@ def test_services_wait_for_what_they_need(name: str) -> None:
     [
         ("postgres", "pg_isready"),
         ("redis", "redis-cli ping"),
+        ("rabbitmq", "rabbitmq-diagnostics"),
         ("api", "urllib.request"),
         ("worker", "inspect ping"),
         ("worker-maintenance", "inspect ping"),

@@ -1,5 +1,6 @@
 """Delivery guarantees under real faults: a Redis server of the test's own that is stopped and
-paused, worker processes killed mid-sync, PostgreSQL backends terminated."""
+paused, worker processes killed mid-sync (on Redis and on RabbitMQ), PostgreSQL backends
+terminated."""
 
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ from app.db import transaction
 from app.repositories import chats as chats_repo
 from app.settings import Settings
 from app.task_names import SWEEP, SYNC_CHAT, Queue
-from tests.conftest import MAX_REDELIVERIES, MAX_RETRIES, RedisServer, start_worker
+from tests.conftest import (
+    MAX_REDELIVERIES,
+    MAX_RETRIES,
+    Broker,
+    RedisServer,
+    broker_settings,
+    start_worker,
+)
 from tests.support import (
     AuthHeaders,
     SessionFactory,
@@ -44,11 +52,14 @@ def new_chat(api: TestClient, auth: AuthHeaders) -> str:
     return str(response.json()["id"])
 
 
-def run_sweep(broker: RedisServer) -> str:
-    return str(producer(Settings(redis_url=broker.url)).send_task(SWEEP).id)
+BOTH_BROKERS = pytest.mark.parametrize("fault_broker", ["redis", "amqp"], indirect=True)
 
 
-def run_sweep_and_wait(broker: RedisServer, worker: WorkerProcess) -> dict[str, int]:
+def run_sweep(broker: Broker) -> str:
+    return str(producer(broker_settings(broker)).send_task(SWEEP).id)
+
+
+def run_sweep_and_wait(broker: Broker, worker: WorkerProcess) -> dict[str, int]:
     """Run a sweep on this worker and return its report (behind, sent, coalesced, failed)."""
     task_id = run_sweep(broker)
     found = wait_until(
@@ -59,10 +70,9 @@ def run_sweep_and_wait(broker: RedisServer, worker: WorkerProcess) -> dict[str, 
     return report
 
 
-def queue_drained(broker: RedisServer) -> bool:
+def queue_drained(broker: Broker) -> bool:
     """No sync waits in the queue and none is delivered but unacked."""
-    client = broker.client()
-    return client.llen(Queue.SYNC.value) == 0 and client.hlen("unacked") == 0
+    return broker.drained(Queue.SYNC.value)
 
 
 def dead_letters_of(engine: Engine, chat_id: str) -> list[tuple[str, int]]:
@@ -142,8 +152,9 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
     wait_converged(engine, chats, timeout=60)
 
 
+@BOTH_BROKERS
 def test_worker_killed_mid_sync_runs_the_sync_again(
-    broker: RedisServer,
+    fault_broker: Broker,
     hooks: Path,
     fault_worker: WorkerProcess,
     fault_api: TestClient,
@@ -167,8 +178,9 @@ def test_worker_killed_mid_sync_runs_the_sync_again(
     assert dead_letters_of(engine, chat_id) == []
 
 
+@BOTH_BROKERS
 def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
-    broker: RedisServer,
+    fault_broker: Broker,
     hooks: Path,
     fault_worker: WorkerProcess,
     engine: Engine,
@@ -184,9 +196,8 @@ def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
             messages=[message()],
         )
     (hooks / f"kill-{chat.id}").touch()
-    task_id = (
-        producer(Settings(redis_url=broker.url)).send_task(SYNC_CHAT, args=(str(chat.id), 1)).id
-    )
+    broker = fault_broker
+    task_id = producer(broker_settings(broker)).send_task(SYNC_CHAT, args=(str(chat.id), 1)).id
     wait_until(lambda: dead_letters_of(engine, str(chat.id)), timeout=90)
     assert dead_letters_of(engine, str(chat.id)) == [("worker_lost", MAX_REDELIVERIES + 1)]
     # Nothing loops: the delivery that dead-lettered it ends the task, and its message is acked
@@ -209,8 +220,9 @@ def test_a_task_that_always_kills_its_worker_ends_in_the_dead_letters(
     assert dead_letters_of(engine, str(chat.id)) == [("worker_lost", MAX_REDELIVERIES + 1)]
 
 
+@BOTH_BROKERS
 def test_terminated_backends_are_retried_within_the_policy(
-    broker: RedisServer,
+    fault_broker: Broker,
     hooks: Path,
     fault_worker: WorkerProcess,
     fault_api: TestClient,

@@ -14,14 +14,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.broker import BoundedPublisher, bounded_publisher
+from app.broker import BoundedPublisher, BrokerInspector, bounded_publisher
 from app.db import transaction
 from app.ops import service
 from app.ops.auth import CSRF_FIELD, Forbidden, basic_user, check_csrf, check_origin, csrf_token
@@ -78,14 +77,12 @@ def _page(template: str, status_code: int = 200, **context: Any) -> HTMLResponse
 
 
 class OpsState:
-    """What the page keeps for the app's life: a Redis client of the broker (worker metrics,
-    queue lengths) and, built on first replay, a bounded publisher (the CLI's kind)."""
+    """What the page keeps for the app's life: the broker's queue depths, and, built on first
+    replay, a bounded publisher (the CLI's kind)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.broker = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
-        )
+        self.broker = BrokerInspector(settings, timeout=0.5)
         self._publisher: BoundedPublisher | None = None
         self._lock = threading.Lock()
 
@@ -130,7 +127,7 @@ def _invalid(field: str, message: str, home: str) -> HTMLResponse:
 def index(request: Request, user: OpsUser) -> HTMLResponse:
     ops: OpsState = request.app.state.ops
     with transaction(_factory(request)) as session:
-        found = service.overview(session, ops.settings, ops.broker)
+        found = service.overview(session, ops.settings, ops.broker.depths)
     return _page(
         "index.html",
         o=found,

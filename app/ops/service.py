@@ -9,15 +9,14 @@ import math
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import redis
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import metrics
-from app.broker import PRIORITY_SEPARATOR, UNACKED
+from app.broker import QueueDepths
 from app.db import transaction
 from app.jobs import JobQueue, UnsafePublish, publish_after_commit
 from app.repositories import backfill, dead_letters, reconcile_runs, sync_state
@@ -27,7 +26,6 @@ from app.repositories.bulk_paused import paused as paused_passes
 from app.services import bulk, replay
 from app.services import phase as phase_service
 from app.settings import Phase, Settings
-from app.task_names import Queue
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +103,7 @@ class Overview:
     enqueue_failures: dict[str, float]
     lag: Lag | None = None
     lag_error: str | None = None
-    queues: dict[str, int] = field(default_factory=dict)
-    unacked: int | None = None
+    depths: QueueDepths | None = None
     queues_error: str | None = None
 
     @property
@@ -114,8 +111,9 @@ class Overview:
         return sum(self.dead_letters_open.values())
 
 
-def overview(session: Session, settings: Settings, broker: redis.Redis) -> Overview:
-    """Everything the page shows, read in one transaction (the broker's part from Redis)."""
+def overview(session: Session, settings: Settings, depths: Callable[[], QueueDepths]) -> Overview:
+    """Everything the page shows, read in one transaction (the broker's part from the broker, the
+    workers' lag from their nodes' `/metrics`)."""
     state = phase_repo.current(session)
     following = None if state.contracted else phase_service.next_forward(state.phase)
     previous = (
@@ -160,8 +158,8 @@ def overview(session: Session, settings: Settings, broker: redis.Redis) -> Overv
         if not found.lag.nodes:
             found.lag_error = "the worker metrics are unreachable: " + ", ".join(urls)
     try:
-        found.queues, found.unacked = _queues(broker)
-    except redis.RedisError as exc:
+        found.depths = depths()
+    except Exception as exc:  # whatever the broker's client raises: the page still answers
         found.queues_error = f"the broker is unreachable: {type(exc).__name__}"
     return found
 
@@ -272,16 +270,6 @@ def _quietly(scrape: Callable[[str], str], url: str) -> str | None:
 
 def _bound(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else f"{bound:g}"
-
-
-def _queues(client: redis.Redis) -> tuple[dict[str, int], int]:
-    """Messages waiting per queue and delivered but not acked, as `status` counts them
-    (`app.broker.queue_lengths`), through the page's own client."""
-    waiting = {}
-    for queue in Queue:
-        keys = [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
-        waiting[queue.value] = sum(int(client.llen(key)) for key in keys)
-    return waiting, int(client.hlen(UNACKED))
 
 
 # A confirmation lists at most this many of the letters it would replay (after an incident
