@@ -46,6 +46,22 @@ APPLIED = "SELECT applied_version >= wanted_version FROM copilot_chat_sync_state
 BEHIND = "SELECT count(*) FROM copilot_chat_sync_state WHERE applied_version < wanted_version"
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a process has used, in nanoseconds' resolution: the sum of its threads'
+    `schedstat` run times (utime + stime in `/proc/PID/stat` count whole clock ticks, 10 ms,
+    too coarse for a few ms per append); a thread that exited is not counted."""
+    total = 0
+    try:
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((thread / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return total / 1e9
+
+
 class Meter:
     """CPU seconds by group between `start()` and `stop()`: the worker's main process, its pool
     children, the API, and the database backends by `application_name` (worker, API, others).
@@ -73,7 +89,7 @@ class Meter:
     def _snapshot(self) -> dict[int, tuple[str, float]]:
         out = {}
         for pid, group in self.groups().items():
-            if (used := infra.cpu_seconds(pid)) is not None:
+            if (used := cpu_seconds(pid)) is not None:
                 out[pid] = (group, used)
         return out
 
@@ -271,7 +287,8 @@ def report(result: dict[str, Any]) -> None:
     rows[-1][5] = sum(bare.get(g, 0.0) for g in WORKER_GROUPS)
     infra.show(
         f"worker-side CPU per append (ms; idle subtracted; each append its own sync), beside "
-        f"the user's request (p50 ms); worker {result['worker_args']!r}; last row: a bare task",
+        f"the user's request (p50 ms); worker {result['worker_args']!r}, env "
+        f"{result.get('env') or '-'}; last row: a bare task",
         ["messages", "appends", *WORKER_GROUPS, "worker-side", "request p50"],
         rows,
     )
@@ -343,6 +360,7 @@ def main() -> int:
         chats=(100, "fresh chats per phase for the total CPU"),
         idle=(5.0, "seconds of no traffic, to measure the idle cost"),
         worker_args=("-c 2", "the worker's options"),
+        env=("", "settings for every process of the stack: KEY=VALUE,KEY=VALUE"),
         label=("", "names the curve in the JSON and the plot"),
         save=("", "also write the JSON here (docs/...)"),
         plot=("", "draw these JSON files (comma-separated) into docs/append_cost.png, and stop"),
@@ -351,7 +369,11 @@ def main() -> int:
         plot([Path(f) for f in args.plot.split(",")])
         return 0
     args.lengths = [int(n) for n in args.lengths.split(",")]
-    extra = {"MAX_CHAT_MESSAGES": str(max(args.lengths) * 2), "USER_CONCURRENCY": "64"}
+    extra = {
+        "MAX_CHAT_MESSAGES": str(max(args.lengths) * 2 + args.appends + 10),
+        "USER_CONCURRENCY": "64",
+    }
+    extra.update(dict(kv.split("=", 1) for kv in args.env.split(",") if kv))
     with infra.stack("cdw_append_cost", **extra) as running:
         worker = running.worker("worker", "--include", "bench.tasks", *args.worker_args.split())
         base = running.api().base
@@ -368,6 +390,7 @@ def main() -> int:
         "label": args.label or "this run",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "worker_args": args.worker_args,
+        "env": args.env,
         "chats": args.chats,
         "idle_cpu_per_s": idle,
         "curve": [asdict(p) for p in points],
