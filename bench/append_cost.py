@@ -3,7 +3,9 @@
 (the worker's main process, its pool children, their database backends; idle cost subtracted)
 beside the user's own request time; then the total CPU per append (API + worker + database) in
 `dual_write` against `jsonb_only`, the same processes. And, for reference, the worker-side CPU
-of a bare Celery task (`bench.touch`: one upsert of one row) in the same worker.
+of a bare Celery task (`bench.touch`: one upsert of one row) in the same worker. CPU is read
+per thread from /proc (`schedstat`: nanoseconds, where `stat` counts 10 ms ticks), the backends
+found by their `application_name`; the idle cost, measured first, is subtracted.
 
     .venv/bin/python -m bench.append_cost [--lengths 10,1000,5000,10000] [--appends 60]
         [--requests 300] [--worker-args "-c 2"] [--label NAME] [--save PATH] [--quick]
