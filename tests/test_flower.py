@@ -191,7 +191,7 @@ def test_a_worker_sends_the_task_events_of_a_moment_in_one_publish(
     """The events of one task (received, started, succeeded) reach an event receiver, as
     Flower is one, in a single message of the broker: one publish per moment, not per event."""
     from celery.events.event import get_exchange
-    from kombu import Queue
+    from kombu.entity import Queue
 
     from tasks import celery
 
@@ -204,7 +204,7 @@ def test_a_worker_sends_the_task_events_of_a_moment_in_one_publish(
 
     try:
         with celery.connection_for_read(broker.url) as connection:
-            queue = Queue(
+            queue = Queue(  # type: ignore[no-untyped-call]
                 f"test-events-{uuid.uuid4().hex}",
                 get_exchange(connection),
                 routing_key="#",
