@@ -48,6 +48,8 @@ task_time_limit = _settings.task_time_limit_seconds
 # of ~40% of every publish: off unless asked for.
 worker_send_task_events = _settings.worker_task_events
 task_send_sent_event = _settings.task_sent_events
+# Celery's consumer, its task events batched (`WORKER_TASK_EVENTS_FLUSH_SECONDS`).
+worker_consumer = "tasks.consumer:Consumer"
 
 task_default_queue = Queue.SYNC.value
 task_routes = {task: {"queue": queue.value} for task, queue in ROUTES.items()}

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     # publish by the worker's main process, about a quarter of a sync's worker CPU. Off, a
     # worker sends them only while Flower runs: Flower turns them on every few seconds.
     worker_task_events: bool = True
+    # Task events go out in one publish per this many seconds at most (`tasks.consumer`), not
+    # one per event: Flower shows a task that much later. 0: Celery's own, one per loop turn.
+    worker_task_events_flush_seconds: float = Field(default=0.25, ge=0, le=5)
 
     # The API's database limits. Every API connection carries these, so that no request holds a
     # pooled connection for long: a lock wait or a statement past its limit, or a transaction

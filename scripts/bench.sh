@@ -5,7 +5,7 @@
 # --quick runs tiny sizes: it checks that the scripts work, and its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALL="overhead lag throughput drain reconcile reads memory chaos migration cutover hostile pool append_sync scale metrics_cost broker"
+ALL="overhead lag throughput drain reconcile reads memory chaos migration cutover hostile pool append_sync scale metrics_cost broker append_cost"
 name=${1:?usage: scripts/bench.sh NAME|all [--quick] (NAME: $ALL)}
 shift
 scripts/setup.sh

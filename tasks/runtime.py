@@ -38,11 +38,23 @@ def worker_transaction() -> Iterator[Session]:
 
 
 @contextmanager
-def worker_statement() -> Iterator[Connection]:
-    """A connection in autocommit: each statement commits on its own, in one round trip."""
+def worker_connection() -> Iterator[Connection]:
+    """One pooled connection for a task's transactions, one after another (see
+    `session_on`): a single checkout per task instead of one per transaction."""
     engine, _ = _database()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    with engine.connect() as connection:
         yield connection
+
+
+@contextmanager
+def session_on(connection: Connection) -> Iterator[Session]:
+    """A unit of work on `connection`, which must not be in a transaction: commit on success,
+    roll back on error (the connection can then run the next one)."""
+    with (
+        Session(bind=connection, expire_on_commit=False, autoflush=False) as session,
+        session.begin(),
+    ):
+        yield session
 
 
 def broker_redis() -> redis.Redis:

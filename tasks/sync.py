@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 from celery import Task
+from sqlalchemy import Connection
 
 from app import topology
 from app.repositories import dead_letters, sync_state
@@ -30,7 +31,7 @@ from app.settings import BrokerKind, get_settings
 from app.task_names import SYNC_CHAT, SYNC_MESSAGES, Queue
 from tasks import celery
 from tasks.metrics import WorkerMetrics
-from tasks.runtime import broker_redis, worker_statement, worker_transaction
+from tasks.runtime import broker_redis, session_on, worker_connection, worker_transaction
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,18 @@ def _count_delivery(task: Task[Any, Any]) -> int:
         return 1
 
 
-def _unqueue(chat: uuid.UUID) -> None:
+def _unqueue(connection: Connection, chat: uuid.UUID) -> None:
     """Let new changes of the chat send a sync again: from here on, this one reads them
-    (`sync_state.clear_queued`, committed before the sync reads anything). If this fails, the
-    sync fails the same way and is retried."""
-    with worker_statement() as connection:
-        sync_state.clear_queued(connection, [chat])
+    (`sync_state.clear_queued_before_sync`, committed before the sync reads anything). If this
+    fails, the sync fails the same way and is retried.
+
+    Its own transaction, not the sync's: the clear locks the chat's sync state row, and every
+    write of the chat updates that row (its version trigger, its queued mark), so a clear held
+    until the sync commits would make the chat's writers wait for the whole convergence (in
+    `table_only` for the rewrite of the JSONB). Committed first, it only waits for the writes
+    in flight, and no write ever waits for it."""
+    sync_state.clear_queued_before_sync(connection, [chat])
+    connection.commit()
 
 
 def _hold_chat(chat: uuid.UUID, countdown: float) -> None:
@@ -109,21 +116,24 @@ def _dead_letter(
 
 
 def _sync(task: Task[Any, Any], chat: uuid.UUID, version: int, *, batch: bool) -> sync.SyncReport:
-    """Sync the task's chat, and with `batch` up to `SYNC_BATCH_EXTRA` other chats behind. If
-    that fails, the task's chat alone is tried at once: another chat of the batch must not make
-    this one wait for a retry (nor a retry carry other chats: a failing chat goes alone)."""
+    """Clear the chat's queued mark, then sync the task's chat, and with `batch` up to
+    `SYNC_BATCH_EXTRA` other chats behind, on one connection. If the batch fails, the task's
+    chat alone is tried at once: another chat of the batch must not make this one wait for a
+    retry (nor a retry carry other chats: a failing chat goes alone)."""
     extra = SETTINGS.sync_batch_extra if batch else 0
-    try:
-        with worker_transaction() as session:
-            return sync.sync_chats(session, {chat: version}, task=task.name, extra=extra)
-    except Exception as error:
-        if not extra:
-            raise
-        log.warning(
-            "%s for %s with other chats failed, trying it alone: %s", task.name, chat, error
-        )
-    with worker_transaction() as session:
-        return sync.sync_chats(session, {chat: version}, task=task.name)
+    with worker_connection() as connection:
+        _unqueue(connection, chat)
+        try:
+            with session_on(connection) as session:
+                return sync.sync_chats(session, {chat: version}, task=task.name, extra=extra)
+        except Exception as error:
+            if not extra:
+                raise
+            log.warning(
+                "%s for %s with other chats failed, trying it alone: %s", task.name, chat, error
+            )
+        with session_on(connection) as session:
+            return sync.sync_chats(session, {chat: version}, task=task.name)
 
 
 def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> None:
@@ -142,7 +152,6 @@ def _run(task: Task[Any, Any], args: list[Any], chat_id: str, version: int) -> N
         _dead_letter(task, chat, args, dead_letters.Reason.WORKER_LOST, error, deliveries - 1)
         return
     try:
-        _unqueue(chat)
         report = _sync(task, chat, version, batch=request.retries == 0)
     except Exception as error:
         retries = request.retries

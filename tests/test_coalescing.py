@@ -77,6 +77,16 @@ def clear(sessionmaker: SessionFactory, chat: uuid.UUID) -> None:
         sync_state.clear_queued(session, [chat])
 
 
+def clear_as_a_sync_does(chat: uuid.UUID) -> None:
+    """The worker's clear (`tasks.sync._unqueue`): its own transaction on the sync's connection,
+    committed without waiting for the WAL flush."""
+    from tasks.runtime import worker_connection
+    from tasks.sync import _unqueue
+
+    with worker_connection() as connection:
+        _unqueue(connection, chat)
+
+
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 def test_a_write_sends_a_sync_only_while_none_waits(
     sessionmaker: SessionFactory,
@@ -116,12 +126,14 @@ def test_nothing_is_marked_while_nothing_is_copied(
     assert len(write(sessionmaker, service.append_user_message, chat, append_body()).jobs) == 1
 
 
+@pytest.mark.parametrize("by", ["clear_queued", "a sync"])
 @pytest.mark.parametrize("phase", ["dual_write", "table_only"])
 def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(
     sessionmaker: SessionFactory,
     engine: Engine,
     set_phase: SetPhase,
     phase: str,
+    by: str,
 ) -> None:
     """The race coalescing must not lose: a write finds the mark set and sends nothing, so the
     waiting sync must read it. The sync's clear waits for that write's commit; its read comes
@@ -138,7 +150,10 @@ def test_a_sync_clears_the_mark_only_after_the_writes_in_flight_commit(
         cleared = threading.Event()
 
         def clear_then_signal() -> None:
-            clear(sessionmaker, chat)
+            if by == "clear_queued":
+                clear(sessionmaker, chat)
+            else:
+                clear_as_a_sync_does(chat)
             cleared.set()
 
         clearing = threading.Thread(target=clear_then_signal)
@@ -187,5 +202,36 @@ def test_a_write_that_began_before_a_clear_judges_the_cleared_mark(
         clear(sessionmaker, chat)  # the sync starts while the write waits
         holder.rollback()
     writer.join(timeout=10)
+    assert len(sent) == 1 and len(sent[0].jobs) == 1
+    assert queued(sessionmaker, chat)
+
+
+@pytest.mark.parametrize("phase", ["dual_write", "table_only"])
+def test_a_write_never_waits_for_a_sync_in_progress(
+    sessionmaker: SessionFactory, set_phase: SetPhase, phase: str
+) -> None:
+    """Why a sync commits its clear before its claim rather than with its copy: a write of the
+    chat goes through (and sends a sync of its own) while the sync's transaction, which has
+    cleared the mark, claimed the chat and read it, is still open."""
+    from tasks.runtime import session_on, worker_connection
+    from tasks.sync import _unqueue
+
+    set_phase(phase)
+    chat = new_chat(sessionmaker)
+    write(sessionmaker, service.append_user_message, chat, append_body())  # marks the chat
+    sent: list[JobQueue] = []
+    with worker_connection() as connection:
+        _unqueue(connection, chat)
+        with session_on(connection) as session:
+            claim = sync_state.claim(session, [chat], extra=0)
+            assert [c.chat_id for c in claim.chats] == [chat]
+
+            def writes() -> None:
+                sent.append(write(sessionmaker, service.append_user_message, chat, append_body()))
+
+            writer = threading.Thread(target=writes)
+            writer.start()
+            writer.join(timeout=10)
+            assert not writer.is_alive(), "the write waited for the sync's transaction"
     assert len(sent) == 1 and len(sent[0].jobs) == 1
     assert queued(sessionmaker, chat)

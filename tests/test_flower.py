@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -181,5 +181,58 @@ def test_a_worker_without_task_events_sends_them_while_flower_runs(
             assert found["worker"].startswith(f"{worker.name}@")
         assert "task events: OFF" in worker.log()  # as started
         assert "Events of group {task} enabled by remote." in worker.log()  # by Flower
+    finally:
+        worker.stop()
+
+
+def test_a_worker_sends_the_task_events_of_a_moment_in_one_publish(
+    broker: RedisServer, hooks: Path
+) -> None:
+    """The events of one task (received, started, succeeded) reach an event receiver, as
+    Flower is one, in a single message of the broker: one publish per moment, not per event."""
+    from celery.events.event import get_exchange
+    from kombu.entity import Queue
+
+    from tasks import celery
+
+    worker = start_worker(broker, hooks, "batched", WORKER_TASK_EVENTS_FLUSH_SECONDS="0.5")
+    sender = producer(Settings(redis_url=broker.url))
+    bodies: list[Any] = []
+
+    def on_message(body: Any, message: Any) -> None:
+        bodies.append(body)
+
+    try:
+        with celery.connection_for_read(broker.url) as connection:
+            queue = Queue(  # type: ignore[no-untyped-call]
+                f"test-events-{uuid.uuid4().hex}",
+                get_exchange(connection),
+                routing_key="#",
+                auto_delete=True,
+                durable=False,
+            )
+            with connection.Consumer(queue, callbacks=[on_message]):
+                task_id = sender.send_task(SYNC_CHAT, args=[str(uuid.uuid4()), 1]).id
+
+                def events_of_the_task() -> list[list[str]]:
+                    with suppress(TimeoutError):
+                        connection.drain_events(timeout=0.2)
+                    return [
+                        [e["type"] for e in (b if isinstance(b, list) else [b])]
+                        for b in bodies
+                        if any(
+                            e.get("uuid") == task_id for e in (b if isinstance(b, list) else [b])
+                        )
+                    ]
+
+                wait_until(
+                    lambda: any("task-succeeded" in types for types in events_of_the_task()),
+                    timeout=30,
+                    interval=0.05,
+                    what="the task's events",
+                )
+        messages = events_of_the_task()
+        assert len(messages) == 1, messages
+        assert {"task-received", "task-started", "task-succeeded"} <= set(messages[0])
     finally:
         worker.stop()

@@ -150,6 +150,27 @@ def clear_queued(session: Session | Connection, chat_ids: Sequence[uuid.UUID]) -
     )
 
 
+_CLEAR_BEFORE_SYNC = text(
+    """
+    UPDATE copilot_chat_sync_state s SET queued_since = NULL
+    FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit
+    WHERE s.chat_id = ANY(CAST(:ids AS uuid[])) AND s.queued_since IS NOT NULL
+    """
+)
+
+
+def clear_queued_before_sync(connection: Connection, chat_ids: Sequence[uuid.UUID]) -> None:
+    """`clear_queued` for a sync about to start, in a transaction of its own that the caller
+    commits on the same connection before the sync's transaction begins.
+
+    Its commit does not wait for the WAL to reach the disk (`synchronous_commit` off for this
+    transaction only): it is visible to every writer at once all the same, which is what the
+    ordering needs, and it reaches the disk with the sync's own commit, which flushes the WAL
+    written before it. If the server crashes before that, the mark is still set, which is
+    true: the sync did not commit, and its task runs again (retried, or redelivered)."""
+    connection.execute(_CLEAR_BEFORE_SYNC, {"ids": [str(c) for c in chat_ids]})
+
+
 def hold_queued(session: Session, chat_id: uuid.UUID, *, seconds: float) -> None:
     """A retry waits `seconds` in the broker: its chat counts as queued from when it is due."""
     session.execute(
