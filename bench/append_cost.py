@@ -264,7 +264,7 @@ def bare_tasks(
         for i in range(count):
             now = datetime.now(UTC).isoformat()
             app.send_task(TOUCH, args=[i, now], queue="dualwrite.sync")
-            infra.wait_until(lambda i=i: done(i), 30, 0.002, what="the bare task")
+            infra.wait_until(lambda: done(i), 30, 0.002, what="the bare task")  # noqa: B023
             time.sleep(SETTLE_S)
         time.sleep(0.2)
         spent = meter.stop()
@@ -274,7 +274,7 @@ def bare_tasks(
 
 def report(result: dict[str, Any]) -> None:
     points = [Point(**p) for p in result["curve"]]
-    rows = [
+    rows: list[list[Any]] = [
         [
             p.length,
             p.appends,

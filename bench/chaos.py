@@ -173,6 +173,7 @@ def run(running: infra.Stack, args: argparse.Namespace) -> tuple[Traffic, Faults
         infra.wait_until(lambda: infra.state(running.url)[:2] == (0, 0), 300, 1.0)
     converged = time.monotonic() - faults.last_fault
     # The workers' Redis counters die with a killed Redis: the retries come from their log.
+    assert worker.log_path is not None
     log = worker.log_path.read_text(errors="replace")
     retries = len(re.findall(r"failed, retry \d+ of \d+", log))
     return traffic, faults, [round(quiet - started), round(converged, 1), retries]

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -34,8 +34,13 @@ from app.repositories import dead_letters, sync_state
 from app.services import chats as service
 from app.services.drift import find_drift
 from app.settings import Settings, get_settings
-from harness.processes import ROOT, ApiProcess, BeatProcess, Process, RedisServer, WorkerProcess
+from harness.processes import ROOT as ROOT
+from harness.processes import ApiProcess as ApiProcess
+from harness.processes import BeatProcess, Process, RedisServer
+from harness.processes import WorkerProcess as WorkerProcess
 from harness.processes import wait_until as wait_until
+
+P = TypeVar("P", bound=Process)
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 OUT = ROOT / "bench" / "out"
@@ -120,7 +125,7 @@ class Stack:
     env: dict[str, str]
     processes: list[Process] = field(default_factory=list)
 
-    def _start(self, process: Any) -> Any:
+    def _start(self, process: P) -> P:
         self.processes.append(process)
         return process.start()
 
@@ -251,7 +256,7 @@ class Poller:
 
 def queue_length(redis_url: str, queue: str = "dualwrite.sync") -> int:
     """Messages waiting in a queue (not those a worker has reserved), by the service's count."""
-    return queue_lengths(Settings(redis_url=redis_url))[0][queue]
+    return queue_lengths(Settings(redis_url=redis_url)).waiting[queue]
 
 
 def task_outcomes(workers: Iterable[WorkerProcess]) -> dict[str, int]:
@@ -340,7 +345,7 @@ def percentile(values: list[Any], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+    return float(ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))])
 
 
 STATS = ["n", "min", "p50", "p99", "max", "mean"]

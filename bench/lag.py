@@ -127,6 +127,7 @@ def bare_round_trips(running: infra.Stack, args: argparse.Namespace, seconds: fl
 def api_appends(running: infra.Stack, args: argparse.Namespace, seconds: float) -> Run:
     """Appends through the API at the rate; lags updated_at - created_at, from the database."""
     api, prefix = running.processes[-1], f"lag-{uuid.uuid4().hex[:8]}-"
+    assert isinstance(api, infra.ApiProcess)
     requests: dict[str, float] = {}  # message id -> request seconds
 
     def client() -> httpx.Client:

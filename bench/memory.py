@@ -95,8 +95,8 @@ class Producer:
             kind = "append"
         elif r < 0.82:
             pair = {"user": self._element("user"), "assistant": self._element("assistant")}
-            body = schemas.InboxPair.model_validate(pair)
-            appended = self._do(service.append_inbox_pair, chat.id, body)
+            pair_body = schemas.InboxPair.model_validate(pair)
+            appended = self._do(service.append_inbox_pair, chat.id, pair_body)
             chat.ids, chat.version = chat.ids + appended.message_ids, appended.version
             kind = "append pair"
         elif r < 0.88:
@@ -162,7 +162,9 @@ def report(
     infra.show("tasks run", ["task | outcome", "count"], sorted(map(list, outcomes.items())))
     targets = []
     for kind in KINDS:
-        rows = [[n, *growth(points, args.warmup)] for n, points in series(samples, kind).items()]
+        rows: list[list[Any]] = [
+            [n, *growth(points, args.warmup)] for n, points in series(samples, kind).items()
+        ]
         infra.show(
             f"{kind} (KiB); start = median of the first 5 samples once {args.warmup:,} tasks "
             "had run (warm-up), end = median of the last 5; 2nd half = growth over its second half",

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import psycopg
@@ -48,7 +48,7 @@ class StatementClock:
     the last converge statement run, and the last cheap comparison, for their plans."""
 
     def __init__(self, engine: Any) -> None:
-        self.seconds: Counter[str] = Counter()
+        self.seconds: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
         self._started = 0.0
         self.converge: tuple[str, Any] = ("", None)
@@ -72,7 +72,7 @@ class StatementClock:
         """The time per kind of the statements since the last call, against `total` seconds."""
         rows: list[list[Any]] = [
             [kind, self.calls[kind], seconds, f"{seconds / total:.0%}"]
-            for kind, seconds in self.seconds.most_common()
+            for kind, seconds in sorted(self.seconds.items(), key=lambda item: -item[1])
         ]
         outside = total - sum(self.seconds.values())
         self.seconds.clear()

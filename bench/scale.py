@@ -174,7 +174,7 @@ def one_size(scale: float, chunk_chats: int, timeout: float) -> dict[str, float]
                         _, resumed = _cli(env, "backfill", "resume")  # queued by the upgrade
                     pass_id = _last_pass(url, "backfill")
                     infra.wait_until(
-                        lambda p=pass_id: _passes_done(url, "backfill", p),
+                        lambda: _passes_done(url, "backfill", pass_id),  # noqa: B023
                         timeout,
                         1.0,
                         what=f"the backfill with {workers} workers",
@@ -222,14 +222,14 @@ def one_size(scale: float, chunk_chats: int, timeout: float) -> dict[str, float]
                         "chats.reconcile", kwargs={"rolling": True}
                     )
                     infra.wait_until(
-                        lambda n=workers: _reconcile_passes(url) == n,
+                        lambda: _reconcile_passes(url) == workers,  # noqa: B023
                         60,
                         0.2,
                         what="the rolling pass to start",
                     )
                     pass_id = _last_pass(url, "reconcile")
                     infra.wait_until(
-                        lambda p=pass_id: _passes_done(url, "reconcile", p),
+                        lambda: _passes_done(url, "reconcile", pass_id),  # noqa: B023
                         timeout,
                         1.0,
                         what=f"the reconcile with {workers} workers",
