@@ -92,12 +92,7 @@ _NEXT_IDS = text(
 # chats, even FOR KEY SHARE, would hold up a `SELECT ... FOR UPDATE` of the previous release for
 # the whole batch). A chat deleted meanwhile fails the batch's foreign key; the batch is then
 # retried, and finds it gone.
-_LOCK = text(
-    """
-    SELECT pg_advisory_xact_lock(:cls, hashtext(id::text))
-    FROM unnest(:ids) AS id ORDER BY hashtext(id::text);
-    """
-).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+_LOCK = backfill_sql.LOCK
 
 _BATCH = text(
     f"""

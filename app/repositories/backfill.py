@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.repositories.sync_state import SYNC_LOCK_CLASS
 
-__all__ = ["COPY", "ELEMENTS", "SYNC_LOCK_CLASS", "Progress", "copy_batch", "progress"]
+__all__ = ["COPY", "ELEMENTS", "LOCK", "SYNC_LOCK_CLASS", "Progress", "copy_batch", "progress"]
 
 VALID = """
     jsonb_typeof(e.elem) = 'object'
@@ -57,7 +57,9 @@ COPY = """
     ON CONFLICT (chat_id, message_id) DO NOTHING
 """
 
-_LOCK = text(
+# The per-chat locks of a live sync, in its order, and nothing more (`migrations.backfill` says
+# why no row lock): a batch of the copy and a sync of one of its chats never interleave.
+LOCK = text(
     """
     SELECT pg_advisory_xact_lock(:cls, hashtext(id::text))
     FROM unnest(:ids) AS id ORDER BY hashtext(id::text);
@@ -96,7 +98,7 @@ _COPY_BATCH = text(
 def copy_batch(session: Session, ids: list[uuid.UUID]) -> tuple[int, int, int]:
     """Copy these chats under the per-chat sync locks; (rows copied, bad elements, bad chats).
     Idempotent: a row already there is left alone (`ON CONFLICT DO NOTHING`)."""
-    session.execute(_LOCK, {"cls": SYNC_LOCK_CLASS, "ids": ids})
+    session.execute(LOCK, {"cls": SYNC_LOCK_CLASS, "ids": ids})
     copied, _, bad_elements, bad_chats = session.execute(_COPY_BATCH, {"ids": ids}).one()
     return int(copied), int(bad_elements), int(bad_chats)
 
