@@ -66,6 +66,25 @@ def _pass_seconds(url: str, pass_id: int) -> tuple[float, int, int]:
     return float(seconds), int(chats), int(rows)
 
 
+def _chunks(url: str, pass_id: int) -> str:
+    """What a pass that counted wrong did, chunk by chunk, and every pass beside it."""
+    return str(
+        infra.scalar(
+            url,
+            "SELECT json_build_object("
+            "'pass', %s::bigint, "
+            "'table_rows', (SELECT count(*) FROM copilot_chat_messages), "
+            "'passes', (SELECT json_agg(p ORDER BY p.id) FROM dualwrite_bulk_passes p), "
+            "'chunks', (SELECT json_agg(json_build_object('pass', c.pass_id, 'n', c.ordinal, "
+            "'state', c.state, 'attempts', c.attempts, 'chats', c.chats, 'rows', c.rows, "
+            "'worker', c.worker, 'error', c.error, 'started', c.started_at, "
+            "'finished', c.finished_at) ORDER BY c.pass_id, c.ordinal) "
+            "FROM dualwrite_bulk_chunks c))",
+            (pass_id,),
+        )
+    )
+
+
 def _reconcile_passes(url: str) -> int:
     return int(
         infra.scalar(url, "SELECT count(*) FROM dualwrite_bulk_passes WHERE kind = 'reconcile'")
@@ -180,7 +199,7 @@ def one_size(scale: float, chunk_chats: int, timeout: float) -> dict[str, float]
                         what=f"the backfill with {workers} workers",
                     )
                 seconds, chats, rows = _pass_seconds(url, pass_id)
-                assert chats == loaded.chats and rows == loaded.messages, (chats, rows)
+                assert chats == loaded.chats and rows == loaded.messages, _chunks(url, pass_id)
                 figures[f"backfill_{workers}"] = seconds
                 print(
                     f"  backfill, {workers} worker(s): {seconds:.1f}s, "
