@@ -348,3 +348,55 @@ def test_a_paused_backfill_queues_no_chunk_until_it_is_resumed(
     assert "backfill: 2 chunks queued" in going.stdout, going.stdout
     assert "backfill: pass #1 active: 0/" in going.stdout
     assert broker.client().llen("dualwrite.maintenance") == 2
+
+
+def test_a_resume_as_the_last_chunk_finishes_starts_no_second_copy(
+    legacy: Legacy, broker: RedisServer
+) -> None:
+    """`backfill resume` read while the dispatch that finishes the pass commits: it must see
+    the copy either unfinished with its pass open, or finished, never the copy unfinished and
+    then no pass open, which would start the whole copy again."""
+    from sqlalchemy import event
+
+    from app.db import make_sessionmaker, transaction
+    from app.services import bulk_passes
+    from app.settings import Settings
+
+    upgrade(legacy.url, broker.url)
+    with legacy.engine.begin() as connection:  # the fleet has copied every chunk
+        connection.execute(text("UPDATE dualwrite_bulk_chunks SET state = 'done'"))
+    factory = make_sessionmaker(legacy.engine)
+    settings = Settings(database_url=legacy.url, redis_url=broker.url)
+    read_unfinished = threading.Event()
+
+    def finish_the_pass() -> None:
+        with transaction(factory) as session:
+            bulk_passes.dispatch(session, settings)  # settles the pass: finished, copy finished
+            read_unfinished.wait(3)  # commit between the resume's reads, if they can interleave
+
+    finisher = threading.Thread(target=finish_the_pass)
+
+    def after_read(conn: object, cursor: object, statement: str, *_: object) -> None:
+        if "FROM dualwrite_backfill" in statement and "finished_at IS NULL" in statement:
+            read_unfinished.set()
+            finisher.join(10)
+
+    resume_engine = create_engine(legacy.url.replace("postgresql://", "postgresql+psycopg://"))
+    event.listen(resume_engine, "after_cursor_execute", after_read)
+    try:
+        finisher.start()
+        wait_until(
+            lambda: legacy.scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            timeout=10,
+        )
+        with transaction(make_sessionmaker(resume_engine)) as session:
+            started = bulk_passes.start_backfill(session, settings, trigger="cli")
+    finally:
+        finisher.join(10)
+        resume_engine.dispose()
+    assert started is None
+    assert legacy.scalar("SELECT count(*) FROM dualwrite_bulk_passes") == 1
+    assert legacy.scalar("SELECT state FROM dualwrite_bulk_passes") == "finished"

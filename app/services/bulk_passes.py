@@ -137,7 +137,12 @@ def dispatch_and_publish(
 def start_backfill(session: Session, settings: Settings, *, trigger: str) -> int | None:
     """Record the copy the migration left to the fleet as a pass with its chunks (resuming
     after the migration's cursor, if it had begun); None when there is nothing to copy or a
-    pass is open already."""
+    pass is open already.
+
+    Under the dispatch lock: the dispatch that finishes the last pass marks the copy finished
+    in the same transaction, and without the lock this could read the copy unfinished before
+    that commit and the pass finished after it, and start the whole copy again."""
+    repo.lock_dispatch(session)
     pending = backfill_repo.pending_state(session)
     if pending is None:
         return None
@@ -192,7 +197,9 @@ def start_backfill_from_migration(engine: Engine) -> None:
 
 def start_night(session: Session, settings: Settings, *, trigger: str) -> tuple[int, int, int]:
     """A night of the rolling full reconcile: continue the open pass with its next share of
-    chunks, or start a new pass over every chat with its first share. (pass, released, total)."""
+    chunks, or start a new pass over every chat with its first share. (pass, released, total).
+    Under the dispatch lock, so that two nights at once (two beats) start one pass."""
+    repo.lock_dispatch(session)
     pass_id = repo.open_pass(session, Kind.RECONCILE)
     if pass_id is not None:
         released, total = repo.release_share(session, pass_id)
