@@ -425,3 +425,40 @@ def test_an_upgrade_killed_after_the_operator_tables_runs_again(legacy: Legacy) 
             "WHERE indexrelid = 'copilot_chats_updated_at_idx'::regclass"
         ).fetchone()
     assert valid is not None and valid[0] and "(updated_at)" in valid[1]
+
+
+def test_message_timestamps_parse_under_a_parallel_plan(engine: Engine) -> None:
+    """The function's EXCEPTION block is a subtransaction, which a parallel operation refuses:
+    a statement the planner makes parallel must still parse every element's timestamp."""
+    values = [
+        '"2024-05-01T10:00:00.123Z"',  # what clients send
+        '"2024-02-30T00:00:00Z"',  # looks like a date, is not one: the block catches the cast
+        '"  2024-05-01 10:00:00+02"',
+        '"later"',
+        "17",
+    ]
+    query = text(
+        "SELECT v, copilot_message_timestamp(v::jsonb) "
+        "FROM unnest(CAST(:values AS text[])) v, generate_series(1, 2000) "
+        "ORDER BY v"
+    )
+    with engine.begin() as connection:
+        serial = connection.execute(query, {"values": values}).all()
+    with engine.begin() as connection:
+        forcing = (
+            "debug_parallel_query"
+            if connection.execute(text("SHOW server_version_num")).scalar_one() >= "160000"
+            else "force_parallel_mode"
+        )
+        for setting in (
+            f"{forcing} = on",
+            "parallel_setup_cost = 0",
+            "parallel_tuple_cost = 0",
+            "min_parallel_table_scan_size = 0",
+        ):
+            connection.execute(text(f"SET LOCAL {setting}"))
+        parallel = connection.execute(query, {"values": values}).all()
+    assert parallel == serial
+    parsed = {v: when for v, when in serial}
+    assert parsed['"2024-05-01T10:00:00.123Z"'] is not None
+    assert parsed['"2024-02-30T00:00:00Z"'] is None and parsed['"later"'] is None
