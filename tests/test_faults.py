@@ -152,6 +152,53 @@ def test_broker_fault_never_fails_a_request_and_the_sweep_repairs(
     wait_converged(engine, chats, timeout=60)
 
 
+def test_a_worker_outlives_its_broker_restarting_under_unacked_deliveries(
+    broker: RedisServer,
+    hooks: Path,
+    fault_api: TestClient,
+    auth: AuthHeaders,
+    engine: Engine,
+) -> None:
+    """Redis dies (nothing saved) while the worker's two children each hold a sync delivered
+    but not acked, and more are queued. The syncs end while the broker is away, so their acks
+    have nowhere to go. The worker process lives on, reconnects when Redis is back, and the
+    sweep sends again what the broker lost (its queued marks expire after the coalescing
+    ttl): every chat converges through that same process."""
+    worker = start_worker(broker, hooks, "restart", COALESCE_TTL_SECONDS="2")
+    try:
+        held = [new_chat(fault_api, auth) for _ in range(2)]
+        queued = [new_chat(fault_api, auth) for _ in range(4)]
+        for chat_id in held:
+            (hooks / f"slow-{chat_id}").touch()
+            fault_api.post(
+                f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth()
+            )
+        for chat_id in held:
+            wait_until(lambda: (hooks / f"running-{chat_id}").exists(), timeout=30)  # noqa: B023
+        for chat_id in queued:
+            fault_api.post(
+                f"/chats/{chat_id}/messages", json={"message": message()}, headers=auth()
+            )
+        wait_until(lambda: app_state(fault_api).publisher.pending() == 0, timeout=30)
+        assert broker.client().hlen("unacked") >= 2  # the two running syncs, acked late
+        pid = worker.pid
+
+        broker.stop()
+        for chat_id in held:
+            (hooks / f"slow-{chat_id}").unlink()  # each sync commits, then cannot ack
+        wait_converged(engine, held, timeout=30)
+        time.sleep(3)  # the consumer has seen its connection drop, and the queued marks expire
+        assert worker.alive(), worker.log()
+        broker.start()
+
+        report = run_sweep_and_wait(broker, worker)  # consumed once the worker reconnected
+        assert report["sent"] >= len(queued), report  # what died with the broker, sent again
+        wait_converged(engine, [*held, *queued], timeout=60)
+        assert worker.alive() and worker.pid == pid, worker.log()
+    finally:
+        worker.stop()
+
+
 @BOTH_BROKERS
 def test_worker_killed_mid_sync_runs_the_sync_again(
     fault_broker: Broker,
