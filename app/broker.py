@@ -162,12 +162,22 @@ class QueueDepths:
 
 
 def redis_depths(client: redis.Redis) -> QueueDepths:
-    """Queue depths on a Redis broker, through `client` (one round trip per list)."""
+    """Queue depths on a Redis broker, through `client`: every list (each queue and its
+    priority lists) and the unacked hash in one round trip."""
+    lists = {
+        queue.value: [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
+        for queue in Queue
+    }
+    pipe = client.pipeline(transaction=False)
+    for keys in lists.values():
+        for key in keys:
+            pipe.llen(key)
+    pipe.hlen(UNACKED)
+    *lengths, unacked = (int(n) for n in pipe.execute())
     waiting = {}
-    for queue in Queue:
-        keys = [queue.value, *(f"{queue.value}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
-        waiting[queue.value] = sum(int(client.llen(key)) for key in keys)
-    return QueueDepths(waiting, int(client.hlen(UNACKED)))
+    for name, keys in lists.items():
+        waiting[name], lengths = sum(lengths[: len(keys)]), lengths[len(keys) :]
+    return QueueDepths(waiting, unacked)
 
 
 def amqp_depths(connection: Connection) -> QueueDepths:
