@@ -447,7 +447,7 @@ def test_message_timestamps_parse_under_a_parallel_plan(engine: Engine) -> None:
     with engine.begin() as connection:
         forcing = (
             "debug_parallel_query"
-            if connection.execute(text("SHOW server_version_num")).scalar_one() >= "160000"
+            if int(connection.execute(text("SHOW server_version_num")).scalar_one()) >= 160000
             else "force_parallel_mode"
         )
         for setting in (
